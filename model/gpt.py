@@ -1,0 +1,232 @@
+"""A GPT-2-architecture model in nanoGPT's shape, with a KV cache for decoding.
+
+Learned positions, pre-LayerNorm (bias optional), GELU MLP, tied token embedding and LM head.
+Batched decoding of prompts with different lengths uses left padding: each row carries how many
+pad slots it starts with, its positions count from its first real token, and pad keys are masked,
+so a row computes what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context, in tokens
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # used in training only
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, *, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch, config.n_head, max_len, hs)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # how many positions are filled
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the batch rows not in `rows` (finished sequences), keeping the filled part."""
+        self.k = self.k[:, rows].contiguous()
+        self.v = self.v[:, rows].contiguous()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer_idx = layer_idx
+
+    def forward(self, x, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            start, end = cache.pos, cache.pos + T
+            cache.k[self.layer_idx, :, :, start:end] = k
+            cache.v[self.layer_idx, :, :, start:end] = v
+            k = cache.k[self.layer_idx, :, :, :end]  # (B, nh, L, hs)
+            v = cache.v[self.layer_idx, :, :, :end]
+        dropout = self.attn_dropout if self.training else 0.0
+        if attn_mask is None:
+            # No padding: plain causal attention (a single query attends to every cached key).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix
+        self._head_t: torch.Tensor | None = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def train(self, mode: bool = True):
+        self._head_t = None  # weights may change: drop the inference copy of the head
+        return super().train(mode)
+
+    def prepare_for_inference(self) -> GPT:
+        """Switch to eval mode and keep a (C, V) row-major copy of the LM head.
+
+        x @ W.T through F.linear takes a slow BLAS path for a handful of rows against a
+        (V, C) matrix this large; a pre-transposed copy reads the same bytes in a plain
+        matrix product, about twice as fast at batch 1 on the CPU (see bench.decode).
+        """
+        self.eval()
+        self._head_t = self.lm_head.weight.detach().t().contiguous()
+        return self
+
+    def _head(self, x):
+        if self._head_t is not None and not self.training and not torch.is_grad_enabled():
+            return x @ self._head_t
+        return self.lm_head(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+    ):
+        """idx (B, T) token ids; pad (B,) left-pad slots per row (None: no padding).
+
+        With a cache, idx continues the cached sequence at cache.pos. Returns (logits, loss);
+        logits are (B, 1, V) with last_only, else (B, T, V).
+        """
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        end = start + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
+        attn_mask = None
+        if pad is not None:
+            pos = (pos.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, T)
+            attn_mask = self._padding_mask(pad, start, end, idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache, attn_mask)
+        if cache is not None:
+            cache.pos = end
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        if last_only:
+            x = x[:, [-1], :]
+        return self._head(x), None
+
+    @staticmethod
+    def _padding_mask(pad: torch.Tensor, start: int, end: int, device) -> torch.Tensor:
+        """Boolean mask (B, 1, T, end): query t sees real keys up to itself.
+
+        Pad queries see only themselves, so no row of the softmax is empty (their output is
+        never used).
+        """
+        q = torch.arange(start, end, device=device).view(1, -1, 1)  # (1, T, 1)
+        k = torch.arange(end, device=device).view(1, 1, -1)  # (1, 1, L)
+        real_key = k >= pad.view(-1, 1, 1)  # (B, 1, L)
+        mask = (k <= q) & real_key  # (B, T, L)
+        mask = mask | (k == q)
+        return mask.unsqueeze(1)
+
+    def make_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)

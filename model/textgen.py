@@ -1,0 +1,112 @@
+"""Text in, text deltas out: the engine joined to a tokenizer and a chat format.
+
+This is the one loop that both consumers share: `gencli generate` prints the deltas, the
+worker publishes them. `TextGenerator.stream(...)` returns a `TextGeneration`; iterate it for
+lists of `Delta` (one per sequence that produced text or finished in that step); each
+sequence's `TextStream` keeps its full text, ids and finish reason, also after an interrupt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from gencli.model.chat import ChatFormat, render, stop_strings
+from gencli.model.checkpoint import LoadedModel
+from gencli.model.engine import Generation, SamplingParams, fit_prompt
+from gencli.model.errors import InvalidParameterError
+from gencli.model.textstream import TextStream
+
+Prompt = str | list[dict]  # plain text, or chat messages [{"role", "content"}]
+
+
+@dataclass
+class Delta:
+    index: int  # which sequence
+    text: str  # new text, possibly empty when only finishing
+    finish_reason: str | None = None  # set on the sequence's last delta
+
+
+class TextGeneration:
+    def __init__(self, gen: Generation, streams: list[TextStream]):
+        self._gen = gen
+        self.streams = streams
+
+    def __iter__(self) -> Iterator[list[Delta]]:
+        steps = 0
+        for step in self._gen:
+            steps += 1
+            deltas = []
+            for i, token in enumerate(step):
+                if token is None:
+                    continue
+                s = self.streams[i]
+                text = s.feed(token)
+                if s.finished:
+                    self._gen.finish(i)
+                elif steps == self._gen.params.max_tokens:
+                    text += s.finish("length")
+                if text or s.finished:
+                    deltas.append(Delta(i, text, s.finish_reason))
+            if deltas:
+                yield deltas
+
+    def cancel(self) -> list[Delta]:
+        """Stop every unfinished sequence; return their last held-back text."""
+        self._gen.cancel()
+        return [Delta(i, s.finish("cancelled"), "cancelled") for i, s in enumerate(self.streams) if not s.finished]
+
+
+class TextGenerator:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.chat_format = loaded.chat_format
+        vocab = self.model.config.vocab_size
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        allowed[self.tokenizer.decodable_ids(vocab)] = True
+        self.allowed = allowed.to(loaded.device)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def encode(self, prompt: Prompt, *, chat: bool) -> list[int]:
+        """Prompt ids: messages, or text with chat, go through the chat template."""
+        if isinstance(prompt, list):
+            return render(self.tokenizer, self.chat_format, prompt)
+        if not prompt.strip():
+            raise InvalidParameterError("empty prompt: give some text")
+        if chat:
+            return render(self.tokenizer, self.chat_format, [{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
+        return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        seeds: list[int | None] | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> TextGeneration:
+        stop = tuple(stop) + stop_strings(self.chat_format)
+        stop_ids = self.tokenizer.stop_ids
+        gen = Generation(self.model, prompts, params, seeds=seeds, stop_ids=stop_ids, allowed_ids=self.allowed)
+        streams = [TextStream(self.tokenizer, stop=stop, stop_ids=stop_ids) for _ in prompts]
+        return TextGeneration(gen, streams)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, **kw) -> list[TextStream]:
+        """Batch wrapper: run to the end, return each sequence's finished stream."""
+        tg = self.stream(prompts, params, **kw)
+        for _ in tg:
+            pass
+        return tg.streams
+
+
+__all__ = ["ChatFormat", "Delta", "Prompt", "TextGeneration", "TextGenerator"]

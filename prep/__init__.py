@@ -1,0 +1,1 @@
+"""Dataset preparation: chat sources into nanoGPT token files."""

@@ -1,0 +1,1 @@
+"""Settings and the SQL store of jobs, prompts and outputs."""
