@@ -1,0 +1,3 @@
+from gencli.cli.main import main
+
+main()

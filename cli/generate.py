@@ -1,0 +1,301 @@
+"""`gencli generate`: direct generation on this machine, streamed to the terminal.
+
+Ctrl-C stops the generation in progress and keeps (and saves) what it made; a second Ctrl-C,
+or Ctrl-C at the interactive prompt, exits with code 130.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from gencli.cli.options import model_options, sampling_options, sampling_params
+from gencli.cli.output import ResultWriter
+from gencli.cli.prompts import PromptItem, read_prompt_file
+from gencli.model.checkpoint import load_model
+from gencli.model.device import describe, resolve_device
+from gencli.model.engine import SamplingParams
+from gencli.model.errors import ContextOverflowError, GencliError
+from gencli.model.textgen import TextGenerator
+from gencli.storage.settings import get_settings
+
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Sequence:
+    item: PromptItem
+    sample: int  # 0-based sample number of its prompt
+    ids: list[int]
+    seed: int | None
+
+    @property
+    def label(self) -> str:
+        name = f"id {self.item.custom_id}" if self.item.custom_id else f"prompt {self.item.line}"
+        return f"{name}, sample {self.sample + 1}"
+
+
+class OrderedPrinter:
+    """Shows a batch's sequences one after another: the current one live, the rest buffered."""
+
+    def __init__(self, labels: list[str] | None):
+        self.labels = labels
+        n = len(labels) if labels else 1
+        self.buf = [""] * n
+        self.done = [False] * n
+        self.cur = 0
+        self._header(0)
+
+    def _header(self, i: int) -> None:
+        if self.labels:
+            click.secho(f"=== {self.labels[i]} ===", bold=True)
+
+    def feed(self, i: int, text: str, finished: bool) -> None:
+        if i == self.cur:
+            click.echo(text, nl=False)
+        else:
+            self.buf[i] += text
+        self.done[i] = self.done[i] or finished
+        while self.cur < len(self.done) and self.done[self.cur]:
+            click.echo("")
+            self.cur += 1
+            if self.cur < len(self.done):
+                self._header(self.cur)
+                click.echo(self.buf[self.cur], nl=False)
+
+
+class DirectRunner:
+    def __init__(self, gen: TextGenerator, params: SamplingParams, *, stop, writer, verbose, model_name):
+        self.gen = gen
+        self.params = params
+        self.stop = stop
+        self.writer = writer
+        self.verbose = verbose
+        self.model_name = model_name
+        self.interrupts = 0
+
+    def run(self, seqs: list[Sequence], batch_size: int) -> None:
+        labelled = len(seqs) > 1
+        for start in range(0, len(seqs), batch_size):
+            self.run_batch(seqs[start : start + batch_size], labelled)
+            if self.interrupts >= 2:
+                return
+
+    def run_batch(self, seqs: list[Sequence], labelled: bool) -> list[str]:
+        printer = OrderedPrinter([s.label for s in seqs] if labelled else None)
+        tg = self.gen.stream([s.ids for s in seqs], self.params, seeds=[s.seed for s in seqs], stop=self.stop)
+        t0 = time.perf_counter()
+        first = None
+        try:
+            try:
+                for deltas in tg:
+                    first = first or time.perf_counter()
+                    for d in deltas:
+                        printer.feed(d.index, d.text, d.finish_reason is not None)
+            except KeyboardInterrupt:
+                self.interrupts += 1
+                for d in tg.cancel():
+                    printer.feed(d.index, d.text, True)
+                hint = "" if self.interrupts >= 2 else "; Ctrl-C again to quit"
+                click.secho(f"[interrupted: kept what was generated{hint}]", err=True, fg="yellow")
+        except torch.OutOfMemoryError:
+            raise GencliError(_oom_message(self.gen.loaded.device, len(seqs))) from None
+        elapsed = time.perf_counter() - t0
+        tokens = sum(len(s.ids) for s in tg.streams)
+        if self.verbose and first is not None:
+            click.echo(
+                f"[{len(seqs)} sequence(s): first token after {(first - t0) * 1000:.0f} ms, "
+                f"{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s]",
+                err=True,
+            )
+        if self.writer:
+            for s, st in zip(seqs, tg.streams):
+                self.writer.save(self.record(s, st.text, st.finish_reason, len(st.ids)))
+        return [st.text for st in tg.streams]
+
+    def record(self, s: Sequence, output: str, finish_reason: str | None, n_tokens: int) -> dict:
+        return {
+            "model": self.model_name,
+            "prompt": s.item.prompt,
+            "custom_id": s.item.custom_id,
+            "sample": s.sample + 1,
+            "seed": s.seed,
+            "output": output,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": len(s.ids), "completion_tokens": n_tokens},
+            "params": vars(self.params) | {"stop": list(self.stop)},
+        }
+
+
+def _oom_message(device: torch.device, batch: int) -> str:
+    if batch > 1:
+        return f"out of memory on {device} generating a batch of {batch} sequences: rerun with --batch_size {batch // 2}"
+    return (
+        f"out of memory on {device} generating 1 sequence: lower --max_tokens, shorten the prompt, "
+        "or use --device cpu"
+    )
+
+
+@click.command()
+@model_options
+@sampling_options
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
+@click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
+@click.option("--each-line", "--each_line", "each_line", is_flag=True, help="One prompt per line of the file.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat format.")
+@click.option("--num_samples", "--num-samples", "num_samples", type=click.IntRange(min=1), default=1,
+              show_default=True)
+@click.option("--batch_size", "--batch-size", "batch_size", type=click.IntRange(min=1), default=1,
+              show_default=True, help="Sequences decoded together.")
+@click.option("--out", type=click.Path(path_type=Path), help="Save each result as a JSON file in this dir.")
+@click.option("--interactive", "-i", is_flag=True, help="Multi-turn chat (/reset, /exit).")
+@click.option("--verbose", "-v", is_flag=True, help="Load time, device, time to first token, tokens/s.")
+@click.pass_context
+def generate(ctx, model_path, tokenizer, chat_format, device, max_tokens, temperature, top_k, top_p, seed,
+             stop, truncate, prompts, prompt_file, each_line, chat, num_samples, batch_size, out, interactive,
+             verbose):
+    """Generate text on this machine, streaming tokens as they are made."""
+    sources = sum([bool(prompts), prompt_file is not None, interactive])
+    if sources != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt_file or --interactive")
+    if each_line and prompt_file is None:
+        raise click.UsageError("--each-line goes with --prompt_file")
+    items = _read_items(prompts, prompt_file, each_line)
+    params = sampling_params(max_tokens, temperature, top_k, top_p)
+    writer = ResultWriter(out) if out else None
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
+    gen = TextGenerator(loaded)
+    if verbose:
+        click.echo(
+            f"[loaded {loaded.kind} model {model_path} ({loaded.model.num_params() / 1e6:.1f}M params, "
+            f"{loaded.tokenizer.spec_name}, {loaded.chat_format.value}) in {time.perf_counter() - t0:.2f} s "
+            f"on {describe(dev)}]",
+            err=True,
+        )
+    runner = DirectRunner(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))
+    if interactive:
+        ctx.exit(chat_loop(runner, seed=seed, truncate=truncate))
+    seqs = []
+    for item in items:
+        ids = _encode(gen, item, chat=chat, max_tokens=max_tokens, truncate=truncate)
+        for k in range(num_samples):
+            seqs.append(Sequence(item, k, ids, None if seed is None else seed + k))
+    runner.run(seqs, batch_size)
+    if runner.interrupts:
+        ctx.exit(EXIT_INTERRUPTED)
+
+
+def _read_items(prompts, prompt_file, each_line) -> list[PromptItem]:
+    if prompt_file is not None:
+        return read_prompt_file(prompt_file, each_line=each_line)
+    for p in prompts:
+        if not p.strip():
+            raise GencliError("empty --prompt: give some text")
+    return [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+
+
+def _encode(gen: TextGenerator, item: PromptItem, *, chat: bool, max_tokens: int, truncate: bool) -> list[int]:
+    where = f"prompt {item.line}" + (f" ({item.custom_id})" if item.custom_id else "")
+    try:
+        return gen.fit(gen.encode(item.prompt, chat=chat), max_tokens, truncate=truncate)
+    except GencliError as e:
+        raise GencliError(f"{where}: {e}") from None
+
+
+def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
+    """The interactive chat; returns the exit code."""
+    history = _setup_readline()
+    gen = runner.gen
+    messages: list[dict] = []
+    turn = 0
+    click.echo(f"Chatting in {gen.chat_format.value} format. /reset starts over, /exit quits.", err=True)
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except KeyboardInterrupt:
+                click.echo("")
+                return EXIT_INTERRUPTED
+            except EOFError:
+                click.echo("")
+                return 0
+            _remember(history, line)
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/exit":
+                return 0
+            if text == "/reset":
+                messages = []
+                click.echo("(conversation reset)", err=True)
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = _fit_conversation(gen, messages, runner.params.max_tokens, truncate)
+            if ids is None:
+                messages.pop()
+                continue
+            item = PromptItem(prompt=list(messages), line=turn + 1)
+            seq = Sequence(item, 0, ids, None if seed is None else seed + turn)
+            runner.interrupts = 0
+            (reply,) = runner.run_batch([seq], labelled=False)
+            messages.append({"role": "assistant", "content": reply})
+            turn += 1
+    finally:
+        _save_history(history)
+
+
+def _fit_conversation(gen: TextGenerator, messages: list[dict], max_tokens: int, truncate: bool) -> list[int] | None:
+    """The conversation's ids; the oldest exchanges are dropped when it outgrows the context."""
+    while True:
+        ids = gen.encode(messages, chat=True)
+        try:
+            return gen.fit(ids, max_tokens, truncate=truncate)
+        except ContextOverflowError as e:
+            if len(messages) <= 1:
+                click.secho(f"error: {e}", err=True, fg="red")
+                return None
+            del messages[:2]  # the oldest user/assistant exchange
+            click.echo("(dropped the oldest exchange to fit the context)", err=True)
+
+
+def _setup_readline() -> Path | None:
+    try:
+        import readline
+    except ImportError:  # no readline on this platform: plain input()
+        return None
+    path = get_settings().history_file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            readline.read_history_file(path)
+    except OSError:
+        return None
+    readline.set_history_length(1000)
+    return path
+
+
+def _remember(history: Path | None, line: str) -> None:
+    """input() records a line typed on a terminal; record piped lines too."""
+    if history is not None and line.strip() and not sys.stdin.isatty():
+        import readline
+
+        readline.add_history(line)
+
+
+def _save_history(path: Path | None) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass

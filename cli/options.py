@@ -1,0 +1,69 @@
+"""Option groups shared by the commands (generate now; submit reuses the sampling ones)."""
+
+from __future__ import annotations
+
+import click
+
+from gencli.model.engine import SamplingParams
+
+
+def _apply(options):
+    def decorator(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorator
+
+
+model_options = _apply(
+    [
+        click.option(
+            "--model",
+            "model_path",
+            envvar="GENCLI_MODEL",
+            required=True,
+            help="Checkpoint: a gencli model dir, a nanoGPT ckpt.pt, or a Hugging Face GPT-2 dir.",
+        ),
+        click.option(
+            "--tokenizer",
+            default=None,
+            help="tiktoken encoding name or .tiktoken file (default: the model's own, else gpt2).",
+        ),
+        click.option(
+            "--chat-format",
+            "--chat_format",
+            "chat_format",
+            type=click.Choice(["chatml", "legacy"]),
+            default=None,
+            help="Chat format (default: the model's own, else legacy).",
+        ),
+        click.option(
+            "--device",
+            envvar="GENCLI_DEVICE",
+            default="auto",
+            show_default=True,
+            help="auto, cpu, cuda, cuda:N or mps.",
+        ),
+    ]
+)
+
+sampling_options = _apply(
+    [
+        click.option("--max_tokens", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=256,
+                     show_default=True, help="New tokens per sample."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+                     help="0 is greedy."),
+        click.option("--top_k", "--top-k", "top_k", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--top_p", "--top-p", "top_p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--truncate", is_flag=True,
+                     help="Drop the oldest prompt tokens when prompt + max_tokens exceed the context."),
+    ]
+)
+
+
+def sampling_params(max_tokens: int, temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -1,0 +1,102 @@
+"""Reading prompts from the command line and from prompt files.
+
+A prompt file is UTF-8 text (`-` reads standard input):
+- by default the whole file is one prompt;
+- with `--each-line`, every non-blank line is a prompt;
+- a `.jsonl` file holds one JSON object per non-blank line, `{"prompt": "..."}` or
+  `{"messages": [{"role": ..., "content": ...}]}`, with an optional `"custom_id"`.
+Every problem names the file and line, and is found before anything is generated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gencli.model.chat import check_messages
+from gencli.model.errors import GencliError
+
+
+@dataclass
+class PromptItem:
+    prompt: str | list[dict]  # text, or chat messages
+    line: int  # 1-based line in its file (1 for a whole-file or --prompt prompt)
+    custom_id: str | None = None
+    extra: dict | None = None  # other keys of a JSONL line (sampling overrides, for submit)
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def read_text(path: str) -> tuple[str, str]:
+    """(display name, text) of a UTF-8 prompt file, or of stdin for `-`."""
+    if path == "-":
+        name, data = "<stdin>", sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    else:
+        p = Path(path)
+        name = str(path)
+        if p.is_dir():
+            raise GencliError(f"{name} is a directory: give a prompt file")
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise GencliError(f"{name}: no such prompt file") from None
+        except OSError as e:
+            raise GencliError(f"{name}: cannot read: {e.strerror}") from None
+    if isinstance(data, str):
+        return name, data
+    try:
+        return name, data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise GencliError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
+def read_prompt_file(path: str, *, each_line: bool) -> list[PromptItem]:
+    name, text = read_text(path)
+    if not text.strip():
+        raise GencliError(f"{name} is empty: put at least one prompt in it")
+    if path.endswith(".jsonl"):
+        return parse_jsonl(name, text)
+    if not each_line:
+        return [PromptItem(prompt=text.rstrip("\n"), line=1)]
+    return [
+        PromptItem(prompt=line, line=n)
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def parse_jsonl(name: str, text: str) -> list[PromptItem]:
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GencliError(f"{name}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise GencliError(f'{name}:{n}: each line must be a JSON object with "prompt" or "messages"')
+        if "messages" in obj:
+            try:
+                check_messages(obj["messages"])
+            except GencliError as e:
+                raise GencliError(f"{name}:{n}: {e}") from None
+            prompt = obj.pop("messages")
+        elif isinstance(obj.get("prompt"), str):
+            prompt = obj.pop("prompt")
+            if not prompt.strip():
+                raise GencliError(f"{name}:{n}: empty prompt")
+        else:
+            raise GencliError(f'{name}:{n}: needs a string "prompt" or a "messages" list')
+        custom_id = obj.pop("custom_id", None)
+        if custom_id is not None and not isinstance(custom_id, str | int):
+            raise GencliError(f"{name}:{n}: custom_id must be a string")
+        items.append(PromptItem(prompt, n, None if custom_id is None else str(custom_id), obj or None))
+    if not items:
+        raise GencliError(f"{name} holds no prompts")
+    return items

@@ -1,0 +1,44 @@
+"""The repo root installs as one package, `gencli`, and the wheel holds every subpackage."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_ONLY = {"tests", "bench", "examples", "docker", ".venv", "build", "dist"}
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_subpackage_under_gencli(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("gencli-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"gencli"}, top
+    packages = [
+        p.parent.relative_to(ROOT)
+        for p in ROOT.rglob("__init__.py")
+        if not (set(p.relative_to(ROOT).parts) & DEV_ONLY)
+    ]
+    assert len(packages) >= 6
+    for pkg in packages:
+        inside = "/".join(("gencli", *pkg.parts, "__init__.py"))
+        assert inside in names, f"{pkg} is missing from the wheel: add it to [tool.setuptools] packages"
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "gencli = gencli.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_model_core_imports_nothing_else_from_gencli():
+    """model/ stands alone: it may import gencli.model.* only."""
+    for path in (ROOT / "model").glob("*.py"):
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith(("from gencli", "import gencli")):
+                assert line.startswith(("from gencli.model", "import gencli.model")), f"{path.name}: {line}"
