@@ -14,9 +14,10 @@ from pathlib import Path
 import click
 import torch
 
+from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter
-from gencli.cli.prompts import PromptItem, read_prompt_file
+from gencli.worker.prompts import PromptItem, read_prompt_file
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams
@@ -38,35 +39,6 @@ class Sequence:
     def label(self) -> str:
         name = f"id {self.item.custom_id}" if self.item.custom_id else f"prompt {self.item.line}"
         return f"{name}, sample {self.sample + 1}"
-
-
-class OrderedPrinter:
-    """Shows a batch's sequences one after another: the current one live, the rest buffered."""
-
-    def __init__(self, labels: list[str] | None):
-        self.labels = labels
-        n = len(labels) if labels else 1
-        self.buf = [""] * n
-        self.done = [False] * n
-        self.cur = 0
-        self._header(0)
-
-    def _header(self, i: int) -> None:
-        if self.labels:
-            click.secho(f"=== {self.labels[i]} ===", bold=True)
-
-    def feed(self, i: int, text: str, finished: bool) -> None:
-        if i == self.cur:
-            click.echo(text, nl=False)
-        else:
-            self.buf[i] += text
-        self.done[i] = self.done[i] or finished
-        while self.cur < len(self.done) and self.done[self.cur]:
-            click.echo("")
-            self.cur += 1
-            if self.cur < len(self.done):
-                self._header(self.cur)
-                click.echo(self.buf[self.cur], nl=False)
 
 
 class DirectRunner:

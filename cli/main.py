@@ -6,6 +6,8 @@ import click
 
 from gencli import __version__
 from gencli.cli.generate import generate
+from gencli.cli.queue import cancel, list_jobs, results, retry, show, status, submit, tail
+from gencli.cli.workers import worker, workers
 from gencli.model.errors import GencliError
 
 
@@ -39,3 +41,5 @@ def init_model(out, preset, tokenizer, chat_format, seed):
 
 
 main.add_command(generate)
+for command in (submit, tail, status, list_jobs, show, results, cancel, retry, worker, workers):
+    main.add_command(command)

@@ -67,7 +67,7 @@ def load_model(
             f"{path}: vocab_size {config.vocab_size} cannot hold tokenizer {tok_name} "
             f"({fmt.value}) ids up to {tok.max_used_id}: it needs vocab_size >= {tok.max_used_id + 1}"
         )
-    model = GPT(config)
+    model = _build(path, config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -78,6 +78,16 @@ def load_model(
     model.to(device=device, dtype=dtype)
     model.prepare_for_inference()
     return LoadedModel(model=model, tokenizer=tok, chat_format=fmt, kind=kind, path=path)
+
+
+def _build(path: Path, config: GPTConfig) -> GPT:
+    fields = {k: getattr(config, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+    bad = [f"{k}={v!r}" for k, v in fields.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise CheckpointError(f"{path}: bad model config: {', '.join(bad)} (each must be a positive integer)")
+    if config.n_embd % config.n_head:
+        raise CheckpointError(f"{path}: bad model config: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    return GPT(config)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -113,7 +123,7 @@ def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        if "Unsupported global" in str(e):  # what a pickle that would call code produces
             raise CheckpointError(
                 f"refused {path}: it holds pickled objects that could run code; only tensors and "
                 "plain containers are loaded (weights_only=True)"
@@ -136,6 +146,8 @@ def _read_nanogpt(path: Path):
         config = GPTConfig.from_dict(dict(ckpt["model_args"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model_args: {e}") from None
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
     state = {}
     for k, v in ckpt["model"].items():
         k = k.removeprefix("_orig_mod.")
@@ -195,6 +207,8 @@ def _read_gencli(path: Path):
     state = _safetensors(path / WEIGHTS_FILE) if (path / WEIGHTS_FILE).is_file() else None
     if state is None:
         raise CheckpointError(f"{path} has {META_FILE} but no {WEIGHTS_FILE}")
+    if "transformer.wte.weight" not in state:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} has no transformer.wte.weight: not a gencli model")
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: stored once
     return "gencli", state, config, meta
 

@@ -13,6 +13,7 @@ prompt's output does not depend on what else is in its batch.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidParameterError(f"max_tokens must be a positive integer, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidParameterError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
             raise InvalidParameterError(f"top_k must be a positive integer, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not (0 < self.top_p <= 1):  # NaN fails this too
             raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
@@ -76,14 +77,22 @@ class Generation:
         seeds: list[int | None] | None = None,
         stop_ids: frozenset[int] = frozenset(),
         allowed_ids: torch.Tensor | None = None,
+        budgets: list[int] | None = None,
+        skip_draws: list[int] | None = None,
     ):
+        """budgets: new tokens per sequence (default params.max_tokens each). skip_draws: random
+        draws each sequence's generator has already made, so a sequence resumed from its
+        partial output (prompt + ids so far, budget reduced) samples what it would have."""
         if not prompts:
             raise InvalidParameterError("no prompts to generate from")
         block = model.config.block_size
-        for ids in prompts:
+        self.remaining = list(budgets) if budgets is not None else [params.max_tokens] * len(prompts)
+        if len(self.remaining) != len(prompts) or min(self.remaining) < 1:
+            raise InvalidParameterError("one positive token budget per prompt")
+        for ids, budget in zip(prompts, self.remaining):
             if not ids:
                 raise InvalidParameterError("empty prompt: give at least one token")
-            fit_prompt(ids, params.max_tokens, block, truncate=False)
+            fit_prompt(ids, budget, block, truncate=False)
         self.model = model
         self.prompts = prompts
         self.params = params
@@ -92,13 +101,16 @@ class Generation:
         seeds = seeds if seeds is not None else [None] * len(prompts)
         if len(seeds) != len(prompts):
             raise InvalidParameterError("one seed per prompt")
-        self._gens = [self._generator(s) for s in seeds]
+        skips = skip_draws if skip_draws is not None else [0] * len(prompts)
+        self._gens = [self._generator(s, k) for s, k in zip(seeds, skips)]
         self._finished = [False] * len(prompts)
 
     @staticmethod
-    def _generator(seed: int | None) -> torch.Generator:
+    def _generator(seed: int | None, skip: int = 0) -> torch.Generator:
         g = torch.Generator()  # CPU: the same draws on every device
         g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        for _ in range(skip):
+            torch.rand((), generator=g)
         return g
 
     def finish(self, i: int) -> None:
@@ -131,21 +143,22 @@ class Generation:
         pad = None
         if min(lens) != T:
             pad = torch.tensor([T - n for n in lens], dtype=torch.long, device=device)
-        cache = self.model.make_cache(len(lens), T + self.params.max_tokens)
+        cache = self.model.make_cache(len(lens), T + max(self.remaining))
         logits = self._forward(idx, cache, pad)
         active = list(range(len(lens)))  # batch row -> sequence index
         allowed = self.allowed.to(device) if self.allowed is not None else None
-        for step in range(self.params.max_tokens):
+        while True:
             next_ids = self._sample(logits, active, allowed)  # (b,)
             ids = next_ids.tolist()
             out: list[int | None] = [None] * len(self.prompts)
             for r, i in enumerate(active):
                 out[i] = ids[r]
-                if ids[r] in self.stop_ids:
+                self.remaining[i] -= 1
+                if ids[r] in self.stop_ids or self.remaining[i] == 0:
                     self._finished[i] = True
             yield out
             keep = [r for r, i in enumerate(active) if not self._finished[i]]
-            if not keep or step == self.params.max_tokens - 1:
+            if not keep:
                 return
             if len(keep) < len(active):  # drop finished rows from the batch
                 rows = torch.tensor(keep, device=device)

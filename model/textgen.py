@@ -2,7 +2,7 @@
 
 This is the one loop that both consumers share: `gencli generate` prints the deltas, the
 worker publishes them. `TextGenerator.stream(...)` returns a `TextGeneration`; iterate it for
-lists of `Delta` (one per sequence that produced text or finished in that step); each
+lists of `Delta` (one per sequence that took a token in that step, its text possibly empty); each
 sequence's `TextStream` keeps its full text, ids and finish reason, also after an interrupt.
 """
 
@@ -27,6 +27,7 @@ class Delta:
     index: int  # which sequence
     text: str  # new text, possibly empty when only finishing
     finish_reason: str | None = None  # set on the sequence's last delta
+    token: int | None = None  # the id this step fed to the sequence (None: a cancel's flush)
 
 
 class TextGeneration:
@@ -35,9 +36,7 @@ class TextGeneration:
         self.streams = streams
 
     def __iter__(self) -> Iterator[list[Delta]]:
-        steps = 0
         for step in self._gen:
-            steps += 1
             deltas = []
             for i, token in enumerate(step):
                 if token is None:
@@ -46,10 +45,9 @@ class TextGeneration:
                 text = s.feed(token)
                 if s.finished:
                     self._gen.finish(i)
-                elif steps == self._gen.params.max_tokens:
+                elif self._gen.remaining[i] == 0:
                     text += s.finish("length")
-                if text or s.finished:
-                    deltas.append(Delta(i, text, s.finish_reason))
+                deltas.append(Delta(i, text, s.finish_reason, token))
             if deltas:
                 yield deltas
 
@@ -94,12 +92,34 @@ class TextGenerator:
         *,
         seeds: list[int | None] | None = None,
         stop: tuple[str, ...] = (),
+        resume: list[TextStream] | None = None,
     ) -> TextGeneration:
-        stop = tuple(stop) + stop_strings(self.chat_format)
-        stop_ids = self.tokenizer.stop_ids
-        gen = Generation(self.model, prompts, params, seeds=seeds, stop_ids=stop_ids, allowed_ids=self.allowed)
-        streams = [TextStream(self.tokenizer, stop=stop, stop_ids=stop_ids) for _ in prompts]
+        """Start decoding prompts; with resume, continue unfinished streams from where they are.
+
+        A resumed sequence decodes from its prompt plus the ids it already made, with the rest
+        of its budget and its random generator advanced past the draws already made, so it
+        yields what an uninterrupted run would have (token for token when greedy).
+        """
+        streams = resume or [self.new_stream(stop) for _ in prompts]
+        if any(s.finished for s in streams):
+            raise InvalidParameterError("cannot resume a finished sequence")
+        done = [len(s.ids) for s in streams]
+        gen = Generation(
+            self.model,
+            [p + s.ids for p, s in zip(prompts, streams)],
+            params,
+            seeds=seeds,
+            stop_ids=self.tokenizer.stop_ids,
+            allowed_ids=self.allowed,
+            budgets=[params.max_tokens - n for n in done],
+            skip_draws=done,
+        )
         return TextGeneration(gen, streams)
+
+    def new_stream(self, stop: tuple[str, ...] = ()) -> TextStream:
+        return TextStream(
+            self.tokenizer, stop=tuple(stop) + stop_strings(self.chat_format), stop_ids=self.tokenizer.stop_ids
+        )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, **kw) -> list[TextStream]:
         """Batch wrapper: run to the end, return each sequence's finished stream."""

@@ -12,19 +12,48 @@ from pathlib import Path
 
 import platformdirs
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 
 @dataclass(frozen=True)
 class Settings:
     home: Path  # GENCLI_HOME: data dir (history, default store, private Redis)
+    redis_url: str  # GENCLI_REDIS_URL
+    redis_url_given: bool  # False: the default, and gencli may start a private Redis
+    db_url: str  # GENCLI_DB_URL: any SQLAlchemy URL; default a SQLite file in home
+    lease_seconds: float  # GENCLI_LEASE_SECONDS: a running job's lease; a dead worker's job is
+    #                       taken over this long after its last renewal
+    max_deliveries: int  # GENCLI_MAX_DELIVERIES: a job that crashed its worker this often fails
+    soft_time_limit: float | None  # GENCLI_SOFT_TIME_LIMIT seconds per job (None: no limit)
+    hard_time_limit: float | None  # GENCLI_HARD_TIME_LIMIT
+    visibility_timeout: int  # GENCLI_VISIBILITY_TIMEOUT: broker redelivery of unacked messages
+    stream_ttl: int  # GENCLI_STREAM_TTL: seconds a job's token replay log is kept after it ends
 
     @classmethod
     def from_env(cls) -> Settings:
-        home = os.environ.get("GENCLI_HOME") or platformdirs.user_data_dir("gencli")
-        return cls(home=Path(home).expanduser())
+        env = os.environ
+        home = Path(env.get("GENCLI_HOME") or platformdirs.user_data_dir("gencli")).expanduser()
+        redis_url = env.get("GENCLI_REDIS_URL") or ""
+        return cls(
+            home=home,
+            redis_url=redis_url or DEFAULT_REDIS_URL,
+            redis_url_given=bool(redis_url),
+            db_url=env.get("GENCLI_DB_URL") or f"sqlite:///{home / 'gencli.db'}",
+            lease_seconds=float(env.get("GENCLI_LEASE_SECONDS", "30")),
+            max_deliveries=int(env.get("GENCLI_MAX_DELIVERIES", "3")),
+            soft_time_limit=_opt_float(env.get("GENCLI_SOFT_TIME_LIMIT")),
+            hard_time_limit=_opt_float(env.get("GENCLI_HARD_TIME_LIMIT")),
+            visibility_timeout=int(env.get("GENCLI_VISIBILITY_TIMEOUT", str(6 * 3600))),
+            stream_ttl=int(env.get("GENCLI_STREAM_TTL", str(24 * 3600))),
+        )
 
     @property
     def history_file(self) -> Path:
         return self.home / "history"
+
+
+def _opt_float(v: str | None) -> float | None:
+    return float(v) if v else None
 
 
 def get_settings() -> Settings:

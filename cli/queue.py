@@ -1,0 +1,210 @@
+"""Queue commands: submit, tail, status, list, show, results, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from gencli.cli.display import OrderedPrinter
+from gencli.cli.options import sampling_options
+from gencli.model.errors import GencliError
+from gencli.storage.db import JobStatus
+from gencli.worker.client import Client, worker_key
+from gencli.worker.prompts import PromptItem, read_prompt_file
+
+EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
+
+
+def _label(item) -> str:
+    return f"id {item.custom_id}" if item.custom_id else f"line {item.line}"
+
+
+@click.command()
+@click.option("--model", "model", envvar="GENCLI_MODEL_NAME", required=True,
+              help="The served model's name (a worker's --model-name, by default its model dir's name).")
+@sampling_options
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
+@click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
+@click.option("--each-line", "--each_line", "each_line", is_flag=True, help="One prompt per line of the file.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat format.")
+@click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True, help="Higher runs first.")
+@click.option("--idempotency-key", "--idempotency_key", "idempotency_key",
+              help="Submitting the same key again returns the same job.")
+@click.option("--follow", "-f", is_flag=True, help="Tail the job right away.")
+@click.pass_context
+def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, truncate, prompts, prompt_file, each_line,
+           chat, priority, idempotency_key, follow):
+    """Queue a generation job; print its id at once."""
+    if bool(prompts) == (prompt_file is not None):
+        raise click.UsageError("give --prompt or --prompt_file (one of them)")
+    if each_line and prompt_file is None:
+        raise click.UsageError("--each-line goes with --prompt_file")
+    if prompt_file is not None:
+        items = read_prompt_file(prompt_file, each_line=each_line)
+    else:
+        for p in prompts:
+            if not p.strip():
+                raise GencliError("empty --prompt: give some text")
+        items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+    client = Client()
+    job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
+                        idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+    click.echo(job.id)
+    if follow:
+        ctx.exit(_tail(client, job.id, line=None, after=0, cancel_on_interrupt=False))
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--line", type=int, default=None, help="Show only this prompt line.")
+@click.option("--from-seq", "after", type=click.IntRange(min=0), default=0, help="Resume after this event number.")
+@click.option("--cancel-on-interrupt", is_flag=True, help="Ctrl-C cancels the job (default: detach).")
+@click.pass_context
+def tail(ctx, job_id, line, after, cancel_on_interrupt):
+    """Follow a job's tokens live, from its first token, to its final status."""
+    ctx.exit(_tail(Client(), job_id, line=line, after=after, cancel_on_interrupt=cancel_on_interrupt))
+
+
+def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_on_interrupt: bool) -> int:
+    job = client.job(job_id)
+    items = job.items()
+    if line is not None:
+        items = [it for it in items if it.line == line]
+        if not items:
+            raise GencliError(f"job {job.id} has no prompt at line {line}")
+    pos = {it.idx: n for n, it in enumerate(items)}
+    if job.status is JobStatus.QUEUED:
+        click.echo(f"[job {job.id} is queued for model {job.record().model}; waiting for a worker]", err=True)
+    printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None)
+    seen: set[int] = set()
+    status = None
+    try:
+        for e in job.events(after):
+            kind = e["t"]
+            if kind == "tok" and e["i"] in pos:
+                seen.add(e["i"])
+                printer.feed(pos[e["i"]], e["text"], e.get("finish") is not None)
+            elif kind == "item" and e["i"] in pos:
+                seen.add(e["i"])
+                click.secho(f"[{_label(items[pos[e['i']]])}: {e['error']}]", err=True, fg="red")
+                printer.feed(pos[e["i"]], "", True)
+            elif kind == "end":
+                status = e["status"]
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            job.cancel()
+            click.echo(f"\n[cancelled job {job.id}]", err=True)
+        else:
+            click.echo(f"\n[detached; the job goes on: gencli tail {job.id}]", err=True)
+        return EXIT_INTERRUPTED
+    record = job.record()
+    status = status or record.status
+    for it in job.items():  # the replay log expired: show what the store kept
+        if it.idx in pos and it.idx not in seen and it.output is not None:
+            printer.feed(pos[it.idx], it.output, True)
+    msg = f"[job {job.id} {status}" + (f": {record.error_message}" if record.error_message else "") + "]"
+    click.secho(msg, err=True, fg="green" if status == "succeeded" else "red")
+    return {"succeeded": 0, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED)
+
+
+@click.command()
+def status():
+    """Live workers (device, model, current job), queue depths, and models nobody serves."""
+    client = Client()
+    r = client.redis
+    workers = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
+    served = {w["model"] for w in workers}
+    click.echo(f"workers ({len(workers)}):")
+    for w in sorted(workers, key=lambda w: w["name"]):
+        job = w["job"] or "idle"
+        click.echo(f"  {w['name']:<24} {w['device']:<8} model {w['model']:<20} {job}")
+    click.echo("queues:")
+    queued = client.store.queued_models()
+    for model in sorted(served | set(queued)):
+        q = f"gen.{model}"
+        depth = sum(r.llen(k) for k in [q, *(f"{q}:{p}" for p in range(1, 10))])
+        note = "" if model in served else "  <- no live worker serves this model"
+        click.echo(f"  {q:<28} {depth} message(s), {queued.get(model, 0)} queued job(s){note}")
+
+
+@click.command("list")
+@click.option("--status", "status_", type=click.Choice([s.value for s in JobStatus]), default=None)
+@click.option("--model", default=None)
+@click.option("--kind", type=click.Choice(["generate", "prep"]), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def list_jobs(status_, model, kind, limit):
+    """Recent jobs with status, model, worker/device, tokens and tokens/s."""
+    client = Client()
+    jobs = client.store.list_jobs(status=status_, model=model, kind=kind, limit=limit)
+    click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} {'tok/s':>7}")
+    for j in jobs:
+        where = f"{j.worker or '-'}/{j.final_device or j.device or '-'}"
+        tps = f"{j.tokens_per_s:.1f}" if j.tokens_per_s else "-"
+        click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {j.n_items:>5} "
+                   f"{j.completion_tokens:>7} {tps:>7}")
+
+
+@click.command()
+@click.argument("job_id")
+def show(job_id):
+    """A job's parameters, each prompt and output, and its error."""
+    client = Client()
+    job = client.job(job_id)
+    j = job.record()
+    click.echo(f"job {j.id}  {j.kind}  {j.status}  model {j.model}  priority {j.priority}")
+    click.echo(f"created {j.created_at}  started {j.started_at or '-'}  finished {j.finished_at or '-'}")
+    click.echo(f"worker {j.worker or '-'}  device {j.device or '-'}  attempts {j.attempts}")
+    click.echo(f"out-of-memory retries {j.oom_retries}  final batch size {j.final_batch_size or '-'}  "
+               f"final device {j.final_device or '-'}")
+    click.echo(f"tokens {j.completion_tokens}  tokens/s {j.tokens_per_s or '-'}")
+    click.echo(f"params {json.dumps(j.params)}")
+    if j.error_class:
+        click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
+        if j.error_where:
+            click.echo(f"  at {j.error_where}")
+    for it in job.items():
+        click.secho(f"--- {_label(it)} [{it.status}{', ' + it.finish_reason if it.finish_reason else ''}]", bold=True)
+        click.echo(f"prompt: {json.dumps(it.prompt, ensure_ascii=False)}")
+        if it.error:
+            click.secho(f"error: {it.error}", fg="red")
+        if it.output is not None:
+            click.echo(f"output: {it.output}")
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True)
+def results(job_id, fmt):
+    """A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage}, or text."""
+    job = Client().job(job_id)
+    if not job.status.done:
+        raise GencliError(f"job {job.id} is {job.status.value}: its results come when it ends (gencli tail {job.id})")
+    for r in job.result():
+        if fmt == "jsonl":
+            click.echo(json.dumps({k: r[k] for k in ("custom_id", "prompt", "output", "finish_reason", "usage")},
+                                  ensure_ascii=False))
+        else:
+            click.echo(r["output"] or "")
+
+
+@click.command()
+@click.argument("job_id")
+def cancel(job_id):
+    """Cancel a job: a queued one never runs, a running one stops within a few tokens."""
+    job = Client().job(job_id)
+    status = job.cancel()
+    if status is JobStatus.RUNNING:
+        click.echo(f"job {job.id}: asked to stop; it keeps its partial output")
+    else:
+        click.echo(f"job {job.id}: {status.value}")
+
+
+@click.command()
+@click.argument("job_id")
+def retry(job_id):
+    """Run a finished job's failed or cancelled lines again."""
+    job = Client().job(job_id)
+    n = job.retry()
+    click.echo(f"job {job.id}: {n} line(s) queued again" if n else f"job {job.id}: nothing to retry")

@@ -1,0 +1,119 @@
+"""`gencli worker` (one pinned worker process) and `gencli workers` (one per GPU or CPU slot)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from gencli.model.device import inventory
+from gencli.model.errors import GencliError
+from gencli.storage.settings import get_settings
+
+_model = click.option("--model", "model_path", envvar="GENCLI_MODEL", required=True,
+                      help="Checkpoint to serve (gencli dir, nanoGPT ckpt.pt, Hugging Face GPT-2 dir).")
+_name = click.option("--model-name", "--model_name", "model_name", default=None,
+                     help="Name jobs use for this model (default: the checkpoint's file or dir name).")
+_batch = click.option("--batch_size", "--batch-size", "batch_size", type=click.IntRange(min=1), default=8,
+                      show_default=True, help="Micro-batch of a job's prompts.")
+_tok = click.option("--tokenizer", default=None, help="Override the model's tokenizer.")
+_fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.Choice(["chatml", "legacy"]),
+                    default=None)
+
+
+@click.command()
+@_model
+@_name
+@click.option("--device", envvar="GENCLI_DEVICE", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--queues", default="", help="Extra queues to serve, comma-separated (the model's own is always served).")
+@click.option("--name", default=None, help="Worker name (default: device@host, e.g. gpu0@host).")
+@_batch
+@_tok
+@_fmt
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(model_path, model_name, device, queues, name, batch_size, tokenizer, chat_format, loglevel):
+    """Serve jobs for one model on one device until stopped (SIGTERM finishes the current job)."""
+    from gencli.worker.serve import serve
+
+    extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
+    serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
+          batch_size=batch_size, tokenizer=tokenizer, chat_format=chat_format, extra_queues=extra,
+          loglevel=loglevel)
+
+
+@click.command()
+@_model
+@_name
+@click.option("--gpus", default=None, help="all, or GPU indices like 0,1: one worker per GPU.")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, help="N CPU workers.")
+@_batch
+@_tok
+@_fmt
+def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_format):
+    """Start one pinned worker per GPU (or N CPU workers) and restart any that dies."""
+    if (gpus is None) == (cpus is None):
+        raise click.UsageError("give --gpus or --cpus")
+    devices = _gpu_devices(gpus) if gpus is not None else ["cpu"] * cpus
+    host = os.uname().nodename
+    base = [sys.executable, "-m", "gencli.cli", "worker", "--model", model_path, "--batch_size", str(batch_size)]
+    for flag, value in (("--model-name", model_name), ("--tokenizer", tokenizer), ("--chat-format", chat_format)):
+        if value:
+            base += [flag, value]
+    specs = []
+    for n, dev in enumerate(devices):
+        label = f"cpu{n}" if dev == "cpu" else dev.replace("cuda:", "gpu")
+        env = dict(os.environ)
+        if dev != "cpu":  # pin the GPU: the worker sees only its own
+            env["CUDA_VISIBLE_DEVICES"] = dev.split(":")[1]
+            dev = "cuda:0"
+        else:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+        specs.append((base + ["--device", dev, "--name", f"{label}@{host}"], env))
+    supervise(specs)
+
+
+def _gpu_devices(gpus: str) -> list[str]:
+    n = len(inventory().cuda_free)
+    if gpus == "all":
+        if n == 0:
+            raise GencliError("--gpus all: no CUDA GPU is visible; use --cpus N")
+        return [f"cuda:{i}" for i in range(n)]
+    try:
+        ids = [int(x) for x in gpus.split(",") if x.strip()]
+    except ValueError:
+        raise GencliError(f"--gpus takes all or indices like 0,1, not {gpus!r}") from None
+    bad = [i for i in ids if not 0 <= i < n]
+    if not ids or bad:
+        raise GencliError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s)")
+    return [f"cuda:{i}" for i in ids]
+
+
+def supervise(specs: list[tuple[list[str], dict]]) -> None:
+    """Run the worker processes; restart one that dies; pass SIGINT/SIGTERM on and wait."""
+    procs = [subprocess.Popen(cmd, env=env) for cmd, env in specs]
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"started {len(procs)} worker(s): " + ", ".join(cmd[-1] for cmd, _ in specs), err=True)
+    while not stopping:
+        for n, p in enumerate(procs):
+            if p.poll() is not None and not stopping:
+                click.echo(f"worker {specs[n][0][-1]} exited with {p.returncode}; restarting", err=True)
+                time.sleep(1)
+                procs[n] = subprocess.Popen(specs[n][0], env=specs[n][1])
+        time.sleep(0.5)
+    for p in procs:
+        p.wait()

@@ -1,0 +1,93 @@
+"""Ordered schema migrations, recorded in a `gencli_migrations` table.
+
+Each migration is a function of a connection inside one transaction, with the DDL of its own
+moment written out (never the current models), so an old store upgrades step by step.
+tests/test_store.py checks that the migrated schema matches the models in db.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from gencli.storage.db import utcnow
+
+
+def _0001_jobs_and_items(conn: Connection) -> None:
+    md = sa.MetaData()
+    sa.Table(
+        "jobs", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("model", sa.String(200), nullable=False, index=True),
+        sa.Column("status", sa.String(16), nullable=False, index=True),
+        sa.Column("params", sa.JSON, nullable=False),
+        sa.Column("priority", sa.Integer, nullable=False),
+        sa.Column("idempotency_key", sa.String(200), unique=True),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("started_at", sa.DateTime),
+        sa.Column("finished_at", sa.DateTime),
+        sa.Column("worker", sa.String(200)),
+        sa.Column("device", sa.String(32)),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("lease_owner", sa.String(64)),
+        sa.Column("lease_expires", sa.DateTime),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("error_class", sa.String(200)),
+        sa.Column("error_message", sa.Text),
+        sa.Column("error_where", sa.Text),
+        sa.Column("oom_retries", sa.Integer, nullable=False),
+        sa.Column("final_batch_size", sa.Integer),
+        sa.Column("final_device", sa.String(32)),
+        sa.Column("n_items", sa.Integer, nullable=False),
+        sa.Column("completion_tokens", sa.Integer, nullable=False),
+        sa.Column("tokens_per_s", sa.Float),
+    )
+    sa.Table(
+        "items", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False,
+                  index=True),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("line", sa.Integer, nullable=False),
+        sa.Column("custom_id", sa.String(200)),
+        sa.Column("prompt", sa.JSON, nullable=False),
+        sa.Column("params", sa.JSON),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("output", sa.Text),
+        sa.Column("finish_reason", sa.String(16)),
+        sa.Column("prompt_tokens", sa.Integer),
+        sa.Column("completion_tokens", sa.Integer),
+        sa.Column("error", sa.Text),
+        sa.UniqueConstraint("job_id", "idx"),
+    )
+    md.create_all(conn)
+
+
+MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
+    ("0001_jobs_and_items", _0001_jobs_and_items),
+]
+
+_log = sa.Table(
+    "gencli_migrations", sa.MetaData(),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply the migrations this store lacks, in order; return their names."""
+    applied_now = []
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # one migrator at a time across machines
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7471)"))
+        _log.create(conn, checkfirst=True)
+        done = set(conn.execute(sa.select(_log.c.name)).scalars())
+        for name, step in MIGRATIONS:
+            if name not in done:
+                step(conn)
+                conn.execute(_log.insert().values(name=name, applied_at=utcnow()))
+                applied_now.append(name)
+    return applied_now

@@ -1,0 +1,108 @@
+"""Real services for tests: a Redis database of their own, and worker processes started as users do.
+
+Imported by conftest.py, which turns these into fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+TEST_DB = 13  # a database number of our own on a shared Redis, flushed around each use
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class RedisServer:
+    """The Redis at 127.0.0.1:6379 (database 13) when it answers, else a private redis-server."""
+
+    def __init__(self, workdir: Path):
+        self.proc = None
+        if _answers(DEFAULT_REDIS):
+            self.url = f"{DEFAULT_REDIS}/{TEST_DB}"
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("the tests need Redis: none answers at 127.0.0.1:6379 and there is no redis-server")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{port}/{TEST_DB}"
+        deadline = time.time() + 10
+        while not _answers(self.url):
+            if time.time() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def flush(self) -> None:
+        self.client().flushdb()
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Worker:
+    """`gencli worker` in a subprocess, as a user starts it."""
+
+    def __init__(self, model: str, env: dict, *, name: str, log: Path, args: tuple[str, ...] = (),
+                 extra_env: dict | None = None):
+        self.name = name
+        self.log = log
+        self.env = dict(env, **(extra_env or {}))
+        cmd = [sys.executable, "-m", "gencli.cli", "worker", "--model", model, "--device", "cpu", "--name", name,
+               *args]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, r: redis.Redis, timeout: float = 60) -> Worker:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited: {self.log.read_text()[-2000:]}")
+            if r.get(f"gencli:worker:{self.name}") and "ready" in self.log.read_text():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def current_job(self, r: redis.Redis) -> str | None:
+        raw = r.get(f"gencli:worker:{self.name}")
+        return json.loads(raw)["job"] if raw else None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.proc.wait(10)

@@ -1,0 +1,327 @@
+"""The queue end to end: real Redis, real `gencli worker` processes, a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+from services import RedisServer, Worker
+
+from gencli.cli.main import main
+from gencli.model.checkpoint import create_model, load_model
+from gencli.model.engine import SamplingParams
+from gencli.model.textgen import TextGenerator
+from gencli.storage.db import JobStatus
+from gencli.storage.settings import get_settings
+from gencli.worker.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """GENCLI_* settings for this module: its own store, a Redis database of its own, short leases."""
+    tmp = tmp_path_factory.mktemp("queue")
+    server = RedisServer(tmp)
+    server.flush()
+    values = {
+        "GENCLI_HOME": str(tmp / "home"),
+        "GENCLI_REDIS_URL": server.url,
+        "GENCLI_DB_URL": f"sqlite:///{tmp / 'store.db'}",
+        "GENCLI_LEASE_SECONDS": "3",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        mp.delenv("GENCLI_INJECT_OOM", raising=False)
+        yield {"vars": values, "tmp": tmp, "redis": server}
+    server.flush()
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _module_env(env, monkeypatch):
+    for k, v in env["vars"].items():  # conftest's per-test GENCLI_HOME must not split the module
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+    return str(create_model(env["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base", chat_format="chatml", seed=3))
+
+
+def start_worker(env, model, name, *args, extra_env=None) -> Worker:
+    w = Worker(model, dict(os.environ, **env["vars"]), name=name, log=env["tmp"] / f"{name}.log", args=args,
+               extra_env=extra_env)
+    return w.wait_ready(env["redis"].client())
+
+
+@pytest.fixture(scope="module")
+def worker(env, tiny):
+    w = start_worker(env, tiny, "w1@test")
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def client(env):
+    return Client(get_settings())
+
+
+def alone(model_dir, prompts, max_tokens):
+    """Greedy outputs of each prompt run alone, in-process, without the queue."""
+    tg = TextGenerator(load_model(model_dir))
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return [tg.generate([tg.encode(p, chat=False)], sp)[0].text for p in prompts]
+
+
+PROMPTS = ["Once upon a time", "The sea is", "日本語のテキスト 🌍", "abc"]
+
+
+def test_submit_then_tail_end_to_end(env, tiny, worker):
+    r = CliRunner().invoke(main, ["submit", "--model", "tiny", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                                  "--max_tokens", "12", "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    job_id = r.output.strip()
+    assert len(job_id) == 32
+    t = CliRunner().invoke(main, ["tail", job_id])
+    assert t.exit_code == 0, t.output
+    expected = alone(tiny, PROMPTS[:2], 12)
+    assert t.stdout == f"=== line 1 ===\n{expected[0]}\n=== line 2 ===\n{expected[1]}\n"
+    assert f"[job {job_id} succeeded]" in t.output
+    res = CliRunner().invoke(main, ["results", job_id])
+    lines = [json.loads(x) for x in res.output.splitlines()]
+    assert [x["output"] for x in lines] == expected
+    assert lines[0]["usage"]["completion_tokens"] == 12 and lines[0]["finish_reason"] == "length"
+
+
+def test_stream_equals_stored_output_byte_for_byte(client, tiny, worker):
+    job = client.submit(PROMPTS, model="tiny", max_tokens=24, temperature=1.0, top_k=500, seed=11)
+    texts = ["" for _ in PROMPTS]
+    seqs, shown = [], []
+    for d in job.stream():
+        texts[d.item] += d.text
+        seqs.append(d.seq)
+        shown.append((d.item, texts[d.item]))
+    assert seqs == sorted(set(seqs))  # in order, no repeats
+    stored = [r["output"] for r in job.result(timeout=30)]
+    assert texts == stored
+    # what was on screen at every moment is a prefix of the final text: no replacement
+    # character for half a UTF-8 character that the final text does not have
+    assert all(stored[i].startswith(text) for i, text in shown)
+    assert job.status is JobStatus.SUCCEEDED
+
+
+def test_late_tailer_sees_everything_once_and_resumes_from_a_sequence_number(client, tiny, worker):
+    job = client.submit(PROMPTS[:2], model="tiny", max_tokens=10, temperature=0)
+    job.wait(30)
+    events = list(job.events())
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["t"] == "start" and events[-1]["t"] == "end" and events[-1]["status"] == "succeeded"
+    k = len(events) // 2
+    assert list(job.events(after=k)) == events[k:]  # a reconnecting follower gets exactly the rest
+    text = "".join(e["text"] for e in events if e["t"] == "tok" and e["i"] == 1)
+    assert text == alone(tiny, PROMPTS[1:2], 10)[0]
+
+
+def test_idempotency_key_gives_the_same_job(client, worker):
+    a = client.submit(["same"], model="tiny", max_tokens=3, idempotency_key="key-1")
+    b = client.submit(["same"], model="tiny", max_tokens=3, idempotency_key="key-1")
+    assert a.id == b.id
+    assert a.wait(30) is JobStatus.SUCCEEDED
+    assert len(client.store.list_jobs(limit=1000)) == len({j.id for j in client.store.list_jobs(limit=1000)})
+
+
+def test_cancel_queued_job_never_runs(env, client):
+    job = client.submit(["never"], model="nobody-serves-this", max_tokens=5)
+    r = CliRunner().invoke(main, ["status"])
+    assert "gen.nobody-serves-this" in r.output and "no live worker serves this model" in r.output
+    assert job.cancel() is JobStatus.CANCELLED
+    rec = job.record()
+    assert rec.status == "cancelled" and rec.attempts == 0 and rec.started_at is None
+    t = CliRunner().invoke(main, ["tail", job.id])
+    assert t.exit_code == 3 and "cancelled" in t.output
+
+
+def test_cancel_running_job_keeps_partial_output(client, env, tiny, worker):
+    job = client.submit(["a long story"], model="tiny", max_tokens=200, temperature=1.0, top_k=1000, seed=1)
+    stream = job.stream()
+    got = ""
+    for d in stream:
+        got += d.text
+        if len(got) > 20:
+            job.cancel()
+            break
+    for d in stream:
+        got += d.text
+    assert job.wait(30) is JobStatus.CANCELLED
+    (res,) = job.result()
+    assert res["finish_reason"] == "cancelled"
+    assert res["output"] == got
+    assert 0 < res["usage"]["completion_tokens"] < 200
+
+
+def test_context_overflow_is_refused_at_submit_and_nothing_is_recorded(client, worker):
+    before = len(client.store.list_jobs(limit=10_000))
+    r = CliRunner().invoke(main, ["submit", "--model", "tiny", "--prompt", "word " * 300, "--max_tokens", "10"])
+    assert r.exit_code == 1
+    assert "line 1: prompt of 301 tokens + max_tokens 10 = 311 exceeds the model's context of 256 tokens" in r.output
+    assert len(client.store.list_jobs(limit=10_000)) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", " "], "empty --prompt"),
+        ([], "give --prompt or --prompt_file"),
+        (["--prompt", "x", "--max_tokens", "0"], "--max_tokens"),
+        (["--prompt", "x", "--temperature", "-0.5"], "--temperature"),
+        (["--prompt", "x", "--top_p", "0"], "--top_p"),
+        (["--prompt", "x", "--top_p", "2"], "--top_p"),
+        (["--prompt", "x", "--top_k", "0"], "--top_k"),
+        (["--prompt", "x", "--seed", "abc"], "--seed"),
+        (["--prompt", "x", "--priority", "10"], "--priority"),
+        (["--prompt", "x", "--each-line"], "--each-line goes with --prompt_file"),
+        (["--prompt_file", "/nonexistent"], "no such prompt file"),
+        (["--prompt_file", "DIR"], "is a directory"),
+        (["--prompt_file", "EMPTY"], "is empty"),
+        (["--prompt_file", "LATIN1", "--each-line"], ":2: not UTF-8 text"),
+        (["--prompt_file", "BAD.jsonl"], "BAD.jsonl:2: not valid JSON"),
+        (["--prompt_file", "BADPARAM.jsonl"], "line 1: top_p must be in (0, 1]"),
+        (["--prompt_file", "UNKNOWN.jsonl"], "line 1: unknown parameter(s) colour"),
+        (["--prompt", "x", "--model", "no/slash"], "bad model name"),
+    ],
+)
+def test_bad_submit_input_enqueues_nothing(env, client, tmp_path, args, message):
+    files = {
+        "DIR": tmp_path,
+        "EMPTY": tmp_path / "empty.txt",
+        "LATIN1": tmp_path / "latin1.txt",
+        "BAD.jsonl": tmp_path / "BAD.jsonl",
+        "BADPARAM.jsonl": tmp_path / "BADPARAM.jsonl",
+        "UNKNOWN.jsonl": tmp_path / "UNKNOWN.jsonl",
+    }
+    files["EMPTY"].write_text("")
+    files["LATIN1"].write_bytes("fine\ncaf\xe9\n".encode("latin-1"))
+    files["BAD.jsonl"].write_text('{"prompt": "ok"}\n{oops\n')
+    files["BADPARAM.jsonl"].write_text('{"prompt": "ok", "top_p": 0}\n')
+    files["UNKNOWN.jsonl"].write_text('{"prompt": "ok", "colour": "red"}\n')
+    args = [str(files.get(a, a)) for a in args]
+    if "--model" not in args:
+        args = ["--model", "tiny", *args]
+    before = len(client.store.list_jobs(limit=10_000))
+    depth = env["redis"].client().llen("gen.tiny")
+    r = CliRunner().invoke(main, ["submit", *args])
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert len(client.store.list_jobs(limit=10_000)) == before
+    assert env["redis"].client().llen("gen.tiny") == depth
+
+
+def test_jsonl_jobs_keep_custom_ids_and_per_line_params(client, tiny, worker, tmp_path):
+    f = tmp_path / "batch.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in [
+        {"custom_id": "first", "prompt": "Once upon a time", "max_tokens": 5},
+        {"custom_id": "second", "messages": [{"role": "user", "content": "hi <|im_end|> there"}]},
+    ]) + "\n")
+    r = CliRunner().invoke(main, ["submit", "--model", "tiny", "--prompt_file", str(f), "--max_tokens", "8",
+                                  "--temperature", "0", "--follow"])
+    assert r.exit_code == 0, r.output
+    assert "=== id first ===" in r.stdout and "=== id second ===" in r.stdout
+    job_id = r.stdout.splitlines()[0]
+    res = client.job(job_id).result()
+    assert [x["custom_id"] for x in res] == ["first", "second"]
+    assert res[0]["usage"]["completion_tokens"] == 5 and res[1]["usage"]["completion_tokens"] <= 8
+    tg = TextGenerator(load_model(tiny))
+    ids = tg.encode([{"role": "user", "content": "hi <|im_end|> there"}], chat=True)
+    assert ids.count(tg.tokenizer.im_end_id) == 1  # the template's own; the literal text stayed text
+    assert res[1]["output"] == tg.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].text
+
+
+def test_show_and_list(client, worker):
+    job = client.submit(["shown"], model="tiny", max_tokens=4, temperature=0)
+    job.wait(30)
+    s = CliRunner().invoke(main, ["show", job.id])
+    assert s.exit_code == 0, s.output
+    assert "succeeded" in s.output and 'prompt: "shown"' in s.output and "w1@test" in s.output
+    lst = CliRunner().invoke(main, ["list", "--status", "succeeded"])
+    assert job.id in lst.output
+
+
+def test_two_workers_share_a_queue(env, tiny, worker, client):
+    second = start_worker(env, tiny, "w2@test")
+    try:
+        jobs = [client.submit([f"prompt {n}"], model="tiny", max_tokens=40, temperature=0) for n in range(6)]
+        for j in jobs:
+            assert j.wait(60) is JobStatus.SUCCEEDED
+        assert {j.record().worker for j in jobs} == {"w1@test", "w2@test"}
+    finally:
+        second.stop()
+
+
+def test_out_of_memory_ladder_halves_then_matches_an_unfailed_run(env, tiny, client):
+    w = start_worker(env, tiny, "oom@test", "--model-name", "tiny-oom", "--batch_size", "4",
+                     extra_env={"GENCLI_INJECT_OOM": "2"})
+    try:
+        prompts = ["one", "two two", "three three three", "four", "five"]
+        job = client.submit(prompts, model="tiny-oom", max_tokens=8, temperature=0)
+        assert job.wait(60) is JobStatus.SUCCEEDED
+        rec = job.record()
+        assert rec.oom_retries == 2 and rec.final_batch_size == 1 and rec.final_device == "cpu"
+        assert [r["output"] for r in job.result()] == alone(tiny, prompts, 8)
+        texts = ["" for _ in prompts]
+        for d in job.stream():
+            texts[d.item] += d.text
+        assert texts == alone(tiny, prompts, 8)  # the retries streamed nothing twice
+    finally:
+        w.stop()
+
+
+def test_out_of_memory_even_at_batch_one_on_the_cpu_fails_the_job_not_the_worker(env, tiny, client):
+    w = start_worker(env, tiny, "oom1@test", "--model-name", "tiny-oom1", extra_env={"GENCLI_INJECT_OOM": "1"})
+    try:
+        first = client.submit(["x"], model="tiny-oom1", max_tokens=4)
+        assert first.wait(60) is JobStatus.FAILED
+        rec = first.record()
+        assert rec.error_class == "MemoryError" and "out of memory even on the CPU" in rec.error_message
+        second = client.submit(["y"], model="tiny-oom1", max_tokens=4)
+        assert second.wait(60) is JobStatus.FAILED  # taken and run: the worker is still serving
+        assert w.alive()
+    finally:
+        w.stop()
+
+
+def test_retry_reruns_only_cancelled_lines(client, worker):
+    job = client.submit(["p1", "p2", "p3"], model="tiny", max_tokens=200, temperature=1.0, top_k=1000, seed=5)
+    for d in job.stream():
+        if d.finish_reason is None:
+            job.cancel()
+            break
+    assert job.wait(30) is JobStatus.CANCELLED
+    before = job.result()
+    assert any(r["status"] == "cancelled" for r in before)
+    assert job.retry() == sum(r["status"] == "cancelled" for r in before)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    after = job.result()
+    for b, a in zip(before, after):
+        if b["status"] == "succeeded":
+            assert a["output"] == b["output"]
+        assert a["status"] == "succeeded"
+
+
+def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(env, client, worker):
+    from kombu import Connection
+
+    with Connection(env["vars"]["GENCLI_REDIS_URL"]) as conn:
+        producer = conn.Producer(serializer="pickle")
+        producer.publish({"evil": True}, routing_key="gen.tiny", exchange="", serializer="pickle",
+                         headers={"task": "gencli.generate", "id": "pickled-1"})
+    time.sleep(1)
+    job = client.submit(["after the pickle"], model="tiny", max_tokens=3)
+    assert job.wait(30) is JobStatus.SUCCEEDED
+    assert worker.alive()
+    assert "pickle" in worker.log.read_text().lower()

@@ -1,0 +1,186 @@
+"""TextGenerator: the engine joined to the tokenizer and chat format, text deltas out."""
+
+from __future__ import annotations
+
+import pytest
+
+from gencli.model.chat import ChatFormat, render
+from gencli.model.checkpoint import vocab_for
+from gencli.model.engine import SamplingParams, generate
+from gencli.model.errors import ContextOverflowError, InvalidParameterError
+from gencli.model.textgen import TextGenerator
+
+GREEDY = SamplingParams(max_tokens=30, temperature=0)
+
+
+def collect(tg):
+    """Run a TextGeneration; per sequence, the list of (text, finish_reason) deltas."""
+    per_seq: dict[int, list] = {i: [] for i in range(len(tg.streams))}
+    for deltas in tg:
+        for d in deltas:
+            per_seq[d.index].append(d)
+    return per_seq
+
+
+@pytest.fixture(scope="module")
+def textgen(chatml_loaded):
+    return TextGenerator(chatml_loaded)
+
+
+def prompts(textgen):
+    return [
+        textgen.encode("Tell me a story", chat=True),
+        textgen.encode(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "日本語?"}], chat=True
+        ),
+        textgen.encode("plain text prompt", chat=False),
+    ]
+
+
+def test_deltas_concatenate_to_the_stream_text(textgen):
+    ps = prompts(textgen)
+    tg = textgen.stream(ps, SamplingParams(max_tokens=40, temperature=1.0), seeds=[1, 2, 3])
+    emitted = ["", "", ""]
+    for deltas in tg:
+        for d in deltas:
+            emitted[d.index] += d.text
+            # What was shown so far is a prefix of the final text: no replacement char shown early.
+            assert tg.streams[d.index].text == emitted[d.index]
+    for i, s in enumerate(tg.streams):
+        assert emitted[i] == s.text
+        assert s.finish_reason in ("length", "stop")
+        if s.finish_reason == "length":
+            assert len(s.ids) == 40
+            assert s.text == textgen.tokenizer.decode(s.ids)
+
+
+def test_each_sequence_finishes_once_with_length(textgen):
+    ps = prompts(textgen)
+    per_seq = collect(textgen.stream(ps, GREEDY))
+    for i, deltas in per_seq.items():
+        reasons = [d.finish_reason for d in deltas if d.finish_reason]
+        assert reasons == ["length"]
+        assert deltas[-1].finish_reason == "length"
+
+
+def test_batched_text_equals_alone(textgen):
+    ps = prompts(textgen)
+    batch = textgen.generate(ps, GREEDY)
+    for p, s in zip(ps, batch):
+        (alone,) = textgen.generate([p], GREEDY)
+        assert (alone.text, alone.ids) == (s.text, s.ids)
+
+
+def test_stop_string_ends_one_sequence_others_continue(textgen):
+    ps = prompts(textgen)
+    free = textgen.generate(ps, GREEDY)
+    t0 = free[0].text
+    assert len(t0) > 6
+    mid = len(t0) // 2
+    stop = t0[mid : mid + 3]
+    tg = textgen.stream(ps, GREEDY, stop=(stop,))
+    per_seq = collect(tg)
+    for i, s in enumerate(tg.streams):
+        full = free[i].text
+        text = "".join(d.text for d in per_seq[i])
+        assert text == s.text
+        if stop in full:
+            assert s.finish_reason == "stop"
+            assert s.text == full[: full.index(stop)]
+        else:
+            assert s.finish_reason == "length"
+            assert s.text == full
+    assert tg.streams[0].finish_reason == "stop"
+
+
+def test_stop_id_finishes_with_stop(make_gpt, forced, loaded_for, tok_chatml, tok_legacy):
+    cases = [
+        (tok_chatml, ChatFormat.CHATML, tok_chatml.im_end_id),
+        (tok_legacy, ChatFormat.LEGACY, tok_legacy.eot_id),
+    ]
+    for tok, fmt, stop_id in cases:
+        model = forced(make_gpt(vocab_for(tok), block_size=64), {stop_id: 12.0})
+        tg = TextGenerator(loaded_for(model, tok, fmt))
+        (s,) = tg.generate([tok.encode("hello")], SamplingParams(max_tokens=10, temperature=0))
+        assert s.finish_reason == "stop"
+        assert s.text == "" and s.ids == []
+
+
+def test_cancel_returns_held_text(make_gpt, forced, loaded_for, tok_chatml):
+    a = tok_chatml.encode("a")
+    assert len(a) == 1
+    model = forced(make_gpt(vocab_for(tok_chatml), block_size=64), {a[0]: 12.0})
+    gen = TextGenerator(loaded_for(model, tok_chatml))
+    params = SamplingParams(max_tokens=20, temperature=0)
+    tg = gen.stream([tok_chatml.encode("x"), tok_chatml.encode("y")], params, stop=("ab",))
+    it = iter(tg)
+    shown = ["", ""]
+    for step in it:  # step 1 holds "a" back (it may begin "ab"); step 2 shows the first "a"
+        for d in step:
+            assert d.finish_reason is None
+            shown[d.index] += d.text
+        if shown == ["a", "a"]:
+            break
+    assert [len(s.ids) for s in tg.streams] == [2, 2]
+    last = tg.cancel()
+    assert [(d.index, d.text, d.finish_reason) for d in last] == [(0, "a", "cancelled"), (1, "a", "cancelled")]
+    assert list(it) == []  # the engine stopped
+    for s in tg.streams:
+        assert s.text == "aa" and s.finish_reason == "cancelled"
+    assert tg.cancel() == []
+
+
+def test_never_generates_an_undecodable_id(make_gpt, forced, loaded_for, tok_chatml):
+    vocab = vocab_for(tok_chatml)
+    decodable = set(tok_chatml.decodable_ids(vocab))
+    bad = [i for i in range(vocab) if i not in decodable]
+    # Padding ids, holes, FIM tokens, <|im_start|>, <|endofprompt|>.
+    assert {100258, 100259, 100260, 100264, 100276, vocab - 1} <= set(bad)
+    # Make the undecodable ids the likeliest by far, a few ordinary ids next.
+    ordinary = tok_chatml.encode(" the cat sat on a mat")
+    model = forced(make_gpt(vocab, block_size=256), {**{i: 20.0 for i in bad}, **{i: 8.0 for i in ordinary}})
+    params = SamplingParams(max_tokens=150, temperature=2.0)
+    unmasked = generate(model, [[1, 2]], SamplingParams(max_tokens=20, temperature=2.0), seeds=[0])[0]
+    assert set(unmasked) & set(bad)  # without the mask they do come out
+    gen = TextGenerator(loaded_for(model, tok_chatml))
+    streams = gen.generate([[1, 2], [3], tok_chatml.encode("hi")], params, seeds=[1, 2, 3])
+    for s in streams:
+        assert s.finish_reason == "length"
+        assert len(s.ids) == 150
+        assert set(s.ids) <= decodable
+        assert s.text == tok_chatml.decode(s.ids)
+
+
+def test_encode_and_fit(textgen, tok_chatml):
+    hi = [{"role": "user", "content": "hi"}]
+    assert textgen.encode("hi", chat=True) == render(tok_chatml, ChatFormat.CHATML, hi)
+    assert textgen.encode("hi", chat=False) == tok_chatml.encode("hi")
+    with pytest.raises(InvalidParameterError):
+        textgen.encode("   \n", chat=False)
+    ids = list(range(200))
+    assert textgen.fit(ids, 28, truncate=True) == ids[100:]
+    with pytest.raises(ContextOverflowError):
+        textgen.fit(ids, 28, truncate=False)
+
+
+def test_streamed_fragments_of_multibyte_chars(make_gpt, forced, loaded_for, tok_chatml):
+    """A model that mostly emits byte fragments of emoji/CJK: nothing shown early is ever wrong."""
+    ids = tok_chatml.encode("héllo 🌍 日本語 テスト 👩‍👩‍👧")
+    model = forced(make_gpt(vocab_for(tok_chatml), block_size=128), {i: 20.0 for i in ids})
+    gen = TextGenerator(loaded_for(model, tok_chatml))
+    tg = gen.stream([[1], [2], [3], [4]], SamplingParams(max_tokens=60, temperature=1.0), seeds=[1, 2, 3, 4])
+    deltas: list[list[str]] = [[], [], [], []]
+    for step in tg:
+        for d in step:
+            deltas[d.index].append(d.text)
+    fragments = 0
+    for i, s in enumerate(tg.streams):
+        final = s.text
+        assert final == tok_chatml.decode(s.ids) == "".join(deltas[i])
+        assert set(s.ids) <= set(ids)
+        for k in range(len(deltas[i])):
+            assert final.startswith("".join(deltas[i][: k + 1]))
+            if "\ufffd" in deltas[i][k]:
+                assert "\ufffd" in final
+        fragments += sum(1 for t in s.ids if t in (234, 235, 252, 228, 102, 239, 100))
+    assert fragments > 20  # the test really streamed split characters

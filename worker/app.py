@@ -1,0 +1,60 @@
+"""The Celery app: JSON only, late acks, one message at a time, and the queue names.
+
+Queues: `gen.<model>` for each model's generation jobs, and `prep` for dataset jobs. Redis is
+the broker; there is no result backend (the SQL store is the record).
+"""
+
+from __future__ import annotations
+
+import re
+
+from celery import Celery
+
+from gencli.model.errors import GencliError
+from gencli.storage.settings import Settings
+
+GENERATE_TASK = "gencli.generate"
+PRIORITY_STEPS = list(range(10))  # kombu's Redis priorities: 0 is served first
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise GencliError(
+            f"bad model name {name!r}: use letters, digits, '.', '_' and '-' (at most 100 characters)"
+        )
+    return name
+
+
+def queue_for(model: str) -> str:
+    return f"gen.{check_model_name(model)}"
+
+
+def broker_priority(priority: int) -> int:
+    """gencli's --priority (0..9, higher first) as kombu's Redis priority (0 first)."""
+    return 9 - max(0, min(9, priority))
+
+
+def make_app(settings: Settings, redis_url: str) -> Celery:
+    app = Celery("gencli", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # a pickle message is refused, not loaded
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker started while Redis is down waits for it
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_default_queue="gencli",
+    )
+    return app

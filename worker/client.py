@@ -1,0 +1,241 @@
+"""The submit side of the queue: what `gencli submit`, `tail`, `cancel`... and the HTTP API call.
+
+    client = Client()
+    job = client.submit(["Once upon a time"], model="demo-model", max_tokens=50)
+    for delta in job.stream():
+        print(delta.text, end="")
+    job.result()
+
+Everything is validated before anything is recorded or enqueued; a job that cannot be
+enqueued (Redis down) is removed from the store again, so nothing is half-recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+
+from gencli.model.chat import ChatFormat, render
+from gencli.model.engine import SamplingParams, fit_prompt
+from gencli.model.errors import GencliError
+from gencli.model.tokenizer import Tokenizer, load_encoding
+from gencli.storage.db import Item, JobStatus
+from gencli.storage.settings import Settings, get_settings
+from gencli.storage.store import StoreError, open_store
+from gencli.worker.app import GENERATE_TASK, broker_priority, check_model_name, make_app, queue_for
+from gencli.worker.prompts import PromptItem
+from gencli.worker.redis_boot import resolve_redis_url
+from gencli.worker.stream import Publisher, cancel_key, follow, last_seq
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
+
+
+def model_info_key(name: str) -> str:
+    return f"gencli:model:{name}"
+
+
+def worker_key(name: str) -> str:
+    return f"gencli:worker:{name}"
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(name: str, chat_format: str) -> Tokenizer:
+    return Tokenizer(load_encoding(name), chatml=chat_format == ChatFormat.CHATML.value)
+
+
+@dataclass
+class StreamDelta:
+    seq: int
+    item: int  # index of the prompt in the job
+    text: str
+    finish_reason: str | None
+
+
+def check_params(p: dict, where: str = "") -> dict:
+    """The sampling parameters, checked and complete; GencliError naming what to fix."""
+    unknown = set(p) - set(SAMPLING_KEYS)
+    if unknown:
+        raise GencliError(f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}")
+    full = dict(DEFAULTS, **p)
+    try:
+        SamplingParams(max_tokens=full["max_tokens"], temperature=float(full["temperature"]),
+                       top_k=full["top_k"], top_p=float(full["top_p"]))
+    except (TypeError, ValueError) as e:
+        raise GencliError(f"{where}bad sampling parameter: {e}") from None
+    except GencliError as e:
+        raise GencliError(f"{where}{e}") from None
+    if full["seed"] is not None and not isinstance(full["seed"], int):
+        raise GencliError(f"{where}seed must be an integer")
+    stop = full["stop"]
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise GencliError(f"{where}stop must be a list of non-empty strings")
+    full["stop"] = stop
+    return full
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, *, start_redis: bool = True):
+        self.settings = settings or get_settings()
+        self.redis_url = resolve_redis_url(self.settings, start=start_redis)
+        self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        self.store = open_store(self.settings.db_url)
+        self.app = make_app(self.settings, self.redis_url)
+
+    # --- submitting ---------------------------------------------------------------------
+    def submit(
+        self,
+        prompts: list[str | list[dict] | PromptItem],
+        *,
+        model: str,
+        chat: bool = False,
+        truncate: bool = False,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        **sampling,
+    ) -> Job:
+        """Validate, record and enqueue one job of one or more prompts."""
+        check_model_name(model)
+        if not 0 <= priority <= 9:
+            raise GencliError(f"priority must be 0..9 (higher runs first), got {priority}")
+        params = check_params({k: v for k, v in sampling.items() if v is not None or k == "seed"})
+        items = [self._item(p, n) for n, p in enumerate(prompts, start=1)]
+        if not items:
+            raise GencliError("no prompts to submit")
+        self._check_context(model, items, params, chat=chat, truncate=truncate)
+        job_params = dict(params, chat=chat, truncate=truncate)
+        job, created = self.store.create_job(model=model, params=job_params, items=items, priority=priority,
+                                             idempotency_key=idempotency_key)
+        if created:
+            try:
+                self._enqueue(job.id, model, priority)
+            except (redis.RedisError, OSError, Exception) as e:
+                self.store.delete_job(job.id)
+                raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
+        return Job(self, job.id)
+
+    def _item(self, p, n: int) -> dict:
+        if isinstance(p, PromptItem):
+            where = f"line {p.line}: "
+            params = check_params(p.extra, where) if p.extra else None
+            if params:
+                params = {k: v for k, v in params.items() if k in p.extra}
+            return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params}
+        if isinstance(p, str):
+            if not p.strip():
+                raise GencliError(f"prompt {n} is empty")
+        elif not isinstance(p, list):
+            raise GencliError(f"prompt {n} must be text or a list of chat messages")
+        return {"prompt": p, "line": n}
+
+    def model_info(self, model: str) -> dict | None:
+        raw = self.redis.get(model_info_key(model))
+        return json.loads(raw) if raw else None
+
+    def _check_context(self, model: str, items: list[dict], params: dict, *, chat: bool, truncate: bool) -> None:
+        """Refuse prompts that do not fit the model's context, when a worker has described it."""
+        info = self.model_info(model)
+        if info is None:
+            return  # no worker has served this model yet: the worker checks each prompt
+        tok = _tokenizer(info["tokenizer"], info["chat_format"])
+        fmt = ChatFormat(info["chat_format"])
+        for it in items:
+            p = it["prompt"]
+            try:
+                ids = render(tok, fmt, p) if isinstance(p, list) else (
+                    render(tok, fmt, [{"role": "user", "content": p}]) if chat else tok.encode(p))
+                max_tokens = (it.get("params") or {}).get("max_tokens", params["max_tokens"])
+                fit_prompt(ids, max_tokens, info["block_size"], truncate=truncate)
+            except GencliError as e:
+                raise GencliError(f"line {it['line']}: {e}") from None
+
+    def _enqueue(self, job_id: str, model: str, priority: int) -> None:
+        self.app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model),
+                           priority=broker_priority(priority))
+
+    # --- following and controlling -------------------------------------------------------
+    def job(self, job_id: str) -> Job:
+        found = self.store.get_job(job_id)
+        if found is None:
+            raise GencliError(f"no job {job_id}: see gencli list")
+        return Job(self, found.id)
+
+    def publish(self, job_id: str, events: list[dict]) -> None:
+        Publisher(self.redis, job_id, last_seq=last_seq(self.redis, job_id), ttl=self.settings.stream_ttl).publish(events)
+
+
+class Job:
+    def __init__(self, client: Client, job_id: str):
+        self.client = client
+        self.id = job_id
+
+    def record(self):
+        return self.client.store.get_job(self.id)
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus(self.record().status)
+
+    def items(self) -> list[Item]:
+        return self.client.store.items(self.id)
+
+    def events(self, after: int = 0) -> Iterator[dict]:
+        """Every stream event after seq `after`, each once, up to the job's end."""
+        return follow(self.client.redis_url, self.id, after=after, is_done=lambda: self.status.done)
+
+    def stream(self, after: int = 0) -> Iterator[StreamDelta]:
+        """The job's text as it is made: deltas in order, each once, also when attached late."""
+        for e in self.events(after):
+            if e["t"] == "tok":
+                yield StreamDelta(e["seq"], e["i"], e["text"], e.get("finish"))
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (status := self.status).done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
+            time.sleep(poll)
+        return status
+
+    def result(self, timeout: float | None = None) -> list[dict]:
+        """Wait for the job; one dict per prompt: custom_id, prompt, output, finish_reason, usage."""
+        self.wait(timeout)
+        return [
+            {"custom_id": it.custom_id, "line": it.line, "prompt": it.prompt, "output": it.output,
+             "finish_reason": it.finish_reason, "status": it.status, "error": it.error,
+             "usage": {"prompt_tokens": it.prompt_tokens, "completion_tokens": it.completion_tokens}}
+            for it in self.items()
+        ]
+
+    def cancel(self) -> JobStatus:
+        """A queued job never runs; a running one stops within a few tokens."""
+        try:
+            status = JobStatus(self.client.store.request_cancel(self.id))
+        except StoreError as e:
+            raise GencliError(str(e)) from None
+        if status is JobStatus.RUNNING:
+            self.client.redis.set(cancel_key(self.id), 1, ex=24 * 3600)
+        elif status is JobStatus.CANCELLED:
+            self.client.publish(self.id, [{"t": "end", "status": "cancelled", "error": None}])
+        return status
+
+    def retry(self) -> int:
+        """Run the failed and cancelled items again; how many."""
+        try:
+            n = self.client.store.reset_for_retry(self.id)
+        except StoreError as e:
+            raise GencliError(str(e)) from None
+        if n:
+            job = self.record()
+            reset = [it.idx for it in self.items() if it.status == "pending"]
+            self.client.redis.delete(cancel_key(self.id))
+            self.client.publish(self.id, [{"t": "reset", "items": reset}])
+            self.client._enqueue(self.id, job.model, job.priority)
+        return n

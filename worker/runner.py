@@ -1,0 +1,300 @@
+"""Running a generation job on a worker: plain functions, called by the Celery task and by tests.
+
+A job runs in micro-batches of its pending items. Each decoding step's tokens go out through
+the job's stream (worker.stream) and each finished item is written to the store at once,
+guarded by the job's lease. Three ways a job can be interrupted are all handled by resuming
+items from the tokens already streamed, so the stream never repeats or skips a token:
+- out of memory: free memory, halve the micro-batch and retry the failed part, down to 1, then
+  go on on the CPU (a second copy of the model, loaded when first needed);
+- the worker died: the next worker reads the replay log and continues each item from there;
+- cancel: the running items stop within a step and keep their partial output.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from gencli.model.checkpoint import LoadedModel, load_model
+from gencli.model.engine import SamplingParams
+from gencli.model.errors import GencliError
+from gencli.model.textgen import TextGenerator
+from gencli.model.textstream import TextStream
+from gencli.storage.db import ItemStatus, JobStatus
+from gencli.storage.settings import Settings
+from gencli.storage.store import Store
+from gencli.worker.stream import Publisher, cancel_key, read_log
+
+log = logging.getLogger("gencli.worker")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class TimeLimitExceeded(Exception):
+    pass
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process holds for its whole life: the model, loaded once, and clients."""
+
+    settings: Settings
+    store: Store
+    redis: redis.Redis
+    model_name: str
+    loaded: LoadedModel
+    worker_name: str
+    batch_size: int = 8
+    generator: TextGenerator = field(init=False)
+    current: dict | None = None  # {"job": id, "owner": lease owner} while a job runs
+    lease_lost: set = field(default_factory=set)  # owners whose lease renewal failed
+    _cpu: TextGenerator | None = None
+
+    def __post_init__(self):
+        self.generator = TextGenerator(self.loaded)
+
+    @property
+    def device(self) -> str:
+        return str(self.loaded.device)
+
+    def cpu_generator(self) -> TextGenerator:
+        """The model on the CPU, for the end of the out-of-memory ladder."""
+        if self.loaded.device.type == "cpu":
+            return self.generator
+        if self._cpu is None:
+            lm = self.loaded
+            self._cpu = TextGenerator(
+                load_model(lm.path, tokenizer=lm.tokenizer.spec_name, chat_format=lm.chat_format.value,
+                           device="cpu")
+            )
+        return self._cpu
+
+
+@dataclass
+class ItemRun:
+    idx: int
+    prompt_ids: list[int]
+    stream: TextStream
+    seed: int | None
+    params: SamplingParams
+
+
+def job_params(params: dict, override: dict | None) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+    p = dict(params, **(override or {}))
+    sp = SamplingParams(max_tokens=int(p.get("max_tokens", 256)), temperature=float(p.get("temperature", 0.8)),
+                        top_k=p.get("top_k"), top_p=float(p.get("top_p", 1.0)))
+    return sp, p.get("seed"), tuple(p.get("stop") or ())
+
+
+def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
+    """Run (or resume) one job; return how it ended, or why it was not run."""
+    s = ctx.settings
+    owner = uuid.uuid4().hex
+    claim = ctx.store.claim(job_id, owner=owner, worker=ctx.worker_name, device=ctx.device,
+                            lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
+    if not claim.ok:
+        log.info("job %s not run: %s", job_id, claim.reason)
+        if claim.reason in ("too many deliveries", "cancelled"):
+            job = ctx.store.get_job(job_id)
+            _publisher(ctx, job_id).publish([_end(job.status, job.error_message)])
+        return claim.reason
+    ctx.current = {"job": job_id, "owner": owner}
+    try:
+        return _run_claimed(ctx, job_id, owner, claim.attempt)
+    finally:
+        ctx.current = None
+        ctx.lease_lost.discard(owner)
+
+
+def _publisher(ctx: WorkerContext, job_id: str) -> Publisher:
+    last = read_log(ctx.redis, job_id)
+    return Publisher(ctx.redis, job_id, last_seq=last[-1]["seq"] if last else 0, ttl=ctx.settings.stream_ttl)
+
+
+def _end(status: str, error: str | None = None) -> dict:
+    return {"t": "end", "status": status, "error": error}
+
+
+def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
+    store = ctx.store
+    job = store.get_job(job_id)
+    events = read_log(ctx.redis, job_id)
+    pub = Publisher(ctx.redis, job_id, last_seq=events[-1]["seq"] if events else 0, ttl=ctx.settings.stream_ttl)
+    pub.publish([{"t": "start", "worker": ctx.worker_name, "device": ctx.device, "attempt": attempt}])
+    gen = ctx.generator
+    chat = bool(job.params.get("chat"))
+    truncate = bool(job.params.get("truncate"))
+    streamed = _streamed_ids(events)
+    runs: list[ItemRun] = []
+    failed_items = 0
+    for item in store.items(job_id):
+        if item.status != ItemStatus.PENDING.value:
+            continue
+        try:
+            params, seed, stop = job_params(job.params, item.params)
+            ids = gen.fit(gen.encode(item.prompt, chat=chat), params.max_tokens, truncate=truncate)
+        except GencliError as e:
+            failed_items += 1
+            store.save_item(job_id, owner, item.idx, status=ItemStatus.FAILED, output=None, finish_reason=None,
+                            prompt_tokens=None, completion_tokens=None, error=str(e))
+            pub.publish([{"t": "item", "i": item.idx, "status": "failed", "error": str(e)}])
+            continue
+        stream = gen.new_stream(stop)
+        for token, finish in streamed.get(item.idx, []):  # what an earlier attempt streamed
+            if token is not None:
+                stream.feed(token)
+            if finish and not stream.finished:
+                stream.finish(finish)
+        run = ItemRun(item.idx, ids, stream, seed, params)
+        if stream.finished:  # streamed whole, but the worker died before recording it
+            _save(ctx, job_id, owner, run)
+        else:
+            runs.append(run)
+
+    t0 = time.perf_counter()
+    tokens_before = sum(len(r.stream.ids) for r in runs)
+    stats = {"oom_retries": 0, "final_batch_size": None, "final_device": ctx.device}
+    status, error = JobStatus.SUCCEEDED, {}
+    try:
+        _run_ladder(ctx, job_id, owner, pub, runs, stats, t0)
+    except JobCancelled:
+        status = JobStatus.CANCELLED
+    except LeaseLost:
+        log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
+        return "lease lost"
+    except Exception as e:  # the job fails; the worker lives on to take the next one
+        status = JobStatus.FAILED
+        error = _error_fields(e, stats)
+        log.error("job %s failed: %s: %s", job_id, type(e).__name__, e)
+    elapsed = time.perf_counter() - t0
+    all_items = store.items(job_id)
+    failed_items = sum(1 for it in all_items if it.status == ItemStatus.FAILED.value)
+    if status is JobStatus.SUCCEEDED and failed_items:
+        status = JobStatus.FAILED
+        error = {"error_class": "ItemsFailed",
+                 "error_message": f"{failed_items} of {len(all_items)} items failed: see gencli show {job_id}"}
+    made = sum(len(r.stream.ids) for r in runs) - tokens_before
+    completion = sum(it.completion_tokens or 0 for it in all_items)
+    if not store.finish(job_id, owner, status, completion_tokens=completion,
+                        tokens_per_s=made / elapsed if elapsed > 0 and made else None, **stats, **error):
+        return "lease lost"
+    pub.publish([_end(status.value, error.get("error_message"))])
+    ctx.redis.delete(cancel_key(job_id))
+    log.info("job %s %s: %d tokens in %.2f s (%.1f tokens/s) on %s", job_id, status.value, made, elapsed,
+             made / elapsed if elapsed > 0 else 0.0, stats["final_device"])
+    return status.value
+
+
+def _streamed_ids(events: list[dict]) -> dict[int, list[tuple[int | None, str | None]]]:
+    """Per item, the (token id, finish reason) pairs streamed since its last reset."""
+    out: dict[int, list[tuple[int | None, str | None]]] = {}
+    for e in events:
+        if e["t"] == "tok":
+            out.setdefault(e["i"], []).append((e["id"], e.get("finish")))
+        elif e["t"] == "reset":  # gencli retry: these items start over
+            for i in e["items"]:
+                out.pop(i, None)
+    return out
+
+
+def _error_fields(e: BaseException, stats: dict) -> dict:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else ""
+    where += f"; device {stats.get('final_device')}, batch size {stats.get('final_batch_size')}"
+    return {"error_class": type(e).__name__, "error_message": str(e)[:2000], "error_where": where}
+
+
+def _run_ladder(ctx, job_id, owner, pub, runs: list[ItemRun], stats: dict, t0: float) -> None:
+    """Micro-batches with the out-of-memory ladder: halve, down to 1, then the CPU."""
+    gen = ctx.generator
+    bs = ctx.batch_size
+    todo = list(runs)
+    while todo:
+        batch = [r for r in todo[:bs]]
+        stats["final_batch_size"] = bs
+        try:
+            _run_batch(ctx, gen, job_id, owner, pub, batch, t0)
+            todo = [r for r in todo if not r.stream.finished]
+        except torch.OutOfMemoryError:
+            stats["oom_retries"] += 1
+            _free_memory()
+            todo = [r for r in todo if not r.stream.finished]
+            if bs > 1:
+                bs = max(1, bs // 2)
+                log.warning("job %s: out of memory on %s; retrying at batch size %d", job_id, gen.loaded.device, bs)
+            elif gen.loaded.device.type != "cpu":
+                log.warning("job %s: out of memory on %s at batch size 1; going on on the CPU", job_id,
+                            gen.loaded.device)
+                gen = ctx.cpu_generator()
+                stats["final_device"] = "cpu"
+            else:
+                raise MemoryError(
+                    f"out of memory even on the CPU at batch size 1 ({stats['oom_retries']} out-of-memory retries)"
+                ) from None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_batch(ctx, gen: TextGenerator, job_id, owner, pub, batch: list[ItemRun], t0: float) -> None:
+    """Decode one micro-batch, streaming each step and saving items as they finish."""
+    by_params: dict[SamplingParams, list[ItemRun]] = {}
+    for r in batch:  # items with their own sampling overrides decode in their own group
+        by_params.setdefault(r.params, []).append(r)
+    limit = ctx.settings.soft_time_limit
+    for params, group in by_params.items():
+        tg = gen.stream([r.prompt_ids for r in group], params, seeds=[r.seed for r in group],
+                        resume=[r.stream for r in group])
+        last_check = 0.0
+        for deltas in tg:
+            events = []
+            for d in deltas:
+                r = group[d.index]
+                events.append({"t": "tok", "i": r.idx, "id": d.token, "text": d.text, "finish": d.finish_reason})
+            pub.publish(events)
+            for d in deltas:
+                if d.finish_reason:
+                    _save(ctx, job_id, owner, group[d.index])
+            now = time.monotonic()
+            if now - last_check > 0.05:
+                last_check = now
+                if owner in ctx.lease_lost:
+                    raise LeaseLost()
+                if ctx.redis.exists(cancel_key(job_id)):
+                    _stop_group(ctx, job_id, owner, pub, group, tg, "cancelled")
+                    raise JobCancelled()
+                if limit and time.perf_counter() - t0 > limit:
+                    _stop_group(ctx, job_id, owner, pub, group, tg, "cancelled")
+                    raise TimeLimitExceeded(f"soft time limit of {limit:g} s exceeded")
+
+
+def _stop_group(ctx, job_id, owner, pub, group, tg, reason) -> None:
+    events = []
+    for d in tg.cancel():
+        r = group[d.index]
+        events.append({"t": "tok", "i": r.idx, "id": None, "text": d.text, "finish": reason})
+        _save(ctx, job_id, owner, r, status=ItemStatus.CANCELLED)
+    pub.publish(events)
+
+
+def _save(ctx, job_id, owner, r: ItemRun, status: ItemStatus = ItemStatus.SUCCEEDED) -> None:
+    if not ctx.store.save_item(job_id, owner, r.idx, status=status, output=r.stream.text,
+                               finish_reason=r.stream.finish_reason, prompt_tokens=len(r.prompt_ids),
+                               completion_tokens=len(r.stream.ids)):
+        raise LeaseLost()

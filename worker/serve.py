@@ -1,0 +1,122 @@
+"""A worker process: pin a device, load the model once, warm it up, serve jobs until stopped.
+
+The Celery worker runs with the solo pool: the task runs in this process, which holds the
+model, so nothing forks after CUDA is initialised. A background thread keeps the worker's
+heartbeat in Redis (for `gencli status`), renews the lease of the job in progress, and takes
+over jobs whose worker died (their lease ran out) by putting them back on their queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+import torch
+
+from gencli.model.checkpoint import load_model
+from gencli.model.device import describe, resolve_device
+from gencli.model.engine import SamplingParams
+from gencli.storage.settings import Settings
+from gencli.storage.store import open_store
+from gencli.worker.app import GENERATE_TASK, broker_priority, check_model_name, make_app, queue_for
+from gencli.worker.client import model_info_key, worker_key
+from gencli.worker.redis_boot import resolve_redis_url
+from gencli.worker.runner import WorkerContext, run_generation_job
+
+log = logging.getLogger("gencli.worker")
+HEARTBEAT_SECONDS = 2.0
+
+
+def default_name(device: str) -> str:
+    label = device.replace("cuda:", "gpu").replace("cuda", "gpu0")
+    label = label if label[-1].isdigit() else label + "0"
+    return f"{label}@{socket.gethostname()}"
+
+
+def model_name_for(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)).removesuffix(".pt") or "model"
+
+
+def serve(
+    settings: Settings,
+    *,
+    model_path: str,
+    model_name: str | None,
+    device: str,
+    name: str | None,
+    batch_size: int,
+    tokenizer: str | None = None,
+    chat_format: str | None = None,
+    extra_queues: tuple[str, ...] = (),
+    loglevel: str = "INFO",
+) -> None:
+    logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    model_name = check_model_name(model_name or model_name_for(model_path))
+    dev = resolve_device(device)
+    name = name or default_name(str(dev))
+    t0 = time.perf_counter()
+    loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
+    log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
+             loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
+    redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
+    store = open_store(settings.db_url)
+    r = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+    ctx = WorkerContext(settings=settings, store=store, redis=r, model_name=model_name, loaded=loaded,
+                        worker_name=name, batch_size=batch_size)
+    _warm_up(ctx)
+    app = make_app(settings, redis_url)
+
+    @app.task(name=GENERATE_TASK)
+    def generate(job_id: str) -> str:  # thin: the runner does the work
+        return run_generation_job(ctx, job_id)
+
+    queues = (queue_for(model_name), *extra_queues)
+    info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
+            "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
+    beat = threading.Thread(target=_heartbeat, args=(ctx, app, queues, info), daemon=True, name="gencli-heartbeat")
+    beat.start()
+    app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
+                     f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+def _warm_up(ctx: WorkerContext) -> None:
+    t0 = time.perf_counter()
+    gen = ctx.generator
+    try:
+        gen.generate([gen.tokenizer.encode("Hello")], SamplingParams(max_tokens=2, temperature=0))
+    except torch.OutOfMemoryError as e:
+        log.warning("warm-up ran out of memory (%s); jobs will go down the out-of-memory ladder", e)
+        return
+    log.info("warmed up in %.2f s", time.perf_counter() - t0)
+
+
+def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict) -> None:
+    """Every couple of seconds: heartbeat, lease renewal, and taking over dead workers' jobs."""
+    s = ctx.settings
+    last_reap = 0.0
+    while True:
+        try:
+            ctx.redis.set(model_info_key(ctx.model_name), json.dumps(info))
+            cur = ctx.current
+            ctx.redis.set(worker_key(ctx.worker_name), json.dumps({
+                "name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
+                "pid": os.getpid(), "host": socket.gethostname(), "job": cur["job"] if cur else None,
+            }), ex=int(HEARTBEAT_SECONDS * 5))
+            if cur:
+                ours, _ = ctx.store.renew(cur["job"], cur["owner"], s.lease_seconds)
+                if not ours:
+                    ctx.lease_lost.add(cur["owner"])
+            if time.monotonic() - last_reap > max(1.0, s.lease_seconds / 3):
+                last_reap = time.monotonic()
+                for job in ctx.store.take_expired():
+                    log.warning("job %s: its worker %s stopped renewing its lease; requeued", job.id, job.worker)
+                    app.send_task(GENERATE_TASK, args=[job.id], queue=queue_for(job.model),
+                                  priority=broker_priority(job.priority))
+        except Exception as e:  # Redis or the store away for a moment: keep beating
+            log.warning("heartbeat: %s: %s", type(e).__name__, e)
+        time.sleep(HEARTBEAT_SECONDS)
