@@ -13,17 +13,16 @@ from pathlib import Path
 
 import click
 import torch
-
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter
-from gencli.worker.prompts import PromptItem, read_prompt_file
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
+from gencli.worker.prompts import PromptItem, read_prompt_file
 
 EXIT_INTERRUPTED = 130
 

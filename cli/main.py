@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import click
-
 from gencli import __version__
 from gencli.cli.generate import generate
-from gencli.cli.queue import cancel, list_jobs, results, retry, show, status, submit, tail
+from gencli.cli.queue import (
+    cancel,
+    list_jobs,
+    results,
+    retry,
+    show,
+    status,
+    submit,
+    tail,
+)
 from gencli.cli.workers import worker, workers
 from gencli.model.errors import GencliError
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
-
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
 from gencli.storage.db import JobStatus
+from gencli.worker.app import model_name_for
 from gencli.worker.client import Client, worker_key
 from gencli.worker.prompts import PromptItem, read_prompt_file
 
@@ -22,7 +23,7 @@ def _label(item) -> str:
 
 @click.command()
 @click.option("--model", "model", envvar="GENCLI_MODEL_NAME", required=True,
-              help="The served model's name (a worker's --model-name, by default its model dir's name).")
+              help="The served model's name (a worker's --model-name; by default its checkpoint's dir name), or that path.")
 @sampling_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
 @click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
@@ -47,6 +48,8 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
             if not p.strip():
                 raise GencliError("empty --prompt: give some text")
         items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+    if os.sep in model and os.path.exists(model):  # a checkpoint path: the name workers serve it under
+        model = model_name_for(model)
     client = Client()
     job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,

@@ -9,7 +9,6 @@ import sys
 import time
 
 import click
-
 from gencli.model.device import inventory
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
-
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 from gencli.model.gpt import GPT
+from torch.nn import functional as F
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
 # over N or more rows raise torch.OutOfMemoryError, as a GPU short of memory would.

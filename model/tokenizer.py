@@ -16,9 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
-
 from gencli.model.errors import TokenizerError
+from tiktoken.load import load_tiktoken_bpe
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-
 from gencli.storage.db import utcnow
+from sqlalchemy.engine import Connection, Engine
 
 
 def _0001_jobs_and_items(conn: Connection) -> None:

@@ -11,11 +11,18 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gencli.storage.db import (
+    Item,
+    ItemStatus,
+    Job,
+    JobStatus,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from gencli.storage.migrations import migrate
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-
-from gencli.storage.db import Item, ItemStatus, Job, JobStatus, make_engine, make_sessionmaker, utcnow
-from gencli.storage.migrations import migrate
 
 _stores: dict[str, Store] = {}
 

@@ -7,12 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gencli.model.chat import ChatFormat
-from gencli.model.checkpoint import LoadedModel, load_model, save_model, vocab_for
+from gencli.model.checkpoint import (
+    LoadedModel,
+    create_model,
+    load_model,
+    save_model,
+    vocab_for,
+)
 from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.tokenizer import Tokenizer, load_encoding
-
+from gencli.storage.settings import get_settings
+from gencli.worker.client import Client
+from services import RedisServer, start_worker
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
 # waiting makes them several times slower.
@@ -119,3 +126,52 @@ def byte_ranks_file(tmp_path) -> Path:
     """A ranks file of the 256 single bytes plus a few merges: its <|endoftext|> gets id 260."""
     tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
     return write_ranks(tmp_path / "bytes260.tiktoken", tokens)
+
+
+# --- the queue: a Redis database of the tests' own, a store, worker processes -------------------
+# A test module that uses these shares one store, one Redis database and its workers.
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """GENCLI_* settings for this module: its own store, a Redis database of its own, short leases."""
+    tmp = tmp_path_factory.mktemp("queue")
+    server = RedisServer(tmp)
+    server.flush()
+    values = {
+        "GENCLI_HOME": str(tmp / "home"),
+        "GENCLI_REDIS_URL": server.url,
+        "GENCLI_DB_URL": f"sqlite:///{tmp / 'store.db'}",
+        "GENCLI_LEASE_SECONDS": "3",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        mp.delenv("GENCLI_INJECT_OOM", raising=False)
+        yield {"vars": values, "tmp": tmp, "redis": server}
+    server.flush()
+    server.stop()
+
+
+@pytest.fixture
+def queue_env(env, monkeypatch):
+    """Use with pytestmark = pytest.mark.usefixtures("queue_env"): every test sees the module's settings."""
+    for k, v in env["vars"].items():  # the per-test GENCLI_HOME above must not split the module
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+    return str(create_model(env["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base", chat_format="chatml", seed=3))
+
+
+@pytest.fixture(scope="module")
+def worker(env, tiny):
+    w = start_worker(env, tiny, "w1@test")
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def client(env):
+    return Client(get_settings())

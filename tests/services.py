@@ -106,3 +106,10 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill(signal.SIGKILL)
                 self.proc.wait(10)
+
+
+def start_worker(env: dict, model: str, name: str, *args: str, extra_env: dict | None = None) -> Worker:
+    """A worker on the test module's Redis and store (env: the conftest `env` fixture), ready."""
+    w = Worker(model, dict(os.environ, **env["vars"]), name=name, log=env["tmp"] / f"{name}.log", args=args,
+               extra_env=extra_env)
+    return w.wait_ready(env["redis"].client())

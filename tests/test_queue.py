@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 from click.testing import CliRunner
-from services import RedisServer, Worker
-
 from gencli.cli.main import main
-from gencli.model.checkpoint import create_model, load_model
+from gencli.model.checkpoint import load_model
 from gencli.model.engine import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
-from gencli.storage.settings import get_settings
-from gencli.worker.client import Client
+from services import start_worker
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """GENCLI_* settings for this module: its own store, a Redis database of its own, short leases."""
-    tmp = tmp_path_factory.mktemp("queue")
-    server = RedisServer(tmp)
-    server.flush()
-    values = {
-        "GENCLI_HOME": str(tmp / "home"),
-        "GENCLI_REDIS_URL": server.url,
-        "GENCLI_DB_URL": f"sqlite:///{tmp / 'store.db'}",
-        "GENCLI_LEASE_SECONDS": "3",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        mp.delenv("GENCLI_INJECT_OOM", raising=False)
-        yield {"vars": values, "tmp": tmp, "redis": server}
-    server.flush()
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _module_env(env, monkeypatch):
-    for k, v in env["vars"].items():  # conftest's per-test GENCLI_HOME must not split the module
-        monkeypatch.setenv(k, v)
-
-
-@pytest.fixture(scope="module")
-def tiny(env):
-    return str(create_model(env["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base", chat_format="chatml", seed=3))
-
-
-def start_worker(env, model, name, *args, extra_env=None) -> Worker:
-    w = Worker(model, dict(os.environ, **env["vars"]), name=name, log=env["tmp"] / f"{name}.log", args=args,
-               extra_env=extra_env)
-    return w.wait_ready(env["redis"].client())
-
-
-@pytest.fixture(scope="module")
-def worker(env, tiny):
-    w = start_worker(env, tiny, "w1@test")
-    yield w
-    w.stop()
-
-
-@pytest.fixture
-def client(env):
-    return Client(get_settings())
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
 
 def alone(model_dir, prompts, max_tokens):

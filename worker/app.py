@@ -6,10 +6,10 @@ the broker; there is no result backend (the SQL store is the record).
 
 from __future__ import annotations
 
+import os
 import re
 
 from celery import Celery
-
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 
@@ -24,6 +24,11 @@ def check_model_name(name: str) -> str:
             f"bad model name {name!r}: use letters, digits, '.', '_' and '-' (at most 100 characters)"
         )
     return name
+
+
+def model_name_for(path: str) -> str:
+    """The name a checkpoint is served under by default: its file or directory name."""
+    return os.path.basename(os.path.normpath(path)).removesuffix(".pt") or "model"
 
 
 def queue_for(model: str) -> str:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
-
 from gencli.model.chat import ChatFormat, render
 from gencli.model.engine import SamplingParams, fit_prompt
 from gencli.model.errors import GencliError
@@ -27,7 +26,13 @@ from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
-from gencli.worker.app import GENERATE_TASK, broker_priority, check_model_name, make_app, queue_for
+from gencli.worker.app import (
+    GENERATE_TASK,
+    broker_priority,
+    check_model_name,
+    make_app,
+    queue_for,
+)
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url
 from gencli.worker.stream import Publisher, cancel_key, follow, last_seq

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import redis
 import torch
-
 from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError

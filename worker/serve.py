@@ -17,13 +17,19 @@ import time
 
 import redis
 import torch
-
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
-from gencli.worker.app import GENERATE_TASK, broker_priority, check_model_name, make_app, queue_for
+from gencli.worker.app import (
+    GENERATE_TASK,
+    broker_priority,
+    check_model_name,
+    make_app,
+    model_name_for,
+    queue_for,
+)
 from gencli.worker.client import model_info_key, worker_key
 from gencli.worker.redis_boot import resolve_redis_url
 from gencli.worker.runner import WorkerContext, run_generation_job
@@ -36,10 +42,6 @@ def default_name(device: str) -> str:
     label = device.replace("cuda:", "gpu").replace("cuda", "gpu0")
     label = label if label[-1].isdigit() else label + "0"
     return f"{label}@{socket.gethostname()}"
-
-
-def model_name_for(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)).removesuffix(".pt") or "model"
 
 
 def serve(

@@ -1,0 +1,475 @@
+"""The SQL store against a real SQLite file and a real PostgreSQL: migrations, the job and item
+operations, leases, several writer processes at once, and a writer killed in the middle of a write.
+
+PostgreSQL comes from GENCLI_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/test); each
+test gets a schema of its own there, dropped afterwards. Without one that answers, those cases skip.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
+from gencli.storage.migrations import MIGRATIONS, migrate
+from gencli.storage.store import Store, StoreError
+
+PG_URL = os.environ.get("GENCLI_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(autouse=True)
+def _module_env():
+    """These tests need no Redis: keep conftest's module-wide queue environment (which flushes the
+    shared test database of Redis) out of them."""
+
+
+def _pg_connect(url: str):
+    import psycopg
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(dsn, connect_timeout=3, autocommit=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A URL to an empty store: a SQLite file in tmp_path, or a fresh schema on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    try:
+        conn = _pg_connect(PG_URL)
+    except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
+        pytest.skip(f"no PostgreSQL answers at {PG_URL} (set GENCLI_TEST_PG_URL): {type(e).__name__}: {e}")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_connect(PG_URL) as conn:
+            conn.execute("SET lock_timeout = '20s'")
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def open_stores():
+    """Store(url) that is disposed of after the test (each holds a connection pool)."""
+    made: list[Store] = []
+
+    def open_(url: str) -> Store:
+        made.append(Store(url))
+        return made[-1]
+
+    yield open_
+    for s in made:
+        s.engine.dispose()
+
+
+@pytest.fixture
+def store(store_url, open_stores) -> Store:
+    return open_stores(store_url)
+
+
+def new_job(store: Store, n: int = 2, **kw):
+    items = [{"prompt": f"prompt {i}", "line": i + 1} for i in range(n)]
+    job, created = store.create_job(model="tiny", params={"max_tokens": 5}, items=items, **kw)
+    assert created
+    return job
+
+
+def claim(store: Store, job_id: str, owner: str, *, lease: float = 30.0, max_deliveries: int = 3):
+    return store.claim(job_id, owner=owner, worker=f"w-{owner}", device="cpu", lease_seconds=lease,
+                       max_deliveries=max_deliveries)
+
+
+def save(store: Store, job_id: str, owner: str, idx: int, text: str, status=ItemStatus.SUCCEEDED) -> bool:
+    return store.save_item(job_id, owner, idx, status=status, output=text, finish_reason="length",
+                           prompt_tokens=2, completion_tokens=3)
+
+
+def count(store: Store, table) -> int:
+    with store.engine.connect() as c:
+        return c.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+# --- migrations -----------------------------------------------------------------------------------
+
+
+def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_stores):
+    engine = open_stores(store_url).engine  # Store() migrates on open: start again from nothing
+    with engine.begin() as c:
+        for t in ("items", "jobs", "gencli_migrations"):
+            c.execute(sa.text(f"DROP TABLE {t}"))
+    assert sa.inspect(engine).get_table_names() == []
+
+    assert migrate(engine) == ["0001_jobs_and_items"] == [name for name, _ in MIGRATIONS]
+    with engine.connect() as c:
+        assert list(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == ["0001_jobs_and_items"]
+    assert migrate(engine) == []
+
+    insp = sa.inspect(engine)
+    assert set(insp.get_table_names()) == set(Base.metadata.tables) | {"gencli_migrations"}
+    for name, table in Base.metadata.tables.items():
+        got = {c["name"]: c for c in insp.get_columns(name)}
+        assert set(got) == {c.name for c in table.columns}, name
+        for col in table.columns:
+            assert got[col.name]["nullable"] == col.nullable, f"{name}.{col.name} nullable"
+            assert got[col.name]["type"]._type_affinity is col.type._type_affinity, f"{name}.{col.name} type"
+            length = getattr(col.type, "length", None)
+            if length:
+                assert got[col.name]["type"].length == length, f"{name}.{col.name} length"
+        assert insp.get_pk_constraint(name)["constrained_columns"] == [c.name for c in table.primary_key]
+        indexed = {tuple(ix["column_names"]) for ix in insp.get_indexes(name)}
+        assert {tuple(c.name for c in ix.columns) for ix in table.indexes} <= indexed, name
+
+    uniques = {t: {tuple(u["column_names"]) for u in insp.get_unique_constraints(t)} for t in ("jobs", "items")}
+    assert uniques == {"jobs": {("idempotency_key",)}, "items": {("job_id", "idx")}}
+    (fk,) = insp.get_foreign_keys("items")
+    assert (fk["constrained_columns"], fk["referred_table"], fk["referred_columns"]) == (["job_id"], "jobs", ["id"])
+    assert fk["options"].get("ondelete", "").upper() == "CASCADE"
+    for key in ("id", "model", "status", "params", "created_at", "attempts", "cancel_requested", "n_items"):
+        assert not Job.__table__.c[key].nullable
+    for key in ("job_id", "idx", "line", "prompt", "status"):
+        assert not Item.__table__.c[key].nullable
+
+
+def test_a_second_store_on_a_migrated_database_applies_nothing(store_url, open_stores):
+    first = open_stores(store_url)
+    job = new_job(first)
+    second = open_stores(store_url)
+    assert migrate(second.engine) == []
+    assert second.get_job(job.id).id == job.id
+
+
+# --- submit side ----------------------------------------------------------------------------------
+
+
+def test_create_job_records_the_job_and_its_items_in_order(store):
+    chat = [{"role": "user", "content": "hi <|im_end|> there"}]
+    job, created = store.create_job(
+        model="tiny", params={"max_tokens": 5, "temperature": 0.0}, priority=3,
+        items=[
+            {"prompt": "first", "line": 2, "custom_id": "a", "params": {"max_tokens": 9}},
+            {"prompt": chat, "line": 5},
+            {"prompt": "日本語 🌍", "line": 7, "custom_id": "c"},
+        ],
+    )
+    assert created and len(job.id) == 32
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.model, rec.kind, rec.priority, rec.n_items, rec.attempts) == ("queued", "tiny", "generate", 3, 3, 0)
+    assert rec.params == {"max_tokens": 5, "temperature": 0.0} and rec.cancel_requested is False
+    assert store.get_job(job.id[:8]).id == job.id  # a unique prefix finds it
+    items = store.items(job.id)
+    assert [(it.idx, it.line, it.custom_id) for it in items] == [(0, 2, "a"), (1, 5, None), (2, 7, "c")]
+    assert [it.prompt for it in items] == ["first", chat, "日本語 🌍"]
+    assert [it.params for it in items] == [{"max_tokens": 9}, None, None]
+    assert {it.status for it in items} == {"pending"} and {it.output for it in items} == {None}
+
+
+def test_idempotency_key_returns_the_same_job(store):
+    a = new_job(store, idempotency_key="key-1")
+    b, created = store.create_job(model="tiny", params={}, items=[{"prompt": "other"}], idempotency_key="key-1")
+    assert not created and b.id == a.id
+    assert [j.id for j in store.list_jobs()] == [a.id]
+    assert count(store, Item.__table__) == 2
+
+
+def test_delete_job_removes_the_job_and_its_items(store):
+    keep, gone = new_job(store), new_job(store, n=3)
+    store.delete_job(gone.id)
+    assert store.get_job(gone.id) is None and store.items(gone.id) == []
+    assert [j.id for j in store.list_jobs()] == [keep.id]
+    assert count(store, Item.__table__) == 2
+
+
+# --- leases ---------------------------------------------------------------------------------------
+
+
+def test_claim_lease_save_and_finish(store):
+    job = new_job(store)
+    c = claim(store, job.id, "o1")
+    assert c.ok and c.attempt == 1
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.lease_owner, rec.worker, rec.device) == ("running", "o1", "w-o1", "cpu")
+    assert rec.started_at is not None and rec.lease_expires > rec.started_at
+
+    other = claim(store, job.id, "o2")  # a redelivered copy while the lease is live
+    assert not other.ok and other.reason == "leased"
+    assert store.renew(job.id, "o2", 30) == (False, False)
+    assert store.renew(job.id, "o1", 30) == (True, False)
+
+    assert not save(store, job.id, "o2", 0, "intruder")
+    assert not store.finish(job.id, "o2", JobStatus.SUCCEEDED, completion_tokens=99)
+    rec = store.get_job(job.id)
+    assert rec.status == "running" and rec.completion_tokens == 0
+    assert [it.output for it in store.items(job.id)] == [None, None]
+
+    assert save(store, job.id, "o1", 0, "zero") and save(store, job.id, "o1", 1, "one")
+    assert store.finish(job.id, "o1", JobStatus.SUCCEEDED, completion_tokens=6, tokens_per_s=12.5)
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.completion_tokens, rec.tokens_per_s) == ("succeeded", 6, 12.5)
+    assert rec.lease_owner is None and rec.lease_expires is None and rec.finished_at is not None
+    items = store.items(job.id)
+    assert [(it.status, it.output, it.completion_tokens) for it in items] == [("succeeded", "zero", 3), ("succeeded", "one", 3)]
+
+    after = claim(store, job.id, "o3")
+    assert not after.ok and after.reason == "done"
+    assert not save(store, job.id, "o1", 0, "late")  # the lease ended with the job
+    assert store.items(job.id)[0].output == "zero"
+    assert claim(store, "0" * 32, "o1").reason == "missing"
+
+
+def test_too_many_deliveries_fail_the_job(store):
+    job = new_job(store)
+    for n in (1, 2):  # each worker dies holding the job: the lease runs out
+        c = claim(store, job.id, f"o{n}", lease=0.01, max_deliveries=2)
+        assert c.ok and c.attempt == n
+        time.sleep(0.05)
+    c = claim(store, job.id, "o3", max_deliveries=2)
+    assert not c.ok and c.reason == "too many deliveries"
+    rec = store.get_job(job.id)
+    assert rec.status == "failed" and rec.error_class == "DeliveryLimit"
+    assert "delivered 2 times" in rec.error_message
+    assert rec.lease_owner is None and rec.finished_at is not None
+    assert claim(store, job.id, "o4").reason == "done"
+
+
+def test_take_expired_puts_a_dead_workers_job_back(store):
+    dead, alive = new_job(store), new_job(store)
+    assert claim(store, dead.id, "o1", lease=0.01).ok
+    assert claim(store, alive.id, "o2", lease=30).ok
+    time.sleep(0.05)
+    taken = store.take_expired()
+    assert [j.id for j in taken] == [dead.id]
+    rec = store.get_job(dead.id)
+    assert (rec.status, rec.lease_owner, rec.lease_expires) == ("queued", None, None)
+    assert store.get_job(alive.id).status == "running"
+    assert store.take_expired() == []
+    assert not save(store, dead.id, "o1", 0, "stale")  # the stalled worker lost its right to write
+    assert store.renew(dead.id, "o1", 30) == (False, False)
+    again = claim(store, dead.id, "o3")
+    assert again.ok and again.attempt == 2
+
+
+def test_release_gives_the_job_back(store):
+    job = new_job(store)
+    assert claim(store, job.id, "o1").ok
+    assert not store.release(job.id, "o2")
+    assert store.release(job.id, "o1")
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.lease_owner, rec.attempts) == ("queued", None, 0)
+    assert not store.release(job.id, "o1")
+    c = claim(store, job.id, "o2")
+    assert c.ok and c.attempt == 1
+
+
+# --- cancel and retry -----------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_at_once(store):
+    job = new_job(store, n=3)
+    assert store.request_cancel(job.id) == "cancelled"
+    rec = store.get_job(job.id)
+    assert rec.status == "cancelled" and rec.cancel_requested and rec.finished_at is not None
+    assert {it.status for it in store.items(job.id)} == {"cancelled"}
+    assert claim(store, job.id, "o1").reason == "done"  # it never runs
+    assert store.request_cancel(job.id) == "cancelled"
+    with pytest.raises(StoreError):
+        store.request_cancel("f" * 32)
+
+
+def test_cancel_a_running_job_asks_its_worker(store):
+    job = new_job(store, n=3)
+    assert claim(store, job.id, "o1").ok
+    assert save(store, job.id, "o1", 0, "done before the cancel")
+    assert store.request_cancel(job.id) == "running"
+    rec = store.get_job(job.id)
+    assert rec.status == "running" and rec.cancel_requested
+    assert store.renew(job.id, "o1", 30) == (True, True)
+    assert save(store, job.id, "o1", 1, "partial", status=ItemStatus.CANCELLED)
+    assert store.finish(job.id, "o1", JobStatus.CANCELLED)
+    assert [(it.status, it.output) for it in store.items(job.id)] == [
+        ("succeeded", "done before the cancel"), ("cancelled", "partial"), ("cancelled", None)]
+
+
+def test_a_cancel_requested_job_is_not_claimed_again(store):
+    job = new_job(store)
+    assert claim(store, job.id, "o1", lease=0.01).ok
+    store.request_cancel(job.id)
+    time.sleep(0.05)  # its worker died before it saw the cancel
+    c = claim(store, job.id, "o2")
+    assert not c.ok and c.reason == "cancelled"
+    assert store.get_job(job.id).status == "cancelled"
+
+
+def test_reset_for_retry_puts_back_only_failed_and_cancelled_items(store):
+    job = new_job(store, n=4)
+    assert claim(store, job.id, "o1").ok
+    with pytest.raises(StoreError, match="only a finished job can be retried"):
+        store.reset_for_retry(job.id)
+    assert save(store, job.id, "o1", 0, "kept")
+    assert store.save_item(job.id, "o1", 1, status=ItemStatus.FAILED, output=None, finish_reason=None,
+                           prompt_tokens=2, completion_tokens=None, error="boom")
+    assert save(store, job.id, "o1", 2, "cut short", status=ItemStatus.CANCELLED)
+    assert store.finish(job.id, "o1", JobStatus.CANCELLED, error_class="X", error_message="stopped")
+
+    assert store.reset_for_retry(job.id) == 3
+    items = store.items(job.id)
+    assert [(it.status, it.output, it.error) for it in items] == [
+        ("succeeded", "kept", None), ("pending", None, None), ("pending", None, None), ("pending", None, None)]
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.attempts, rec.cancel_requested, rec.finished_at, rec.error_class) == (
+        "queued", 0, False, None, None)
+    assert claim(store, job.id, "o2").ok
+
+    with pytest.raises(StoreError):
+        store.reset_for_retry("e" * 32)
+
+
+def test_reset_for_retry_of_a_fully_succeeded_job_changes_nothing(store):
+    job = new_job(store, n=1)
+    assert claim(store, job.id, "o1").ok and save(store, job.id, "o1", 0, "fine")
+    assert store.finish(job.id, "o1", JobStatus.SUCCEEDED)
+    assert store.reset_for_retry(job.id) == 0
+    assert store.get_job(job.id).status == "succeeded"
+
+
+# --- several writer processes at once (FAULTS.md: Store) ------------------------------------------
+
+N_PROCS, N_JOBS, N_ITEMS = 4, 30, 5
+
+
+def _writer(url: str, n: int, barrier, err_dir: str) -> None:
+    """One worker process: open the store, then create, claim, fill and finish its jobs."""
+    try:
+        barrier.wait(60)  # every process opens (and migrates) the store at the same moment
+        store = Store(url)
+        ids = []
+        for j in range(N_JOBS):
+            job, _ = store.create_job(model=f"m{n}", params={"n": n},
+                                      items=[{"prompt": f"p{n}.{j}.{i}"} for i in range(N_ITEMS)])
+            ids.append(job.id)
+        owner = f"proc{n}"
+        for job_id in ids:
+            c = store.claim(job_id, owner=owner, worker=owner, device="cpu", lease_seconds=60, max_deliveries=3)
+            assert c.ok, c
+            for i in range(N_ITEMS):
+                assert store.save_item(job_id, owner, i, status=ItemStatus.SUCCEEDED, output=f"out {job_id} {i}",
+                                       finish_reason="length", prompt_tokens=1, completion_tokens=2)
+            assert store.finish(job_id, owner, JobStatus.SUCCEEDED, completion_tokens=2 * N_ITEMS)
+        store.engine.dispose()
+    except BaseException:
+        Path(err_dir, f"proc{n}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_several_writer_processes_lose_nothing(store_url, open_stores, tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(N_PROCS)
+    err_dir = tmp_path / "errors"
+    err_dir.mkdir()
+    procs = [ctx.Process(target=_writer, args=(store_url, n, barrier, str(err_dir))) for n in range(N_PROCS)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(180)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    errors = {f.name: f.read_text() for f in sorted(err_dir.iterdir())}
+    assert not errors, "\n".join(f"--- {k}\n{v}" for k, v in errors.items())  # "database is locked" lands here
+    assert [p.exitcode for p in procs] == [0] * N_PROCS
+
+    store = open_stores(store_url)
+    jobs = store.list_jobs(limit=10_000)
+    assert len(jobs) == N_PROCS * N_JOBS
+    assert {j.status for j in jobs} == {"succeeded"}
+    assert {(j.model, j.attempts, j.completion_tokens) for j in jobs} == {
+        (f"m{n}", 1, 2 * N_ITEMS) for n in range(N_PROCS)}
+    with store.Session() as s:
+        items = s.execute(sa.select(Item.job_id, Item.idx, Item.status, Item.output)).all()
+    assert len(items) == N_PROCS * N_JOBS * N_ITEMS
+    assert {it.status for it in items} == {"succeeded"}
+    assert all(it.output == f"out {it.job_id} {it.idx}" for it in items)
+    if store_url.startswith("sqlite"):
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+# --- a writer killed in the middle of a write (FAULTS.md: Store) ----------------------------------
+
+
+def _killed_writer(url: str, job_id: str, stray_id: str) -> None:
+    """Claim the job, commit item 0, then die with item 1 and a new job written but not committed."""
+    store = Store(url)
+    c = store.claim(job_id, owner="doomed", worker="doomed", device="cpu", lease_seconds=0.01, max_deliveries=3)
+    assert c.ok
+    assert store.save_item(job_id, "doomed", 0, status=ItemStatus.SUCCEEDED, output="committed",
+                           finish_reason="length", prompt_tokens=1, completion_tokens=1)
+    with store.Session.begin() as s:
+        s.execute(sa.update(Item).where(Item.job_id == job_id, Item.idx == 1)
+                  .values(status=ItemStatus.SUCCEEDED.value, output="never committed"))
+        s.add(Job(id=stray_id, kind="generate", model="stray", status="queued", params={}, priority=0,
+                  created_at=utcnow(), attempts=0, cancel_requested=False,
+                  oom_retries=0, n_items=0, completion_tokens=0))
+        s.flush()  # both statements are on the database, inside the open transaction
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_transaction_leaves_committed_rows_only(store_url, open_stores):
+    store = open_stores(store_url)
+    job = new_job(store, n=3)
+    stray_id = uuid.uuid4().hex
+    p = mp.get_context("spawn").Process(target=_killed_writer, args=(store_url, job.id, stray_id))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        p.join(10)
+    assert p.exitcode == -signal.SIGKILL
+
+    deadline = time.monotonic() + 30  # PostgreSQL ends the dead client's session on its own
+    while True:
+        try:
+            items = store.items(job.id)
+            break
+        except sa.exc.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert [(it.status, it.output) for it in items] == [("succeeded", "committed"), ("pending", None), ("pending", None)]
+    assert store.get_job(stray_id) is None
+    assert count(store, Job.__table__) == 1
+
+    # the job is redone: its lease runs out, it goes back to the queue, another worker finishes it
+    time.sleep(0.05)
+    assert [j.id for j in store.take_expired()] == [job.id]
+    c = claim(store, job.id, "rescuer")
+    assert c.ok and c.attempt == 2
+    for i in (1, 2):
+        assert save(store, job.id, "rescuer", i, f"redone {i}")
+    assert store.finish(job.id, "rescuer", JobStatus.SUCCEEDED)
+    assert [it.output for it in store.items(job.id)] == ["committed", "redone 1", "redone 2"]
+    new_job(store)  # still writable
+
+    fresh = open_stores(store_url)  # and a new process-like opener sees the same
+    assert fresh.get_job(job.id).status == "succeeded"
+    if store_url.startswith("sqlite"):
+        with fresh.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"

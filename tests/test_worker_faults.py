@@ -1,0 +1,137 @@
+"""Workers that die, stop or overrun: the job still ends once, and the stream stays whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from services import start_worker
+
+from gencli.model.checkpoint import load_model
+from gencli.model.engine import SamplingParams
+from gencli.model.textgen import TextGenerator
+from gencli.storage.db import JobStatus
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+
+PROMPTS = [f"story number {n}:" for n in range(6)]
+
+
+def greedy_alone(model_dir, prompts, n):
+    tg = TextGenerator(load_model(model_dir))
+    return [tg.generate([tg.encode(p, chat=False)], SamplingParams(max_tokens=n, temperature=0))[0].text
+            for p in prompts]
+
+
+class Tailer(threading.Thread):
+    """Follows a job's stream in the background, as `gencli tail` would."""
+
+    def __init__(self, job):
+        super().__init__(daemon=True)
+        self.job = job
+        self.deltas = []
+
+    def run(self):
+        for d in self.job.stream():
+            self.deltas.append(d)
+
+    def texts(self, n):
+        out = [""] * n
+        for d in self.deltas:
+            out[d.item] += d.text
+        return out
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_job_another_worker_finishes_it_once_with_a_whole_stream(env, tiny, client):
+    r = env["redis"].client()
+    a = start_worker(env, tiny, "doomed@test", "--model-name", "tiny-kill", "--batch_size", "2")
+    b = None
+    try:
+        job = client.submit(PROMPTS, model="tiny-kill", max_tokens=200, temperature=0)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: len(tailer.deltas) > 150, 60, "tokens from the first worker")
+        a.kill(signal.SIGKILL)
+        killed_at = time.time()
+        b = start_worker(env, tiny, "rescuer@test", "--model-name", "tiny-kill", "--batch_size", "2")
+        assert job.wait(60) is JobStatus.SUCCEEDED
+        assert time.time() - killed_at < 60
+        tailer.join(30)
+        rec = job.record()
+        assert rec.attempts == 2 and rec.worker == "rescuer@test"
+        seqs = [d.seq for d in tailer.deltas]
+        assert seqs == sorted(set(seqs))  # nothing twice
+        stored = [x["output"] for x in job.result()]
+        assert tailer.texts(len(PROMPTS)) == stored  # nothing missing
+        assert stored == greedy_alone(tiny, PROMPTS, 200)  # the resumed run made what one run makes
+        assert len(client.store.items(job.id)) == len(PROMPTS)
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+
+
+def test_sigterm_mid_job_finishes_the_job_before_exiting(env, tiny, client):
+    w = start_worker(env, tiny, "term@test", "--model-name", "tiny-term", "--batch_size", "2")
+    try:
+        job = client.submit(PROMPTS[:4], model="tiny-term", max_tokens=150, temperature=0)
+        wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        w.kill(signal.SIGTERM)
+        w.proc.wait(60)
+        assert job.status is JobStatus.SUCCEEDED  # finished, never left running
+        assert [x["output"] for x in job.result()] == greedy_alone(tiny, PROMPTS[:4], 150)
+    finally:
+        w.stop()
+
+
+def test_soft_time_limit_fails_the_job_and_keeps_partial_output(env, tiny, client):
+    w = start_worker(env, tiny, "slow@test", "--model-name", "tiny-limit", "--batch_size", "1",
+                     extra_env={"GENCLI_SOFT_TIME_LIMIT": "0.3"})
+    try:
+        job = client.submit(PROMPTS, model="tiny-limit", max_tokens=240, temperature=0)
+        assert job.wait(60) is JobStatus.FAILED
+        rec = job.record()
+        assert rec.error_class == "TimeLimitExceeded" and "0.3" in rec.error_message
+        results = job.result()
+        assert results[0]["finish_reason"] in ("length", "cancelled")
+        assert any(x["status"] == "cancelled" for x in results)
+    finally:
+        w.stop()
+
+
+def test_workers_supervisor_starts_named_cpu_workers_and_stops_them(env, tiny):
+    r = env["redis"].client()
+    host = os.uname().nodename
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gencli.cli", "workers", "--model", tiny, "--model-name", "tiny-pool", "--cpus", "2"],
+        env=dict(os.environ, **env["vars"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        names = {f"cpu0@{host}", f"cpu1@{host}"}
+        wait_for(lambda: all(r.get(f"gencli:worker:{n}") for n in names), 90, "both workers' heartbeats")
+        infos = [json.loads(r.get(f"gencli:worker:{n}")) for n in names]
+        assert {i["model"] for i in infos} == {"tiny-pool"} and {i["device"] for i in infos} == {"cpu"}
+        pids = {i["pid"] for i in infos}
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
