@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-
 from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
 from gencli.storage.migrations import MIGRATIONS, migrate
 from gencli.storage.store import Store, StoreError
+from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("GENCLI_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(autouse=True)
-def _module_env():
-    """These tests need no Redis: keep conftest's module-wide queue environment (which flushes the
-    shared test database of Redis) out of them."""
 
 
 def _pg_connect(url: str):
@@ -39,16 +32,27 @@ def _pg_connect(url: str):
     return psycopg.connect(dsn, connect_timeout=3, autocommit=True)
 
 
+@pytest.fixture(scope="session")
+def pg_missing() -> str | None:
+    """Why there is no PostgreSQL to test against, or None; asked once per session."""
+    try:
+        _pg_connect(PG_URL).close()
+    except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return f"no PostgreSQL answers at {PG_URL} (set GENCLI_TEST_PG_URL): {type(e).__name__}: {first_line}"
+    return None
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     """A URL to an empty store: a SQLite file in tmp_path, or a fresh schema on PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    try:
-        conn = _pg_connect(PG_URL)
-    except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
-        pytest.skip(f"no PostgreSQL answers at {PG_URL} (set GENCLI_TEST_PG_URL): {type(e).__name__}: {e}")
+    missing = request.getfixturevalue("pg_missing")
+    if missing:
+        pytest.skip(missing)
+    conn = _pg_connect(PG_URL)
     schema = f"t_{uuid.uuid4().hex[:16]}"
     with conn:
         conn.execute(f"CREATE SCHEMA {schema}")
@@ -166,7 +170,8 @@ def test_create_job_records_the_job_and_its_items_in_order(store):
     )
     assert created and len(job.id) == 32
     rec = store.get_job(job.id)
-    assert (rec.status, rec.model, rec.kind, rec.priority, rec.n_items, rec.attempts) == ("queued", "tiny", "generate", 3, 3, 0)
+    assert (rec.status, rec.model, rec.kind, rec.priority, rec.n_items, rec.attempts) == (
+        "queued", "tiny", "generate", 3, 3, 0)
     assert rec.params == {"max_tokens": 5, "temperature": 0.0} and rec.cancel_requested is False
     assert store.get_job(job.id[:8]).id == job.id  # a unique prefix finds it
     items = store.items(job.id)
@@ -220,7 +225,8 @@ def test_claim_lease_save_and_finish(store):
     assert (rec.status, rec.completion_tokens, rec.tokens_per_s) == ("succeeded", 6, 12.5)
     assert rec.lease_owner is None and rec.lease_expires is None and rec.finished_at is not None
     items = store.items(job.id)
-    assert [(it.status, it.output, it.completion_tokens) for it in items] == [("succeeded", "zero", 3), ("succeeded", "one", 3)]
+    assert [(it.status, it.output, it.completion_tokens) for it in items] == [
+        ("succeeded", "zero", 3), ("succeeded", "one", 3)]
 
     after = claim(store, job.id, "o3")
     assert not after.ok and after.reason == "done"
@@ -453,7 +459,8 @@ def test_a_writer_killed_mid_transaction_leaves_committed_rows_only(store_url, o
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    assert [(it.status, it.output) for it in items] == [("succeeded", "committed"), ("pending", None), ("pending", None)]
+    assert [(it.status, it.output) for it in items] == [
+        ("succeeded", "committed"), ("pending", None), ("pending", None)]
     assert store.get_job(stray_id) is None
     assert count(store, Job.__table__) == 1
 

@@ -121,7 +121,7 @@ class Client:
         if created:
             try:
                 self._enqueue(job.id, model, priority)
-            except (redis.RedisError, OSError, Exception) as e:
+            except Exception as e:  # kombu wraps connection errors in its own types
                 self.store.delete_job(job.id)
                 raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
         return Job(self, job.id)
@@ -141,7 +141,11 @@ class Client:
         return {"prompt": p, "line": n}
 
     def model_info(self, model: str) -> dict | None:
-        raw = self.redis.get(model_info_key(model))
+        """What a worker recorded about the model (context, tokenizer, chat format), if any."""
+        try:
+            raw = self.redis.get(model_info_key(model))
+        except (redis.RedisError, OSError) as e:
+            raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
         return json.loads(raw) if raw else None
 
     def _check_context(self, model: str, items: list[dict], params: dict, *, chat: bool, truncate: bool) -> None:

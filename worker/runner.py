@@ -138,7 +138,6 @@ def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> s
     truncate = bool(job.params.get("truncate"))
     streamed = _streamed_ids(events)
     runs: list[ItemRun] = []
-    failed_items = 0
     for item in store.items(job_id):
         if item.status != ItemStatus.PENDING.value:
             continue
@@ -146,7 +145,6 @@ def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> s
             params, seed, stop = job_params(job.params, item.params)
             ids = gen.fit(gen.encode(item.prompt, chat=chat), params.max_tokens, truncate=truncate)
         except GencliError as e:
-            failed_items += 1
             store.save_item(job_id, owner, item.idx, status=ItemStatus.FAILED, output=None, finish_reason=None,
                             prompt_tokens=None, completion_tokens=None, error=str(e))
             pub.publish([{"t": "item", "i": item.idx, "status": "failed", "error": str(e)}])
