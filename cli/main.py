@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 from gencli import __version__
+from gencli.cli.demo import demo
 from gencli.cli.generate import generate
+from gencli.cli.prep import prep
 from gencli.cli.queue import (
     cancel,
     list_jobs,
@@ -15,6 +17,8 @@ from gencli.cli.queue import (
     submit,
     tail,
 )
+from gencli.cli.regen import regen
+from gencli.cli.train import train
 from gencli.cli.workers import worker, workers
 from gencli.model.errors import GencliError
 
@@ -48,6 +52,6 @@ def init_model(out, preset, tokenizer, chat_format, seed):
     click.echo(f"wrote untrained {preset} model ({tokenizer}, {chat_format}) to {path}")
 
 
-main.add_command(generate)
-for command in (submit, tail, status, list_jobs, show, results, cancel, retry, worker, workers):
+for command in (generate, submit, tail, status, list_jobs, show, results, cancel, retry, worker, workers, prep,
+                regen, train, demo):
     main.add_command(command)

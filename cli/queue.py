@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
 from gencli.storage.db import JobStatus
-from gencli.worker.app import model_name_for
+from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
 from gencli.worker.client import Client, worker_key
 from gencli.worker.prompts import PromptItem, read_prompt_file
+from tqdm import tqdm
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
 
@@ -72,6 +74,7 @@ def tail(ctx, job_id, line, after, cancel_on_interrupt):
 
 def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_on_interrupt: bool) -> int:
     job = client.job(job_id)
+    record = job.record()
     items = job.items()
     if line is not None:
         items = [it for it in items if it.line == line]
@@ -79,8 +82,10 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
             raise GencliError(f"job {job.id} has no prompt at line {line}")
     pos = {it.idx: n for n, it in enumerate(items)}
     if job.status is JobStatus.QUEUED:
-        click.echo(f"[job {job.id} is queued for model {job.record().model}; waiting for a worker]", err=True)
-    printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None)
+        what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
+        click.echo(f"[job {job.id} is queued for {what}; waiting for a worker]", err=True)
+    printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
+    bar = None
     seen: set[int] = set()
     status = None
     try:
@@ -93,6 +98,10 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
                 seen.add(e["i"])
                 click.secho(f"[{_label(items[pos[e['i']]])}: {e['error']}]", err=True, fg="red")
                 printer.feed(pos[e["i"]], "", True)
+            elif kind == "progress":
+                bar = bar or tqdm(total=e["total"], unit=" " + e.get("unit", "items"), file=sys.stderr,
+                                  desc=f"prep {record.model}", dynamic_ncols=True)
+                bar.update(e["done"] - bar.n)
             elif kind == "end":
                 status = e["status"]
     except KeyboardInterrupt:
@@ -102,34 +111,48 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         else:
             click.echo(f"\n[detached; the job goes on: gencli tail {job.id}]", err=True)
         return EXIT_INTERRUPTED
+    finally:
+        if bar is not None:
+            bar.close()
     record = job.record()
     status = status or record.status
     for it in job.items():  # the replay log expired: show what the store kept
         if it.idx in pos and it.idx not in seen and it.output is not None:
             printer.feed(pos[it.idx], it.output, True)
+    if record.kind == "prep" and record.result:
+        click.echo(prep_summary(record.result))
     msg = f"[job {job.id} {status}" + (f": {record.error_message}" if record.error_message else "") + "]"
     click.secho(msg, err=True, fg="green" if status == "succeeded" else "red")
     return {"succeeded": 0, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED)
 
 
+def prep_summary(result: dict) -> str:
+    """One line of a prep job's result: where, and how much."""
+    if result.get("skipped"):
+        return f"{result['out']}: up to date (inputs and flags unchanged; --force rewrites)"
+    return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
+
+
 @click.command()
 def status():
-    """Live workers (device, model, current job), queue depths, and models nobody serves."""
+    """Live workers (device, model, current job), queue depths, and queues nobody serves."""
     client = Client()
     r = client.redis
     workers = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
-    served = {w["model"] for w in workers}
+    served = {q for w in workers for q in w["queues"]}
     click.echo(f"workers ({len(workers)}):")
     for w in sorted(workers, key=lambda w: w["name"]):
         job = w["job"] or "idle"
-        click.echo(f"  {w['name']:<24} {w['device']:<8} model {w['model']:<20} {job}")
+        click.echo(f"  {w['name']:<24} {w['device']:<8} model {w['model'] or '-':<20} {job}")
+    waiting: dict[str, int] = {}
+    for (kind, model), n in client.store.queued_counts().items():
+        q = PREP_QUEUE if kind == "prep" else queue_for(model)
+        waiting[q] = waiting.get(q, 0) + n
     click.echo("queues:")
-    queued = client.store.queued_models()
-    for model in sorted(served | set(queued)):
-        q = f"gen.{model}"
+    for q in sorted(served | set(waiting)):
         depth = sum(r.llen(k) for k in [q, *(f"{q}:{p}" for p in range(1, 10))])
-        note = "" if model in served else "  <- no live worker serves this model"
-        click.echo(f"  {q:<28} {depth} message(s), {queued.get(model, 0)} queued job(s){note}")
+        note = "" if q in served else "  <- no live worker serves this queue"
+        click.echo(f"  {q:<28} {depth} message(s), {waiting.get(q, 0)} queued job(s){note}")
 
 
 @click.command("list")

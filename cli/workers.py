@@ -15,6 +15,8 @@ from gencli.storage.settings import get_settings
 
 _model = click.option("--model", "model_path", envvar="GENCLI_MODEL", required=True,
                       help="Checkpoint to serve (gencli dir, nanoGPT ckpt.pt, Hugging Face GPT-2 dir).")
+_model_optional = click.option("--model", "model_path", envvar="GENCLI_MODEL", default=None,
+                               help="Checkpoint to serve (gencli dir, nanoGPT ckpt.pt, Hugging Face GPT-2 dir).")
 _name = click.option("--model-name", "--model_name", "model_name", default=None,
                      help="Name jobs use for this model (default: the checkpoint's file or dir name).")
 _batch = click.option("--batch_size", "--batch-size", "batch_size", type=click.IntRange(min=1), default=8,
@@ -25,8 +27,9 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 
 
 @click.command()
-@_model
+@_model_optional
 @_name
+@click.option("--prep", is_flag=True, help="Also serve dataset-prep jobs (alone, without --model: only those).")
 @click.option("--device", envvar="GENCLI_DEVICE", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--queues", default="", help="Extra queues to serve, comma-separated (the model's own is always served).")
@@ -35,13 +38,13 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @_tok
 @_fmt
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model_path, model_name, device, queues, name, batch_size, tokenizer, chat_format, loglevel):
-    """Serve jobs for one model on one device until stopped (SIGTERM finishes the current job)."""
+def worker(model_path, model_name, prep, device, queues, name, batch_size, tokenizer, chat_format, loglevel):
+    """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."""
     from gencli.worker.serve import serve
 
     extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
     serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
-          batch_size=batch_size, tokenizer=tokenizer, chat_format=chat_format, extra_queues=extra,
+          batch_size=batch_size, tokenizer=tokenizer, chat_format=chat_format, prep=prep, extra_queues=extra,
           loglevel=loglevel)
 
 

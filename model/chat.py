@@ -10,6 +10,7 @@ special ids, so user text can never switch roles.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from gencli.model.errors import GencliError
@@ -43,28 +44,64 @@ def check_messages(messages: list[dict]) -> None:
             raise GencliError(f"unknown role {m.get('role')!r}: use one of {', '.join(ROLES)}")
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered conversation: ordinary text, or one special token."""
+
+    text: str | None = None  # encoded with encode_ordinary
+    special: str | None = None  # "im_start" or "im_end"
+    target: bool = False  # part of an assistant reply: what assistant-only training learns
+
+
+def segments(fmt: ChatFormat, messages: list[dict], *, add_generation_prompt: bool = True) -> list[Segment]:
+    """The pieces of a conversation in this format, in order.
+
+    Inference (render) and dataset prep (prep/) both build on this, so a model is prompted
+    exactly as it was trained. Reply targets: the content and `<|im_end|>` in ChatML; in the
+    legacy format the content and the newline that ends it.
+    """
+    check_messages(messages)
+    out: list[Segment] = []
+    if fmt is ChatFormat.CHATML:
+        for m in messages:
+            reply = m["role"] == "assistant"
+            out += [Segment(special="im_start"), Segment(text=f"{m['role']}\n"),
+                    Segment(text=m["content"], target=reply), Segment(special="im_end", target=reply),
+                    Segment(text="\n")]
+        if add_generation_prompt:
+            out += [Segment(special="im_start"), Segment(text="assistant\n")]
+        return out
+    for m in messages:
+        if m["role"] == "system":
+            out.append(Segment(text=f"{m['content']}\n"))
+        else:
+            out += [Segment(text=f"{LEGACY_NAMES[m['role']]}:"),
+                    Segment(text=f" {m['content']}\n", target=m["role"] == "assistant")]
+    if add_generation_prompt:
+        out.append(Segment(text="Assistant:"))
+    return out
+
+
+def special_id(tok: Tokenizer, name: str) -> int:
+    return tok.im_start_id if name == "im_start" else tok.im_end_id
+
+
+def encode_segments(tok: Tokenizer, segs: list[Segment]) -> tuple[list[int], list[bool]]:
+    """(ids, target mask) of rendered segments."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for seg in segs:
+        piece = [special_id(tok, seg.special)] if seg.special else tok.encode(seg.text)
+        ids += piece
+        mask += [seg.target] * len(piece)
+    return ids, mask
+
+
 def render(
     tok: Tokenizer, fmt: ChatFormat, messages: list[dict], *, add_generation_prompt: bool = True
 ) -> list[int]:
     """Token ids of a conversation; with add_generation_prompt, ending with the assistant header."""
-    check_messages(messages)
-    ids: list[int] = []
-    if fmt is ChatFormat.CHATML:
-        for m in messages:
-            ids += [tok.im_start_id, *tok.encode(f"{m['role']}\n{m['content']}"), tok.im_end_id]
-            ids += tok.encode("\n")
-        if add_generation_prompt:
-            ids += [tok.im_start_id, *tok.encode("assistant\n")]
-        return ids
-    text = ""
-    for m in messages:
-        if m["role"] == "system":
-            text += f"{m['content']}\n"
-        else:
-            text += f"{LEGACY_NAMES[m['role']]}: {m['content']}\n"
-    if add_generation_prompt:
-        text += "Assistant:"
-    return tok.encode(text)
+    return encode_segments(tok, segments(fmt, messages, add_generation_prompt=add_generation_prompt))[0]
 
 
 def stop_strings(fmt: ChatFormat) -> tuple[str, ...]:

@@ -89,6 +89,7 @@ class Job(Base):
     n_items: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict | None] = mapped_column(JSON)  # prep: the dataset's counts
 
     items: Mapped[list[Item]] = relationship(back_populates="job", order_by="Item.idx")
 

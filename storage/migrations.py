@@ -65,8 +65,14 @@ def _0001_jobs_and_items(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _0002_job_result(conn: Connection) -> None:
+    """A job's result summary: for dataset prep, the counts of its meta.json."""
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN result JSON"))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_jobs_and_items", _0001_jobs_and_items),
+    ("0002_job_result", _0002_job_result),
 ]
 
 _log = sa.Table(

@@ -90,14 +90,13 @@ class Store:
             with self.Session.begin() as s:
                 s.add(job)
                 s.flush()
-                s.execute(
-                    Item.__table__.insert(),
-                    [
+                if items:  # a prep job has none
+                    rows = [
                         dict(job_id=job.id, idx=i, line=it.get("line", i + 1), custom_id=it.get("custom_id"),
                              prompt=it["prompt"], params=it.get("params"), status=ItemStatus.PENDING.value)
                         for i, it in enumerate(items)
-                    ],
-                )
+                    ]
+                    s.execute(Item.__table__.insert(), rows)
         except IntegrityError:
             if idempotency_key:  # a concurrent submit with the same key won
                 existing = self.job_by_key(idempotency_key)
@@ -141,13 +140,15 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
-    def queued_models(self) -> dict[str, int]:
-        """Models with queued jobs, and how many."""
+    def queued_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs wait, by (kind, model)."""
         with self.Session() as s:
             rows = s.execute(
-                select(Job.model, func.count()).where(Job.status == JobStatus.QUEUED.value).group_by(Job.model)
+                select(Job.kind, Job.model, func.count())
+                .where(Job.status == JobStatus.QUEUED.value)
+                .group_by(Job.kind, Job.model)
             )
-            return {m: n for m, n in rows}
+            return {(kind, model): n for kind, model, n in rows}
 
     def request_cancel(self, job_id: str) -> str:
         """Cancel: a queued job is cancelled at once; a running one is asked to stop. New status."""
@@ -169,20 +170,23 @@ class Store:
             return job.status
 
     def reset_for_retry(self, job_id: str) -> int:
-        """Put a finished job's failed and cancelled items back; how many."""
+        """Put a finished job's failed and cancelled items back (a failed prep job whole); how many."""
         with self.Session.begin() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise StoreError(f"no job {job_id}")
             if not JobStatus(job.status).done:
                 raise StoreError(f"job {job_id} is {job.status}: only a finished job can be retried")
-            n = s.execute(
-                update(Item)
-                .where(Item.job_id == job_id,
-                       Item.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]))
-                .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
-                        completion_tokens=None)
-            ).rowcount
+            if job.kind == "prep":  # no items: the whole job runs again
+                n = int(job.status != JobStatus.SUCCEEDED.value)
+            else:
+                n = s.execute(
+                    update(Item)
+                    .where(Item.job_id == job_id,
+                           Item.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]))
+                    .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
+                            completion_tokens=None)
+                ).rowcount
             if n:
                 job.status = JobStatus.QUEUED.value
                 job.cancel_requested = False

@@ -67,13 +67,13 @@ class RedisServer:
 class Worker:
     """`gencli worker` in a subprocess, as a user starts it."""
 
-    def __init__(self, model: str, env: dict, *, name: str, log: Path, args: tuple[str, ...] = (),
+    def __init__(self, model: str | None, env: dict, *, name: str, log: Path, args: tuple[str, ...] = (),
                  extra_env: dict | None = None):
         self.name = name
         self.log = log
         self.env = dict(env, **(extra_env or {}))
-        cmd = [sys.executable, "-m", "gencli.cli", "worker", "--model", model, "--device", "cpu", "--name", name,
-               *args]
+        serve = ["--model", model] if model else []
+        cmd = [sys.executable, "-m", "gencli.cli", "worker", *serve, "--device", "cpu", "--name", name, *args]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -108,7 +108,7 @@ class Worker:
                 self.proc.wait(10)
 
 
-def start_worker(env: dict, model: str, name: str, *args: str, extra_env: dict | None = None) -> Worker:
+def start_worker(env: dict, model: str | None, name: str, *args: str, extra_env: dict | None = None) -> Worker:
     """A worker on the test module's Redis and store (env: the conftest `env` fixture), ready."""
     w = Worker(model, dict(os.environ, **env["vars"]), name=name, log=env["tmp"] / f"{name}.log", args=args,
                extra_env=extra_env)

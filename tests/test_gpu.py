@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import redis
 import torch
-
 from gencli.model.checkpoint import create_model, load_model
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import get_settings
 from gencli.storage.store import Store
 from gencli.worker.client import Client
-from gencli.worker.runner import WorkerContext, run_generation_job
+from gencli.worker.context import WorkerContext
+from gencli.worker.runner import run_generation_job
 
 pytestmark = [
     pytest.mark.slow,

@@ -84,7 +84,7 @@ def test_idempotency_key_gives_the_same_job(client, worker):
 def test_cancel_queued_job_never_runs(env, client):
     job = client.submit(["never"], model="nobody-serves-this", max_tokens=5)
     r = CliRunner().invoke(main, ["status"])
-    assert "gen.nobody-serves-this" in r.output and "no live worker serves this model" in r.output
+    assert "gen.nobody-serves-this" in r.output and "no live worker serves this queue" in r.output
     assert job.cancel() is JobStatus.CANCELLED
     rec = job.record()
     assert rec.status == "cancelled" and rec.attempts == 0 and rec.started_at is None

@@ -109,6 +109,26 @@ def count(store: Store, table) -> int:
 # --- migrations -----------------------------------------------------------------------------------
 
 
+def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_stores):
+    engine = open_stores(store_url).engine
+    with engine.begin() as c:
+        for t in ("items", "jobs", "gencli_migrations"):
+            c.execute(sa.text(f"DROP TABLE {t}"))
+    first_name, first = MIGRATIONS[0]
+    with engine.begin() as c:  # a store made by the first release
+        first(c)
+        c.execute(sa.text("CREATE TABLE gencli_migrations (name VARCHAR(100) PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"))
+        c.execute(sa.text("INSERT INTO gencli_migrations VALUES (:n, CURRENT_TIMESTAMP)"), {"n": first_name})
+        c.execute(sa.text(
+            "INSERT INTO jobs (id, kind, model, status, params, priority, created_at, attempts, cancel_requested, "
+            "oom_retries, n_items, completion_tokens) VALUES ('old', 'generate', 'm', 'succeeded', '{}', 0, "
+            "CURRENT_TIMESTAMP, 1, false, 0, 0, 0)"))
+    assert migrate(engine) == [name for name, _ in MIGRATIONS[1:]]
+    store = Store(store_url)
+    job = store.get_job("old")
+    assert job.status == "succeeded" and job.result is None
+
+
 def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_stores):
     engine = open_stores(store_url).engine  # Store() migrates on open: start again from nothing
     with engine.begin() as c:
@@ -116,9 +136,10 @@ def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_
             c.execute(sa.text(f"DROP TABLE {t}"))
     assert sa.inspect(engine).get_table_names() == []
 
-    assert migrate(engine) == ["0001_jobs_and_items"] == [name for name, _ in MIGRATIONS]
+    names = ["0001_jobs_and_items", "0002_job_result"]
+    assert migrate(engine) == names == [name for name, _ in MIGRATIONS]
     with engine.connect() as c:
-        assert list(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == ["0001_jobs_and_items"]
+        assert sorted(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == names
     assert migrate(engine) == []
 
     insp = sa.inspect(engine)

@@ -14,6 +14,8 @@ from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 
 GENERATE_TASK = "gencli.generate"
+PREP_TASK = "gencli.prep"
+PREP_QUEUE = "prep"
 PRIORITY_STEPS = list(range(10))  # kombu's Redis priorities: 0 is served first
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -63,3 +65,11 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
         task_default_queue="gencli",
     )
     return app
+
+
+def send_job(app: Celery, job_id: str, *, kind: str, model: str, priority: int) -> None:
+    """Put a recorded job on its queue: generation on its model's, dataset prep on `prep`."""
+    if kind == "prep":
+        app.send_task(PREP_TASK, args=[job_id], queue=PREP_QUEUE, priority=broker_priority(priority))
+    else:
+        app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model), priority=broker_priority(priority))

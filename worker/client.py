@@ -13,6 +13,7 @@ enqueued (Redis down) is removed from the store again, so nothing is half-record
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +27,7 @@ from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
-from gencli.worker.app import (
-    GENERATE_TASK,
-    broker_priority,
-    check_model_name,
-    make_app,
-    queue_for,
-)
+from gencli.worker.app import check_model_name, make_app, send_job
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url
 from gencli.worker.stream import Publisher, cancel_key, follow, last_seq
@@ -140,6 +135,25 @@ class Client:
             raise GencliError(f"prompt {n} must be text or a list of chat messages")
         return {"prompt": p, "line": n}
 
+    def submit_prep(self, spec, *, force: bool = False, priority: int = 0, idempotency_key: str | None = None) -> Job:
+        """Record and enqueue one dataset-prep job (a prep.spec.PrepSpec) on the `prep` queue."""
+        from gencli.prep.spec import PrepSpec
+
+        spec = PrepSpec.from_dict(spec.to_dict())  # validated as the worker will read it
+        for p in spec.paths:
+            if not os.path.exists(p):
+                raise GencliError(f"{p}: no such file or directory (a {spec.source} source path)")
+        job, created = self.store.create_job(kind="prep", model=spec.source, items=[], priority=priority,
+                                             params={"spec": spec.to_dict(), "force": force},
+                                             idempotency_key=idempotency_key)
+        if created:
+            try:
+                self._enqueue(job.id, job.model, priority, kind="prep")
+            except Exception as e:  # kombu wraps connection errors in its own types
+                self.store.delete_job(job.id)
+                raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
+        return Job(self, job.id)
+
     def model_info(self, model: str) -> dict | None:
         """What a worker recorded about the model (context, tokenizer, chat format), if any."""
         try:
@@ -165,9 +179,8 @@ class Client:
             except GencliError as e:
                 raise GencliError(f"line {it['line']}: {e}") from None
 
-    def _enqueue(self, job_id: str, model: str, priority: int) -> None:
-        self.app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model),
-                           priority=broker_priority(priority))
+    def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
+        send_job(self.app, job_id, kind=kind, model=model, priority=priority)
 
     # --- following and controlling -------------------------------------------------------
     def job(self, job_id: str) -> Job:
@@ -246,5 +259,5 @@ class Job:
             reset = [it.idx for it in self.items() if it.status == "pending"]
             self.client.redis.delete(cancel_key(self.id))
             self.client.publish(self.id, [{"t": "reset", "items": reset}])
-            self.client._enqueue(self.id, job.model, job.priority)
+            self.client._enqueue(self.id, job.model, job.priority, job.kind)
         return n

@@ -15,21 +15,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import redis
 import torch
-from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
 from gencli.model.textgen import TextGenerator
 from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus
-from gencli.storage.settings import Settings
-from gencli.storage.store import Store
-from gencli.worker.stream import Publisher, cancel_key, read_log
+from gencli.worker.context import WorkerContext, end_event, error_fields
+from gencli.worker.stream import cancel_key, read_log
 
 log = logging.getLogger("gencli.worker")
 
@@ -44,42 +40,6 @@ class LeaseLost(Exception):
 
 class TimeLimitExceeded(Exception):
     pass
-
-
-@dataclass
-class WorkerContext:
-    """What a worker process holds for its whole life: the model, loaded once, and clients."""
-
-    settings: Settings
-    store: Store
-    redis: redis.Redis
-    model_name: str
-    loaded: LoadedModel
-    worker_name: str
-    batch_size: int = 8
-    generator: TextGenerator = field(init=False)
-    current: dict | None = None  # {"job": id, "owner": lease owner} while a job runs
-    lease_lost: set = field(default_factory=set)  # owners whose lease renewal failed
-    _cpu: TextGenerator | None = None
-
-    def __post_init__(self):
-        self.generator = TextGenerator(self.loaded)
-
-    @property
-    def device(self) -> str:
-        return str(self.loaded.device)
-
-    def cpu_generator(self) -> TextGenerator:
-        """The model on the CPU, for the end of the out-of-memory ladder."""
-        if self.loaded.device.type == "cpu":
-            return self.generator
-        if self._cpu is None:
-            lm = self.loaded
-            self._cpu = TextGenerator(
-                load_model(lm.path, tokenizer=lm.tokenizer.spec_name, chat_format=lm.chat_format.value,
-                           device="cpu")
-            )
-        return self._cpu
 
 
 @dataclass
@@ -100,15 +60,9 @@ def job_params(params: dict, override: dict | None) -> tuple[SamplingParams, int
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
     """Run (or resume) one job; return how it ended, or why it was not run."""
-    s = ctx.settings
     owner = uuid.uuid4().hex
-    claim = ctx.store.claim(job_id, owner=owner, worker=ctx.worker_name, device=ctx.device,
-                            lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
+    claim = ctx.claim(job_id, owner)
     if not claim.ok:
-        log.info("job %s not run: %s", job_id, claim.reason)
-        if claim.reason in ("too many deliveries", "cancelled"):
-            job = ctx.store.get_job(job_id)
-            _publisher(ctx, job_id).publish([_end(job.status, job.error_message)])
         return claim.reason
     ctx.current = {"job": job_id, "owner": owner}
     try:
@@ -118,20 +72,11 @@ def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
         ctx.lease_lost.discard(owner)
 
 
-def _publisher(ctx: WorkerContext, job_id: str) -> Publisher:
-    last = read_log(ctx.redis, job_id)
-    return Publisher(ctx.redis, job_id, last_seq=last[-1]["seq"] if last else 0, ttl=ctx.settings.stream_ttl)
-
-
-def _end(status: str, error: str | None = None) -> dict:
-    return {"t": "end", "status": status, "error": error}
-
-
 def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
     store = ctx.store
     job = store.get_job(job_id)
     events = read_log(ctx.redis, job_id)
-    pub = Publisher(ctx.redis, job_id, last_seq=events[-1]["seq"] if events else 0, ttl=ctx.settings.stream_ttl)
+    pub = ctx.publisher(job_id, events)
     pub.publish([{"t": "start", "worker": ctx.worker_name, "device": ctx.device, "attempt": attempt}])
     gen = ctx.generator
     chat = bool(job.params.get("chat"))
@@ -174,7 +119,7 @@ def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> s
         return "lease lost"
     except Exception as e:  # the job fails; the worker lives on to take the next one
         status = JobStatus.FAILED
-        error = _error_fields(e, stats)
+        error = error_fields(e, stats)
         log.error("job %s failed: %s: %s", job_id, type(e).__name__, e)
     elapsed = time.perf_counter() - t0
     all_items = store.items(job_id)
@@ -188,7 +133,7 @@ def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> s
     if not store.finish(job_id, owner, status, completion_tokens=completion,
                         tokens_per_s=made / elapsed if elapsed > 0 and made else None, **stats, **error):
         return "lease lost"
-    pub.publish([_end(status.value, error.get("error_message"))])
+    pub.publish([end_event(status.value, error.get("error_message"))])
     ctx.redis.delete(cancel_key(job_id))
     log.info("job %s %s: %d tokens in %.2f s (%.1f tokens/s) on %s", job_id, status.value, made, elapsed,
              made / elapsed if elapsed > 0 else 0.0, stats["final_device"])
@@ -205,13 +150,6 @@ def _streamed_ids(events: list[dict]) -> dict[int, list[tuple[int | None, str | 
             for i in e["items"]:
                 out.pop(i, None)
     return out
-
-
-def _error_fields(e: BaseException, stats: dict) -> dict:
-    tb = traceback.extract_tb(e.__traceback__)
-    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else ""
-    where += f"; device {stats.get('final_device')}, batch size {stats.get('final_batch_size')}"
-    return {"error_class": type(e).__name__, "error_message": str(e)[:2000], "error_where": where}
 
 
 def _run_ladder(ctx, job_id, owner, pub, runs: list[ItemRun], stats: dict, t0: float) -> None:

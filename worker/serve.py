@@ -20,19 +20,23 @@ import torch
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams
+from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
 from gencli.worker.app import (
     GENERATE_TASK,
-    broker_priority,
+    PREP_QUEUE,
+    PREP_TASK,
     check_model_name,
     make_app,
     model_name_for,
     queue_for,
+    send_job,
 )
 from gencli.worker.client import model_info_key, worker_key
+from gencli.worker.context import WorkerContext
 from gencli.worker.redis_boot import resolve_redis_url
-from gencli.worker.runner import WorkerContext, run_generation_job
+from gencli.worker.runner import run_generation_job
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0
@@ -47,40 +51,61 @@ def default_name(device: str) -> str:
 def serve(
     settings: Settings,
     *,
-    model_path: str,
+    model_path: str | None,
     model_name: str | None,
     device: str,
     name: str | None,
     batch_size: int,
     tokenizer: str | None = None,
     chat_format: str | None = None,
+    prep: bool = False,
     extra_queues: tuple[str, ...] = (),
     loglevel: str = "INFO",
 ) -> None:
+    """Serve a model's generation jobs (model_path), dataset-prep jobs (prep), or both."""
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
-    model_name = check_model_name(model_name or model_name_for(model_path))
-    dev = resolve_device(device)
-    name = name or default_name(str(dev))
-    t0 = time.perf_counter()
-    loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
-    log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
-             loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
+    if model_path is None and not prep:
+        raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
     redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
     store = open_store(settings.db_url)
     r = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
-    ctx = WorkerContext(settings=settings, store=store, redis=r, model_name=model_name, loaded=loaded,
-                        worker_name=name, batch_size=batch_size)
-    _warm_up(ctx)
     app = make_app(settings, redis_url)
+    queues: list[str] = []
+    info = None
+    if model_path is not None:
+        model_name = check_model_name(model_name or model_name_for(model_path))
+        dev = resolve_device(device)
+        name = name or default_name(str(dev))
+        t0 = time.perf_counter()
+        loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
+        log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
+                 loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
+        ctx = WorkerContext(settings=settings, store=store, redis=r, worker_name=name, model_name=model_name,
+                            loaded=loaded, batch_size=batch_size)
+        _warm_up(ctx)
+        info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
+                "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
+        queues.append(queue_for(model_name))
 
-    @app.task(name=GENERATE_TASK)
-    def generate(job_id: str) -> str:  # thin: the runner does the work
-        return run_generation_job(ctx, job_id)
+        @app.task(name=GENERATE_TASK)
+        def generate(job_id: str) -> str:  # thin: the runner does the work
+            return run_generation_job(ctx, job_id)
+    else:
+        name = name or f"prep@{socket.gethostname()}"
+        ctx = WorkerContext(settings=settings, store=store, redis=r, worker_name=name)
+    if prep:
+        from gencli.worker.prep_runner import run_prep_job
 
-    queues = (queue_for(model_name), *extra_queues)
-    info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
-            "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
-    beat = threading.Thread(target=_heartbeat, args=(ctx, app, queues, info), daemon=True, name="gencli-heartbeat")
+        queues.append(PREP_QUEUE)
+
+        @app.task(name=PREP_TASK)
+        def prep_dataset(job_id: str) -> str:
+            return run_prep_job(ctx, job_id)
+
+        log.info("worker %s: serving dataset prep jobs", name)
+    queues += [q for q in extra_queues if q not in queues]
+    beat = threading.Thread(target=_heartbeat, args=(ctx, app, tuple(queues), info), daemon=True,
+                            name="gencli-heartbeat")
     beat.start()
     app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
                      f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
@@ -97,13 +122,14 @@ def _warm_up(ctx: WorkerContext) -> None:
     log.info("warmed up in %.2f s", time.perf_counter() - t0)
 
 
-def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict) -> None:
+def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | None) -> None:
     """Every couple of seconds: heartbeat, lease renewal, and taking over dead workers' jobs."""
     s = ctx.settings
     last_reap = 0.0
     while True:
         try:
-            ctx.redis.set(model_info_key(ctx.model_name), json.dumps(info))
+            if info is not None:
+                ctx.redis.set(model_info_key(ctx.model_name), json.dumps(info))
             cur = ctx.current
             ctx.redis.set(worker_key(ctx.worker_name), json.dumps({
                 "name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
@@ -117,8 +143,7 @@ def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict) -> 
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():
                     log.warning("job %s: its worker %s stopped renewing its lease; requeued", job.id, job.worker)
-                    app.send_task(GENERATE_TASK, args=[job.id], queue=queue_for(job.model),
-                                  priority=broker_priority(job.priority))
+                    send_job(app, job.id, kind=job.kind, model=job.model, priority=job.priority)
         except Exception as e:  # Redis or the store away for a moment: keep beating
             log.warning("heartbeat: %s: %s", type(e).__name__, e)
         time.sleep(HEARTBEAT_SECONDS)

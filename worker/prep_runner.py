@@ -1,0 +1,89 @@
+"""Running a dataset-prep job on a worker: `prep.prepare` with its progress streamed.
+
+Progress goes out through the job's stream like tokens do ({"t": "progress", "done", "total"}),
+so `gencli tail JOB` shows it; the dataset's counts land in the job's `result`. Cancelling stops
+the prep between chunks; its files are written under temporary names until complete, so a
+stopped or killed job leaves nothing half-written under a final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from gencli.prep.run import prepare
+from gencli.prep.spec import PrepResult, PrepSpec
+from gencli.storage.db import JobStatus
+from gencli.worker.context import WorkerContext, end_event, error_fields
+from gencli.worker.runner import JobCancelled, LeaseLost
+from gencli.worker.stream import cancel_key
+
+log = logging.getLogger("gencli.worker")
+PROGRESS_EVERY = 0.25  # seconds between progress events
+
+SUMMARY_KEYS = ("source", "chat_format", "tokenizer", "dtype", "counts", "mean_tokens_per_turn",
+                "literal_special_strings", "malformed", "fingerprint")
+
+
+def summary(result: PrepResult, spec: PrepSpec) -> dict:
+    """What the store keeps of a prep run: its counts and where the files are."""
+    meta = result.meta
+    out = {k: meta[k] for k in SUMMARY_KEYS if k in meta}
+    out.update(out=spec.out, skipped=result.skipped)
+    return out
+
+
+def run_prep_job(ctx: WorkerContext, job_id: str) -> str:
+    owner = uuid.uuid4().hex
+    claim = ctx.claim(job_id, owner)
+    if not claim.ok:
+        return claim.reason
+    ctx.current = {"job": job_id, "owner": owner}
+    try:
+        return _run(ctx, job_id, owner, claim.attempt)
+    finally:
+        ctx.current = None
+        ctx.lease_lost.discard(owner)
+
+
+def _run(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
+    job = ctx.store.get_job(job_id)
+    pub = ctx.publisher(job_id)
+    pub.publish([{"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": attempt}])
+    last = 0.0
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_EVERY and done < total:
+            return
+        last = now
+        pub.publish([{"t": "progress", "done": done, "total": total, "unit": "conversations",
+                      "elapsed": round(time.perf_counter() - t0, 3)}])
+        if owner in ctx.lease_lost:
+            raise LeaseLost()
+        if ctx.redis.exists(cancel_key(job_id)):
+            raise JobCancelled()
+
+    status, error, result = JobStatus.SUCCEEDED, {}, None
+    try:
+        spec = PrepSpec.from_dict(job.params["spec"])
+        res = prepare(spec, force=bool(job.params.get("force")), progress=progress)
+        result = summary(res, spec)
+    except JobCancelled:
+        status = JobStatus.CANCELLED
+    except LeaseLost:
+        log.warning("prep job %s: lease lost to another worker; stopping without writing", job_id)
+        return "lease lost"
+    except Exception as e:  # the job fails; the worker lives on
+        status, error = JobStatus.FAILED, error_fields(e)
+        log.error("prep job %s failed: %s: %s", job_id, type(e).__name__, e)
+    if not ctx.store.finish(job_id, owner, status, result=result, final_device="cpu", **error):
+        return "lease lost"
+    pub.publish([dict(end_event(status.value, error.get("error_message")), result=result)])
+    ctx.redis.delete(cancel_key(job_id))
+    log.info("prep job %s %s in %.2f s%s", job_id, status.value, time.perf_counter() - t0,
+             " (up to date: nothing rewritten)" if result and result["skipped"] else "")
+    return status.value
