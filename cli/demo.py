@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
+
 from gencli.cli.queue import _tail
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
 from gencli.worker.client import Client, worker_key
 from gencli.worker.prompts import PromptItem, read_prompt_file
-from tqdm import tqdm
 
 MODEL_NAME = "chitchat-tiny"
 PROMPTS = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import torch
+
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter

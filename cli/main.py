@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from gencli import __version__
 from gencli.cli.demo import demo
 from gencli.cli.generate import generate

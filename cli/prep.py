@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import click
+
 from gencli.prep.run import prepare
 from gencli.prep.spec import FORMATS, SOURCES, PrepSpec
 

@@ -7,6 +7,8 @@ import os
 import sys
 
 import click
+from tqdm import tqdm
+
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
@@ -14,7 +16,6 @@ from gencli.storage.db import JobStatus
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
 from gencli.worker.client import Client, worker_key
 from gencli.worker.prompts import PromptItem, read_prompt_file
-from tqdm import tqdm
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from gencli.cli.queue import _tail
 from gencli.model.errors import GencliError
 from gencli.worker.client import Client

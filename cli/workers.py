@@ -9,6 +9,7 @@ import sys
 import time
 
 import click
+
 from gencli.model.device import inventory
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
@@ -37,11 +38,17 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @_batch
 @_tok
 @_fmt
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's, usually one per core).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model_path, model_name, prep, device, queues, name, batch_size, tokenizer, chat_format, loglevel):
+def worker(model_path, model_name, prep, device, queues, name, batch_size, tokenizer, chat_format, threads, loglevel):
     """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."""
     from gencli.worker.serve import serve
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
     serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
           batch_size=batch_size, tokenizer=tokenizer, chat_format=chat_format, prep=prep, extra_queues=extra,
@@ -73,9 +80,10 @@ def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_form
         if dev != "cpu":  # pin the GPU: the worker sees only its own
             env["CUDA_VISIBLE_DEVICES"] = dev.split(":")[1]
             dev = "cuda:0"
-        else:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-        specs.append((base + ["--device", dev, "--name", f"{label}@{host}"], env))
+        cmd = base + ["--device", dev, "--name", f"{label}@{host}"]
+        if dev == "cpu":  # share the cores out
+            cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(devices)))]
+        specs.append((f"{label}@{host}", cmd, env))
     supervise(specs)
 
 
@@ -95,9 +103,9 @@ def _gpu_devices(gpus: str) -> list[str]:
     return [f"cuda:{i}" for i in ids]
 
 
-def supervise(specs: list[tuple[list[str], dict]]) -> None:
-    """Run the worker processes; restart one that dies; pass SIGINT/SIGTERM on and wait."""
-    procs = [subprocess.Popen(cmd, env=env) for cmd, env in specs]
+def supervise(specs: list[tuple[str, list[str], dict]]) -> None:
+    """Run the worker processes (name, command, env); restart one that dies; pass SIGINT/SIGTERM on."""
+    procs = [subprocess.Popen(cmd, env=env) for _, cmd, env in specs]
     stopping = False
 
     def stop(signum, _frame):
@@ -109,13 +117,14 @@ def supervise(specs: list[tuple[list[str], dict]]) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    click.echo(f"started {len(procs)} worker(s): " + ", ".join(cmd[-1] for cmd, _ in specs), err=True)
+    click.echo(f"started {len(procs)} worker(s): " + ", ".join(name for name, _, _ in specs), err=True)
     while not stopping:
         for n, p in enumerate(procs):
             if p.poll() is not None and not stopping:
-                click.echo(f"worker {specs[n][0][-1]} exited with {p.returncode}; restarting", err=True)
+                name, cmd, env = specs[n]
+                click.echo(f"worker {name} exited with {p.returncode}; restarting", err=True)
                 time.sleep(1)
-                procs[n] = subprocess.Popen(specs[n][0], env=specs[n][1])
+                procs[n] = subprocess.Popen(cmd, env=env)
         time.sleep(0.5)
     for p in procs:
         p.wait()

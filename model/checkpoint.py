@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from gencli.model.chat import ChatFormat
 from gencli.model.errors import CheckpointError, GencliError
 from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.tokenizer import Tokenizer, load_encoding
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 META_FILE = "gencli.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
+
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 from gencli.model.gpt import GPT
-from torch.nn import functional as F
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
 # over N or more rows raise torch.OutOfMemoryError, as a GPU short of memory would.
@@ -145,9 +146,13 @@ class Generation:
         cache = self.model.make_cache(len(lens), T + max(self.remaining))
         logits = self._forward(idx, cache, pad)
         active = list(range(len(lens)))  # batch row -> sequence index
-        allowed = self.allowed.to(device) if self.allowed is not None else None
+        # -inf on the ids generation must never yield, added to each step's logits
+        bias = None
+        if self.allowed is not None:
+            bias = torch.zeros(self.allowed.shape, dtype=torch.float32, device=device)
+            bias.masked_fill_(~self.allowed.to(device), float("-inf"))
         while True:
-            next_ids = self._sample(logits, active, allowed)  # (b,)
+            next_ids = self._sample(logits, active, bias)  # (b,)
             ids = next_ids.tolist()
             out: list[int | None] = [None] * len(self.prompts)
             for r, i in enumerate(active):
@@ -167,10 +172,10 @@ class Generation:
                 active = [active[r] for r in keep]
             logits = self._forward(next_ids.view(-1, 1), cache, pad)
 
-    def _sample(self, logits: torch.Tensor, active: list[int], allowed) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, active: list[int], bias: torch.Tensor | None) -> torch.Tensor:
         logits = logits.float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
+        if bias is not None:
+            logits = logits + bias
         p = self.params
         if p.temperature == 0:
             return logits.argmax(dim=-1)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
 from gencli.model.chat import ChatFormat, render, stop_strings
 from gencli.model.checkpoint import LoadedModel
 from gencli.model.engine import Generation, SamplingParams, fit_prompt

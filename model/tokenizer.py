@@ -16,8 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
-from gencli.model.errors import TokenizerError
 from tiktoken.load import load_tiktoken_bpe
+
+from gencli.model.errors import TokenizerError
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

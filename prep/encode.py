@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
+
 from gencli.model.chat import ChatFormat, Segment, encode_segments, segments
 from gencli.model.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
 from gencli.prep.common import Message

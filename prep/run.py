@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 from gencli.model.chat import ChatFormat
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.prep import chat, chitchat, dailydialog

@@ -1,8 +1,8 @@
 """The SQL store: engine set-up and the tables of jobs and their items (prompts and outputs).
 
-Any SQLAlchemy URL works. SQLite runs in WAL mode with a busy timeout, and every transaction
-starts with BEGIN IMMEDIATE, so several worker processes can write to one file without
-"database is locked". `postgresql://` URLs use psycopg 3.
+Any SQLAlchemy URL works. SQLite runs in WAL mode with a busy timeout, and every write
+transaction starts with BEGIN IMMEDIATE, so several worker processes can write to one file
+without "database is locked"; reads never wait for writers. `postgresql://` URLs use psycopg 3.
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ class Item(Base):
     job: Mapped[Job] = relationship(back_populates="items")
 
 
+WRITE_OPTION = "gencli_write"
+
+
 def normalize_url(url: str) -> str:
     """postgresql:// means psycopg 3 here (SQLAlchemy's default driver is psycopg2)."""
     u = make_url(url)
@@ -146,10 +149,14 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlock
+        # Writers take the write lock up front (no deadlock upgrading a read lock); readers don't
+        # wait for writers at all (WAL).
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, *, write: bool = False) -> sessionmaker:
+    """Sessions for reads, or (write) for transactions that write: BEGIN IMMEDIATE on SQLite."""
+    return sessionmaker(engine.execution_options(**{WRITE_OPTION: True}) if write else engine,
+                        expire_on_commit=False)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import sqlalchemy as sa
-from gencli.storage.db import utcnow
 from sqlalchemy.engine import Connection, Engine
+
+from gencli.storage.db import WRITE_OPTION, utcnow
 
 
 def _0001_jobs_and_items(conn: Connection) -> None:
@@ -85,7 +86,7 @@ _log = sa.Table(
 def migrate(engine: Engine) -> list[str]:
     """Apply the migrations this store lacks, in order; return their names."""
     applied_now = []
-    with engine.begin() as conn:
+    with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:  # one migrator at a time
         if conn.dialect.name == "postgresql":  # one migrator at a time across machines
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7471)"))
         _log.create(conn, checkfirst=True)

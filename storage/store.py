@@ -11,6 +11,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
 from gencli.storage.db import (
     Item,
     ItemStatus,
@@ -21,8 +24,6 @@ from gencli.storage.db import (
     utcnow,
 )
 from gencli.storage.migrations import migrate
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 
 _stores: dict[str, Store] = {}
 
@@ -50,7 +51,8 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         migrate(self.engine)
-        self.Session = make_sessionmaker(self.engine)
+        self.Session = make_sessionmaker(self.engine)  # reads
+        self.Write = make_sessionmaker(self.engine, write=True)
 
     # --- submit side -------------------------------------------------------------------
     def create_job(
@@ -87,7 +89,7 @@ class Store:
             completion_tokens=0,
         )
         try:
-            with self.Session.begin() as s:
+            with self.Write.begin() as s:
                 s.add(job)
                 s.flush()
                 if items:  # a prep job has none
@@ -107,7 +109,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         """Remove a job that could not be enqueued (nothing half-recorded)."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             s.execute(Item.__table__.delete().where(Item.job_id == job_id))
             s.execute(Job.__table__.delete().where(Job.id == job_id))
 
@@ -152,7 +154,7 @@ class Store:
 
     def request_cancel(self, job_id: str) -> str:
         """Cancel: a queued job is cancelled at once; a running one is asked to stop. New status."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise StoreError(f"no job {job_id}")
@@ -171,7 +173,7 @@ class Store:
 
     def reset_for_retry(self, job_id: str) -> int:
         """Put a finished job's failed and cancelled items back (a failed prep job whole); how many."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise StoreError(f"no job {job_id}")
@@ -200,7 +202,7 @@ class Store:
               max_deliveries: int) -> Claim:
         """Take the job for this delivery, or say why not (a redelivered copy, a live lease)."""
         now = utcnow()
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             job = s.get(Job, job_id)
             if job is None:
                 return Claim(False, "missing")
@@ -228,7 +230,7 @@ class Store:
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> tuple[bool, bool]:
         """Extend the lease; (still ours, cancel requested)."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             n = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
@@ -241,7 +243,7 @@ class Store:
                   finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
                   error: str | None = None) -> bool:
         """Record one item's result, only while the lease is ours."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             if not self._holds(s, job_id, owner):
                 return False
             s.execute(
@@ -254,7 +256,7 @@ class Store:
 
     def finish(self, job_id: str, owner: str, status: JobStatus, **fields) -> bool:
         """End the job (stats and error fields as keywords), only while the lease is ours."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             if not self._holds(s, job_id, owner):
                 return False
             job = s.get(Job, job_id)
@@ -271,7 +273,7 @@ class Store:
 
     def release(self, job_id: str, owner: str) -> bool:
         """Give a running job back to the queue (worker shutting down)."""
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             return s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
@@ -282,7 +284,7 @@ class Store:
     def take_expired(self) -> list[Job]:
         """Running jobs whose lease ran out (their worker died): put back to queued, returned."""
         now = utcnow()
-        with self.Session.begin() as s:
+        with self.Write.begin() as s:
             jobs = list(s.scalars(
                 select(Job).where(Job.status == JobStatus.RUNNING.value, Job.lease_expires < now)
             ))

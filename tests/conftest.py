@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from services import RedisServer, start_worker
+
 from gencli.model.chat import ChatFormat
 from gencli.model.checkpoint import (
     LoadedModel,
@@ -19,7 +21,6 @@ from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.settings import get_settings
 from gencli.worker.client import Client
-from services import RedisServer, start_worker
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
 # waiting makes them several times slower.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 import torch
+
 from gencli.model.checkpoint import create_model, load_model
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import get_settings

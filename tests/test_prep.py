@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from gencli.cli.main import main
 from gencli.model.chat import ChatFormat
 from gencli.model.tokenizer import Tokenizer, load_encoding

@@ -7,12 +7,13 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from services import start_worker
+
 from gencli.cli.main import main
 from gencli.model.checkpoint import load_model
 from gencli.model.engine import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
-from services import start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
+
 from gencli.cli.main import main
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings, get_settings

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
 from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
 from gencli.storage.migrations import MIGRATIONS, migrate
 from gencli.storage.store import Store, StoreError
-from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("GENCLI_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -57,7 +57,6 @@ def wait_for(cond, timeout, what):
 
 
 def test_sigkill_mid_job_another_worker_finishes_it_once_with_a_whole_stream(env, tiny, client):
-    r = env["redis"].client()
     a = start_worker(env, tiny, "doomed@test", "--model-name", "tiny-kill", "--batch_size", "2")
     b = None
     try:

@@ -10,6 +10,7 @@ import os
 import re
 
 from celery import Celery
+
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
+
 from gencli.model.chat import ChatFormat, render
 from gencli.model.engine import SamplingParams, fit_prompt
 from gencli.model.errors import GencliError

@@ -7,6 +7,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import redis
+
 from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import redis
+
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 

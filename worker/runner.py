@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+
 from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
 from gencli.model.textgen import TextGenerator

@@ -17,6 +17,7 @@ import time
 
 import redis
 import torch
+
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams

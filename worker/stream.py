@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import redis
 
+RUNNING_TTL = 7 * 24 * 3600  # added to a running job's log TTL: no job runs longer
+
 
 def channel(job_id: str) -> str:
     return f"gencli:chan:{job_id}"
@@ -55,7 +57,8 @@ class Publisher:
             data = json.dumps(e, ensure_ascii=False)
             pipe.xadd(log_key(self.job_id), {"e": data}, id=f"{self.seq}-0")
             pipe.publish(channel(self.job_id), data)
-        pipe.expire(log_key(self.job_id), self.ttl)
+        if any(e["t"] in ("start", "end") for e in events):  # the log outlives the job by ttl
+            pipe.expire(log_key(self.job_id), self.ttl + (0 if events[-1]["t"] == "end" else RUNNING_TTL))
         pipe.execute()
 
 
