@@ -57,10 +57,13 @@ def prep_step(data: Path) -> None:
         f"{split} {c['conversations']} conversations / {c['tokens']:,} tokens" for split, c in counts.items()), err=True)
 
 
-def train_step(data: Path, model: Path) -> None:
+def train_step(data: Path, model: Path, max_iters: int | None) -> None:
     from gencli.model.train import TrainConfig, read_state, train
 
     cfg = TrainConfig()
+    if max_iters:
+        cfg.max_iters = max_iters
+        cfg.eval_interval = min(cfg.eval_interval, max_iters)
     resume = (model / "train_state.pt").exists()
     if resume and read_state(model)["iter_num"] >= cfg.max_iters:
         click.echo(f"[2/4] model {model}: trained already", err=True)
@@ -101,9 +104,11 @@ def worker_step(client: Client, model: Path, log: Path) -> subprocess.Popen | No
 @click.option("--prompt_file", "--prompt-file", "prompt_file", default=None,
               help="Prompts, one per line (default: three built-in ones).")
 @click.option("--max_tokens", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--train-iters", "--train_iters", "train_iters", type=click.IntRange(min=1), default=None,
+              help="Training iterations (default: the tiny preset's full run).")
 @click.option("--keep-worker", is_flag=True, help="Leave the worker running afterwards.")
 @click.pass_context
-def demo(ctx, prompt_file, max_tokens, keep_worker):
+def demo(ctx, prompt_file, max_tokens, train_iters, keep_worker):
     """Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."""
     items = (read_prompt_file(prompt_file, each_line=True) if prompt_file
              else [PromptItem(p, n) for n, p in enumerate(PROMPTS, start=1)])
@@ -111,7 +116,7 @@ def demo(ctx, prompt_file, max_tokens, keep_worker):
     data, model = base / "data" / "chitchat-chatml", base / "models" / MODEL_NAME
     base.mkdir(parents=True, exist_ok=True)
     prep_step(data)
-    train_step(data, model)
+    train_step(data, model, train_iters)
     client = Client()
     proc = worker_step(client, model, base / "worker.log")
     try:

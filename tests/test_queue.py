@@ -272,3 +272,17 @@ def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(env, client, w
     assert job.wait(30) is JobStatus.SUCCEEDED
     assert worker.alive()
     assert "pickle" in worker.log.read_text().lower()
+
+
+def test_higher_priority_runs_first(env, tiny, client):
+    low = [client.submit([f"low {n}"], model="tiny-prio", max_tokens=4, priority=0) for n in range(3)]
+    high = client.submit(["high"], model="tiny-prio", max_tokens=4, priority=9)
+    w = start_worker(env, tiny, "prio@test", "--model-name", "tiny-prio")
+    try:
+        for j in [*low, high]:
+            assert j.wait(60) is JobStatus.SUCCEEDED
+        started = sorted([*low, high], key=lambda j: j.record().started_at)
+        assert started[0].id == high.id
+        assert [j.id for j in started[1:]] == [j.id for j in low]  # the rest in submission order
+    finally:
+        w.stop()

@@ -108,8 +108,14 @@ def serve(
     beat = threading.Thread(target=_heartbeat, args=(ctx, app, tuple(queues), info), daemon=True,
                             name="gencli-heartbeat")
     beat.start()
-    app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
-                     f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    try:
+        app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
+                         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    finally:
+        try:  # gone from `gencli status` at once, not when the heartbeat expires
+            r.delete(worker_key(name))
+        except redis.RedisError:
+            pass
 
 
 def _warm_up(ctx: WorkerContext) -> None:
