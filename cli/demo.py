@@ -58,7 +58,7 @@ def prep_step(data: Path) -> None:
 
 
 def train_step(data: Path, model: Path, max_iters: int | None) -> None:
-    from gencli.model.train import TrainConfig, read_state, train
+    from gencli.model.train import TrainConfig, read_state, reuse_freed_memory, train
 
     cfg = TrainConfig()
     if max_iters:
@@ -70,6 +70,7 @@ def train_step(data: Path, model: Path, max_iters: int | None) -> None:
         return
     click.echo(f"[2/4] training the tiny model on it (a few minutes on 2 CPU cores){' (resuming)' if resume else ''}",
                err=True)
+    reuse_freed_memory()
     result = train(data, model, cfg, resume=resume, progress=lambda event: click.echo(f"  {event}", err=True))
     click.echo(f"[2/4] model {model}: val loss {result.val_loss:.3f} vs unigram baseline {result.baseline:.3f}",
                err=True)

@@ -48,7 +48,7 @@ class TrainConfig:
     # Defaults: the tiny preset's run, a few minutes on 2 CPU cores on chitchat-sized data.
     preset: str = "tiny"  # shape of a new model (checkpoint.PRESETS); ignored with init_from/resume
     max_iters: int = 300
-    batch_size: int = 8  # sequences per step
+    batch_size: int = 4  # sequences per step
     block_size: int | None = None  # tokens per sequence; None: the model's context
     lr: float = 3e-3  # peak learning rate, after warmup
     min_lr: float = 3e-4  # where the cosine decay ends
@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     eval_interval: int = 100
-    eval_iters: int = 4  # batches per split in an eval, on fixed windows
+    eval_iters: int = 8  # batches per split in an eval, on fixed windows
     log_interval: int = 10
     seed: int = 1337
     assistant_only: bool = False  # loss only on assistant tokens (needs the mask files)
