@@ -19,7 +19,7 @@ from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
-from gencli.model.engine import SamplingParams
+from gencli.model.engine import SamplingParams, default_max_tokens
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
@@ -138,13 +138,14 @@ def generate(ctx, model_path, tokenizer, chat_format, device, max_tokens, temper
     if each_line and prompt_file is None:
         raise click.UsageError("--each-line goes with --prompt_file")
     items = _read_items(prompts, prompt_file, each_line)
-    params = sampling_params(max_tokens, temperature, top_k, top_p)
     writer = ResultWriter(out) if out else None
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
     gen = TextGenerator(loaded)
+    max_tokens = max_tokens or default_max_tokens(gen.block_size)
+    params = sampling_params(max_tokens, temperature, top_k, top_p)
     if verbose:
         click.echo(
             f"[loaded {loaded.kind} model {model_path} ({loaded.model.num_params() / 1e6:.1f}M params, "

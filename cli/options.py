@@ -50,8 +50,8 @@ model_options = _apply(
 
 sampling_options = _apply(
     [
-        click.option("--max_tokens", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=256,
-                     show_default=True, help="New tokens per sample."),
+        click.option("--max_tokens", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=None,
+                     help="New tokens per sample (default: 256, or half the model's context if smaller)."),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
                      help="0 is greedy."),
         click.option("--top_k", "--top-k", "top_k", type=click.IntRange(min=1), default=200, show_default=True),

@@ -47,6 +47,11 @@ class SamplingParams:
             raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def default_max_tokens(block_size: int) -> int:
+    """New tokens when none are asked for: 256, or half the context of a smaller model."""
+    return min(256, block_size // 2)
+
+
 def fit_prompt(ids: list[int], max_tokens: int, block_size: int, *, truncate: bool) -> list[int]:
     """The prompt if it fits with max_tokens new tokens; with truncate, its newest tokens."""
     if max_tokens >= block_size:

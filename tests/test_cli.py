@@ -271,3 +271,12 @@ def test_ctrl_c_at_the_interactive_prompt_exits_130(model_dir, home):
     finally:
         p.kill()
     assert b"Traceback" not in p.stderr.read()
+
+
+def test_default_max_tokens_fits_a_small_context(model_dir, tmp_path):
+    out = tmp_path / "o"
+    r = gen(model_dir, "--prompt", "hello", "--temperature", "0", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    (rec,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert rec["params"]["max_tokens"] == 128  # half the tiny model's 256-token context
+    assert rec["usage"]["completion_tokens"] <= 128

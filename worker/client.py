@@ -22,7 +22,7 @@ from functools import lru_cache
 import redis
 
 from gencli.model.chat import ChatFormat, render
-from gencli.model.engine import SamplingParams, fit_prompt
+from gencli.model.engine import SamplingParams, default_max_tokens, fit_prompt
 from gencli.model.errors import GencliError
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
@@ -34,7 +34,7 @@ from gencli.worker.redis_boot import resolve_redis_url
 from gencli.worker.stream import Publisher, cancel_key, follow, last_seq
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
+DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
 
 
 def model_info_key(name: str) -> str:
@@ -65,7 +65,8 @@ def check_params(p: dict, where: str = "") -> dict:
         raise GencliError(f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}")
     full = dict(DEFAULTS, **p)
     try:
-        SamplingParams(max_tokens=full["max_tokens"], temperature=float(full["temperature"]),
+        SamplingParams(max_tokens=1 if full["max_tokens"] is None else full["max_tokens"],
+                       temperature=float(full["temperature"]),
                        top_k=full["top_k"], top_p=float(full["top_p"]))
     except (TypeError, ValueError) as e:
         raise GencliError(f"{where}bad sampling parameter: {e}") from None
@@ -175,7 +176,8 @@ class Client:
             try:
                 ids = render(tok, fmt, p) if isinstance(p, list) else (
                     render(tok, fmt, [{"role": "user", "content": p}]) if chat else tok.encode(p))
-                max_tokens = (it.get("params") or {}).get("max_tokens", params["max_tokens"])
+                max_tokens = ((it.get("params") or {}).get("max_tokens") or params["max_tokens"]
+                              or default_max_tokens(info["block_size"]))
                 fit_prompt(ids, max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 raise GencliError(f"line {it['line']}: {e}") from None

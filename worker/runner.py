@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gencli.model.engine import SamplingParams
+from gencli.model.engine import SamplingParams, default_max_tokens
 from gencli.model.errors import GencliError
 from gencli.model.textgen import TextGenerator
 from gencli.model.textstream import TextStream
@@ -52,9 +52,11 @@ class ItemRun:
     params: SamplingParams
 
 
-def job_params(params: dict, override: dict | None) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+def job_params(params: dict, override: dict | None, block_size: int) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
     p = dict(params, **(override or {}))
-    sp = SamplingParams(max_tokens=int(p.get("max_tokens", 256)), temperature=float(p.get("temperature", 0.8)),
+    max_tokens = p.get("max_tokens")
+    max_tokens = default_max_tokens(block_size) if max_tokens is None else max_tokens
+    sp = SamplingParams(max_tokens=int(max_tokens), temperature=float(p.get("temperature", 0.8)),
                         top_k=p.get("top_k"), top_p=float(p.get("top_p", 1.0)))
     return sp, p.get("seed"), tuple(p.get("stop") or ())
 
@@ -88,7 +90,7 @@ def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> s
         if item.status != ItemStatus.PENDING.value:
             continue
         try:
-            params, seed, stop = job_params(job.params, item.params)
+            params, seed, stop = job_params(job.params, item.params, gen.block_size)
             ids = gen.fit(gen.encode(item.prompt, chat=chat), params.max_tokens, truncate=truncate)
         except GencliError as e:
             store.save_item(job_id, owner, item.idx, status=ItemStatus.FAILED, output=None, finish_reason=None,
