@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 
 from gencli.model.chat import ROLES
-from gencli.prep.common import Conversation, InputFile, Problems, existing_file, lines
+from gencli.prep.common import Conversation, InputFile, Problems, existing_file, read_lines
 from gencli.prep.spec import PrepError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -30,13 +30,7 @@ def inputs(paths: tuple[str, ...]) -> list[InputFile]:
 
 
 def read(inp: InputFile, problems: Problems) -> Iterator[Conversation]:
-    for n, line in lines(inp.path, problems):
-        try:
-            messages = parse_line(line)
-        except ValueError as e:
-            problems.bad(f"{inp.path}:{n}", str(e))
-            continue
-        yield Conversation(messages, inp.split)
+    return read_lines(inp, problems, parse_line)
 
 
 def parse_line(line: str) -> list[tuple[str, str]]:

@@ -97,3 +97,14 @@ def lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
         line = line.rstrip("\r")
         if line.strip():
             yield n, line
+
+
+def read_lines(inp: InputFile, problems: Problems, parse_line) -> Iterator[Conversation]:
+    """The conversations of a one-per-line file; parse_line(text) -> messages, or ValueError."""
+    for n, line in lines(inp.path, problems):
+        try:
+            messages = parse_line(line)
+        except ValueError as e:
+            problems.bad(f"{inp.path}:{n}", str(e))
+            continue
+        yield Conversation(messages, inp.split)

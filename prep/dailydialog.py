@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from gencli.prep.common import Conversation, InputFile, Problems, existing_file, lines
+from gencli.prep.common import Conversation, InputFile, Problems, existing_file, read_lines
 from gencli.prep.spec import PrepError
 
 EOU = "__eou__"
@@ -60,13 +60,7 @@ def _release(folder: Path) -> list[InputFile]:
 
 
 def read(inp: InputFile, problems: Problems) -> Iterator[Conversation]:
-    for n, line in lines(inp.path, problems):
-        try:
-            messages = parse_line(line)
-        except ValueError as e:
-            problems.bad(f"{inp.path}:{n}", str(e))
-            continue
-        yield Conversation(messages, inp.split)
+    return read_lines(inp, problems, parse_line)
 
 
 def parse_line(line: str) -> list[tuple[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import traceback
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -51,6 +53,20 @@ class WorkerContext:
                 load_model(lm.path, tokenizer=lm.tokenizer.spec_name, chat_format=lm.chat_format.value, device="cpu")
             )
         return self._cpu
+
+    def run_job(self, job_id: str, body: Callable[[str, str, int], str]) -> str:
+        """Claim the job under a fresh lease owner and run body(job_id, owner, attempt) while it is
+        the current job; or return why it was not claimed."""
+        owner = uuid.uuid4().hex
+        claim = self.claim(job_id, owner)
+        if not claim.ok:
+            return claim.reason
+        self.current = {"job": job_id, "owner": owner}
+        try:
+            return body(job_id, owner, claim.attempt)
+        finally:
+            self.current = None
+            self.lease_lost.discard(owner)
 
     def claim(self, job_id: str, owner: str) -> Claim:
         """Take the job under a lease, or say why not; a job ended here gets its "end" event."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
@@ -35,16 +34,7 @@ def summary(result: PrepResult, spec: PrepSpec) -> dict:
 
 
 def run_prep_job(ctx: WorkerContext, job_id: str) -> str:
-    owner = uuid.uuid4().hex
-    claim = ctx.claim(job_id, owner)
-    if not claim.ok:
-        return claim.reason
-    ctx.current = {"job": job_id, "owner": owner}
-    try:
-        return _run(ctx, job_id, owner, claim.attempt)
-    finally:
-        ctx.current = None
-        ctx.lease_lost.discard(owner)
+    return ctx.run_job(job_id, lambda job_id, owner, attempt: _run(ctx, job_id, owner, attempt))
 
 
 def _run(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -63,16 +62,7 @@ def job_params(params: dict, override: dict | None, block_size: int) -> tuple[Sa
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
     """Run (or resume) one job; return how it ended, or why it was not run."""
-    owner = uuid.uuid4().hex
-    claim = ctx.claim(job_id, owner)
-    if not claim.ok:
-        return claim.reason
-    ctx.current = {"job": job_id, "owner": owner}
-    try:
-        return _run_claimed(ctx, job_id, owner, claim.attempt)
-    finally:
-        ctx.current = None
-        ctx.lease_lost.discard(owner)
+    return ctx.run_job(job_id, lambda job_id, owner, attempt: _run_claimed(ctx, job_id, owner, attempt))
 
 
 def _run_claimed(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:

@@ -104,33 +104,25 @@ def follow(
             ps.subscribe(channel(job_id))  # before reading the log: nothing falls between
             down_since = None
             backlog = read_log(r, job_id, seen)
-            yield from backlog
-            if backlog:
-                seen = backlog[-1]["seq"]
-                if backlog[-1]["t"] == "end":
-                    return
             while True:
-                msg = ps.get_message(timeout=poll)
-                if msg is not None:
-                    e = json.loads(msg["data"])
-                    if e["seq"] <= seen:
-                        continue
-                    if e["seq"] == seen + 1:
-                        seen = e["seq"]
-                        yield e
-                        if e["t"] == "end":
-                            return
-                        continue
-                # a gap, or a quiet channel: catch up from the log
-                backlog = read_log(r, job_id, seen)
                 yield from backlog
                 if backlog:
                     seen = backlog[-1]["seq"]
                     if backlog[-1]["t"] == "end":
                         return
-                elif msg is None and is_done is not None and is_done():
-                    backlog = read_log(r, job_id, seen)
-                    yield from backlog
+                msg = ps.get_message(timeout=poll)
+                if msg is not None:
+                    e = json.loads(msg["data"])
+                    if e["seq"] <= seen:
+                        backlog = []
+                        continue
+                    if e["seq"] == seen + 1:
+                        backlog = [e]
+                        continue
+                # a gap, or a quiet channel: catch up from the log
+                backlog = read_log(r, job_id, seen)
+                if not backlog and msg is None and is_done is not None and is_done():
+                    yield from read_log(r, job_id, seen)
                     return
         except (redis.ConnectionError, redis.TimeoutError):
             down_since = down_since or time.monotonic()
