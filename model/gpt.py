@@ -51,6 +51,36 @@ class KVCache:
         self.v = self.v[:, rows].contiguous()
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can run through oneDNN at CPU inference (`GPT.prepare_for_inference`).
+
+    For the few-row products of decoding, F.linear's MKL sgemm takes a slow path on some CPUs
+    (AMD EPYC, for one); oneDNN's matmul reads the same (out, in) weight in place, no copy,
+    and a GPT-2-small decoding step takes about 1.7x less time at batch 1 and at batch 8 on
+    2 cores of one (see bench.decode). Training, and anything with grad enabled, takes F.linear.
+    """
+
+    onednn = False  # set by GPT.prepare_for_inference where oneDNN works
+
+    def forward(self, x):
+        if self.onednn and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_linear_works(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's linear runs here and agrees with F.linear (CPU float32 weights only)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    try:
+        x = torch.arange(24.0).view(3, 8).sin()  # fixed values: leave the global RNG alone
+        w, b = torch.arange(40.0).view(5, 8).cos(), torch.ones(5)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):  # torch built without oneDNN
+        return False
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
 
@@ -67,8 +97,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -100,9 +130,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -136,7 +166,7 @@ class GPT(nn.Module):
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix
         self._head_t: torch.Tensor | None = None
         self.apply(self._init_weights)
@@ -157,17 +187,28 @@ class GPT(nn.Module):
 
     def train(self, mode: bool = True):
         self._head_t = None  # weights may change: drop the inference copy of the head
+        self._set_onednn(False)
         return super().train(mode)
 
-    def prepare_for_inference(self) -> GPT:
-        """Switch to eval mode and keep a (C, V) row-major copy of the LM head.
+    def _set_onednn(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.onednn = on
 
-        x @ W.T through F.linear takes a slow BLAS path for a handful of rows against a
-        (V, C) matrix this large; a pre-transposed copy reads the same bytes in a plain
-        matrix product, about twice as fast at batch 1 on the CPU (see bench.decode).
+    def prepare_for_inference(self) -> GPT:
+        """Switch to eval mode and pick the fastest way to run the Linear layers here.
+
+        On the CPU in float32, every Linear layer (the LM head included) runs through oneDNN
+        (see `Linear`), with no extra copy of any weight. Otherwise (another device or dtype, a
+        torch without oneDNN) the LM head keeps a (C, V) row-major copy: x @ W.T through
+        F.linear takes a slow BLAS path for a handful of rows against a (V, C) matrix this
+        large, and the pre-transposed copy reads the same bytes in a plain matrix product,
+        about twice as fast at batch 1 on the CPU.
         """
         self.eval()
-        self._head_t = self.lm_head.weight.detach().t().contiguous()
+        onednn = _onednn_linear_works(self.lm_head.weight)
+        self._set_onednn(onednn)
+        self._head_t = None if onednn else self.lm_head.weight.detach().t().contiguous()
         return self
 
     def _head(self, x):
