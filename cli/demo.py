@@ -10,7 +10,6 @@ Everything lives under $GENCLI_HOME/demo; the worker this command started is sto
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,10 +20,11 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from gencli.cli.queue import _tail
+from gencli.cli.queue import _tail, live_workers
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
-from gencli.worker.client import Client, worker_key
+from gencli.worker.app import queue_for
+from gencli.worker.client import Client
 from gencli.worker.prompts import PromptItem, read_prompt_file
 
 MODEL_NAME = "chitchat-tiny"
@@ -76,21 +76,15 @@ def train_step(data: Path, model: Path, max_iters: int | None) -> None:
                err=True)
 
 
-def serving_workers(client: Client) -> list[dict]:
-    r = client.redis
-    found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
-    return [w for w in found if w.get("model") == MODEL_NAME]
-
-
 def worker_step(client: Client, model: Path, log: Path) -> subprocess.Popen | None:
-    if serving_workers(client):
+    if live_workers(client, queue_for(MODEL_NAME)):
         click.echo(f"[3/4] a worker already serves {MODEL_NAME}", err=True)
         return None
     env = dict(os.environ, GENCLI_REDIS_URL=client.redis_url)
     proc = subprocess.Popen([sys.executable, "-m", "gencli.cli", "worker", "--model", str(model), "--device", "auto"],
                             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not serving_workers(client):
+    while not live_workers(client, queue_for(MODEL_NAME)):
         if proc.poll() is not None:
             raise GencliError(f"the worker exited with {proc.returncode}: see {log}")
         if time.monotonic() > deadline:

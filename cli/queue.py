@@ -82,9 +82,9 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         if not items:
             raise GencliError(f"job {job.id} has no prompt at line {line}")
     pos = {it.idx: n for n, it in enumerate(items)}
-    if job.status is JobStatus.QUEUED:
+    if job.status is JobStatus.QUEUED and not live_workers(client, job_queue(record)):
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
-        click.echo(f"[job {job.id} is queued for {what}; waiting for a worker]", err=True)
+        click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
     bar = None
     seen: set[int] = set()
@@ -134,12 +134,23 @@ def prep_summary(result: dict) -> str:
     return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
 
 
+def live_workers(client: Client, queue: str | None = None) -> list[dict]:
+    """The workers whose heartbeat is fresh (those serving queue, when given)."""
+    r = client.redis
+    found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
+    return [w for w in found if queue is None or queue in w["queues"]]
+
+
+def job_queue(job) -> str:
+    return PREP_QUEUE if job.kind == "prep" else queue_for(job.model)
+
+
 @click.command()
 def status():
     """Live workers (device, model, current job), queue depths, and queues nobody serves."""
     client = Client()
     r = client.redis
-    workers = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
+    workers = live_workers(client)
     served = {q for w in workers for q in w["queues"]}
     click.echo(f"workers ({len(workers)}):")
     for w in sorted(workers, key=lambda w: w["name"]):
