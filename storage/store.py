@@ -255,18 +255,22 @@ class Store:
             return True
 
     def finish(self, job_id: str, owner: str, status: JobStatus, **fields) -> bool:
-        """End the job (stats and error fields as keywords), only while the lease is ours."""
+        """End the job (stats and error fields as keywords), only while the lease is ours.
+
+        Items a cancelled or failed job never reached become cancelled or failed with it, so
+        `gencli retry` runs them."""
         with self.Write.begin() as s:
             if not self._holds(s, job_id, owner):
                 return False
             job = s.get(Job, job_id)
             for k, v in fields.items():
                 setattr(job, k, v)
-            if status is JobStatus.CANCELLED:
+            left = {JobStatus.CANCELLED: ItemStatus.CANCELLED, JobStatus.FAILED: ItemStatus.FAILED}.get(status)
+            if left is not None:
                 s.execute(
                     update(Item)
                     .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
-                    .values(status=ItemStatus.CANCELLED.value)
+                    .values(status=left.value, error=job.error_message if left is ItemStatus.FAILED else None)
                 )
             self._finish(s, job, status)
             return True

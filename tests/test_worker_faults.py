@@ -134,3 +134,18 @@ def test_workers_supervisor_starts_named_cpu_workers_and_stops_them(env, tiny):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_hard_time_limit_fails_the_job_once_and_ends_the_worker(env, tiny, client):
+    w = start_worker(env, tiny, "hard@test", "--model-name", "tiny-hard", "--batch_size", "1",
+                     extra_env={"GENCLI_HARD_TIME_LIMIT": "1"})
+    try:
+        job = client.submit(PROMPTS * 20, model="tiny-hard", max_tokens=240, temperature=0)
+        assert job.wait(60) is JobStatus.FAILED
+        rec = job.record()
+        assert rec.error_class == "HardTimeLimitExceeded" and "hard time limit of 1 s" in rec.error_message
+        assert w.proc.wait(30) == 70
+        statuses = {x["status"] for x in job.result()}
+        assert "pending" not in statuses and "failed" in statuses  # gencli retry can run them
+    finally:
+        w.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -61,7 +62,7 @@ class WorkerContext:
         claim = self.claim(job_id, owner)
         if not claim.ok:
             return claim.reason
-        self.current = {"job": job_id, "owner": owner}
+        self.current = {"job": job_id, "owner": owner, "started": time.monotonic()}
         try:
             return body(job_id, owner, claim.attempt)
         finally:

