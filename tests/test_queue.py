@@ -286,3 +286,30 @@ def test_higher_priority_runs_first(env, tiny, client):
         assert [j.id for j in started[1:]] == [j.id for j in low]  # the rest in submission order
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_ctrl_c_in_tail_detaches_or_cancels(env, client, worker, cancel):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    job = client.submit(["a long one"] * 4, model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=2)
+    args = [sys.executable, "-m", "gencli.cli", "tail", job.id] + (["--cancel-on-interrupt"] if cancel else [])
+    p = subprocess.Popen(args, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.read(40)  # tokens are flowing
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 130
+    finally:
+        p.kill()
+    err = p.stderr.read().decode()
+    assert "Traceback" not in err
+    if cancel:
+        assert "[cancelled job" in err
+        assert job.wait(30) is JobStatus.CANCELLED
+    else:
+        assert "[detached; the job goes on" in err
+        assert job.wait(60) is JobStatus.SUCCEEDED
