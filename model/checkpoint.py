@@ -130,7 +130,9 @@ def _torch_load(path: Path) -> object:
             ) from None
         raise CheckpointError(f"{path} is corrupt: {_first_line(e)}") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupt, or not a PyTorch checkpoint at all ({_first_line(e)})"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
