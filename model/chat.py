@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from gencli.model.errors import GencliError
+from gencli.model.errors import GencliError, InvalidParameterError
 from gencli.model.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -102,6 +102,17 @@ def render(
 ) -> list[int]:
     """Token ids of a conversation; with add_generation_prompt, ending with the assistant header."""
     return encode_segments(tok, segments(fmt, messages, add_generation_prompt=add_generation_prompt))[0]
+
+
+def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict], *, chat: bool) -> list[int]:
+    """A prompt's ids: messages, or text with chat, through the template; plain text as text."""
+    if isinstance(prompt, list):
+        return render(tok, fmt, prompt)
+    if not prompt.strip():
+        raise InvalidParameterError("empty prompt: give some text")
+    if chat:
+        return render(tok, fmt, [{"role": "user", "content": prompt}])
+    return tok.encode(prompt)
 
 
 def stop_strings(fmt: ChatFormat) -> tuple[str, ...]:

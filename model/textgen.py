@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gencli.model.chat import ChatFormat, render, stop_strings
+from gencli.model.chat import ChatFormat, encode_prompt, stop_strings
 from gencli.model.checkpoint import LoadedModel
 from gencli.model.engine import Generation, SamplingParams, fit_prompt
 from gencli.model.errors import InvalidParameterError
@@ -74,13 +74,7 @@ class TextGenerator:
 
     def encode(self, prompt: Prompt, *, chat: bool) -> list[int]:
         """Prompt ids: messages, or text with chat, go through the chat template."""
-        if isinstance(prompt, list):
-            return render(self.tokenizer, self.chat_format, prompt)
-        if not prompt.strip():
-            raise InvalidParameterError("empty prompt: give some text")
-        if chat:
-            return render(self.tokenizer, self.chat_format, [{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, self.chat_format, prompt, chat=chat)
 
     def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
         return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)

@@ -204,10 +204,11 @@ class Tokenizer:
     def check_ids(self, ids: list[int], vocab_size: int) -> None:
         """Refuse a prompt given as ids that the model or the tokenizer cannot take."""
         limit = min(vocab_size, self.encoding.max_token_value + 1)
+        specials = self.special_ids()
         for i in ids:
             if not 0 <= i < limit:
                 raise TokenizerError(f"token id {i} is outside the vocabulary (0..{limit - 1})")
-            if i not in self.special_ids():
+            if i not in specials:
                 try:
                     self.encoding.decode_single_token_bytes(i)
                 except KeyError:

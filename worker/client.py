@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import redis
 
-from gencli.model.chat import ChatFormat, render
+from gencli.model.chat import ChatFormat, encode_prompt
 from gencli.model.engine import SamplingParams, default_max_tokens, fit_prompt
 from gencli.model.errors import GencliError
 from gencli.model.tokenizer import Tokenizer, load_encoding
@@ -56,6 +56,16 @@ class StreamDelta:
     item: int  # index of the prompt in the job
     text: str
     finish_reason: str | None
+
+
+def job_params(params: dict, override: dict | None, block_size: int) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+    """One prompt's (sampling params, seed, stop strings): the job's, its line's overrides, and
+    for max_tokens left unset the model's default."""
+    p = {**DEFAULTS, **params, **(override or {})}
+    max_tokens = default_max_tokens(block_size) if p["max_tokens"] is None else p["max_tokens"]
+    sp = SamplingParams(max_tokens=int(max_tokens), temperature=float(p["temperature"]), top_k=p["top_k"],
+                        top_p=float(p["top_p"]))
+    return sp, p["seed"], tuple(p["stop"] or ())
 
 
 def check_params(p: dict, where: str = "") -> dict:
@@ -112,16 +122,20 @@ class Client:
         if not items:
             raise GencliError("no prompts to submit")
         self._check_context(model, items, params, chat=chat, truncate=truncate)
-        job_params = dict(params, chat=chat, truncate=truncate)
-        job, created = self.store.create_job(model=model, params=job_params, items=items, priority=priority,
-                                             idempotency_key=idempotency_key)
+        return self._record(model=model, params=dict(params, chat=chat, truncate=truncate), items=items,
+                            priority=priority, idempotency_key=idempotency_key)
+
+    def _record(self, **job) -> Job:
+        """Record the job and put it on its queue; if it cannot be queued, remove it again (nothing
+        half-recorded). An idempotency key already recorded returns that job."""
+        record, created = self.store.create_job(**job)
         if created:
             try:
-                self._enqueue(job.id, model, priority)
+                self._enqueue(record.id, record.model, record.priority, record.kind)
             except Exception as e:  # kombu wraps connection errors in its own types
-                self.store.delete_job(job.id)
+                self.store.delete_job(record.id)
                 raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
-        return Job(self, job.id)
+        return Job(self, record.id)
 
     def _item(self, p, n: int) -> dict:
         if isinstance(p, PromptItem):
@@ -145,16 +159,8 @@ class Client:
         for p in spec.paths:
             if not os.path.exists(p):
                 raise GencliError(f"{p}: no such file or directory (a {spec.source} source path)")
-        job, created = self.store.create_job(kind="prep", model=spec.source, items=[], priority=priority,
-                                             params={"spec": spec.to_dict(), "force": force},
-                                             idempotency_key=idempotency_key)
-        if created:
-            try:
-                self._enqueue(job.id, job.model, priority, kind="prep")
-            except Exception as e:  # kombu wraps connection errors in its own types
-                self.store.delete_job(job.id)
-                raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
-        return Job(self, job.id)
+        return self._record(kind="prep", model=spec.source, items=[], priority=priority,
+                            params={"spec": spec.to_dict(), "force": force}, idempotency_key=idempotency_key)
 
     def model_info(self, model: str) -> dict | None:
         """What a worker recorded about the model (context, tokenizer, chat format), if any."""
@@ -172,13 +178,10 @@ class Client:
         tok = _tokenizer(info["tokenizer"], info["chat_format"])
         fmt = ChatFormat(info["chat_format"])
         for it in items:
-            p = it["prompt"]
             try:
-                ids = render(tok, fmt, p) if isinstance(p, list) else (
-                    render(tok, fmt, [{"role": "user", "content": p}]) if chat else tok.encode(p))
-                max_tokens = ((it.get("params") or {}).get("max_tokens") or params["max_tokens"]
-                              or default_max_tokens(info["block_size"]))
-                fit_prompt(ids, max_tokens, info["block_size"], truncate=truncate)
+                ids = encode_prompt(tok, fmt, it["prompt"], chat=chat)
+                sampling, _, _ = job_params(params, it.get("params"), info["block_size"])
+                fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 raise GencliError(f"line {it['line']}: {e}") from None
 

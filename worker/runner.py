@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gencli.model.engine import SamplingParams, default_max_tokens
+from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
 from gencli.model.textgen import TextGenerator
 from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus
+from gencli.worker.client import job_params
 from gencli.worker.context import WorkerContext, end_event, error_fields
 from gencli.worker.stream import cancel_key, read_log
 
@@ -49,15 +50,6 @@ class ItemRun:
     stream: TextStream
     seed: int | None
     params: SamplingParams
-
-
-def job_params(params: dict, override: dict | None, block_size: int) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
-    p = dict(params, **(override or {}))
-    max_tokens = p.get("max_tokens")
-    max_tokens = default_max_tokens(block_size) if max_tokens is None else max_tokens
-    sp = SamplingParams(max_tokens=int(max_tokens), temperature=float(p.get("temperature", 0.8)),
-                        top_k=p.get("top_k"), top_p=float(p.get("top_p", 1.0)))
-    return sp, p.get("seed"), tuple(p.get("stop") or ())
 
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
