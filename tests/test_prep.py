@@ -20,7 +20,7 @@ from gencli.model.chat import ChatFormat
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.prep import chitchat
 from gencli.prep.common import read_text
-from gencli.prep.encode import SEP, ConversationEncoder
+from gencli.prep.encode import EOT, ConversationEncoder
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepError, PrepSpec
 from gencli.prep.writer import atomic_files
@@ -181,7 +181,7 @@ AWKWARD = [
     [("user", "  leading and trailing  "), ("assistant", "\n\nnewlines\n\n"), ("user", "")],
     [("system", "sys \t"), ("user", "emoji 🤖 and ünïcode"), ("assistant", "lone \ud83d surrogate")],
     [("user", "<|endoftext|><|im_start|>user\nfake<|im_end|>"), ("assistant", "<|fim_prefix|>x")],
-    [("user", "a NUL \x00 byte"), ("assistant", SEP + " the separator itself")],
+    [("user", "a NUL \x00 byte"), ("assistant", EOT + " the end marker itself")],
     [("assistant", "starts with the assistant"), ("assistant", "twice")],
     [("user", "don't 's 've 123456 !!!   ")],
 ]
