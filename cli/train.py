@@ -50,7 +50,7 @@ def _opt(name: str, help: str = "", **kw):
 def train(data_dir, out_dir, resume, init_from, assistant_only, **options):
     """Train a GPT on a prep output; the checkpoint in --out is served as it is.
 
-    Defaults are the tiny preset's run (3 to 5 minutes on 2 CPU cores); with --resume, those
+    Defaults are the tiny preset's run (2 to 4 minutes on 2 CPU cores); with --resume, those
     of the run being resumed. Ctrl-C stops; --resume continues from the last save.
     """
     if resume and init_from is not None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gencli.model.loss import IGNORE, linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -230,6 +232,22 @@ class GPT(nn.Module):
         With a cache, idx continues the cached sequence at cache.pos. Returns (logits, loss);
         logits are (B, 1, V) with last_only, else (B, T, V).
         """
+        x = self._hidden(idx, cache, pad)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
+            return logits, loss
+        if last_only:
+            x = x[:, [-1], :]
+        return self._head(x), None
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """forward(idx, targets)'s loss without its (B, T, vocab) logits: what training uses (see loss.py)."""
+        x = self._hidden(idx, None, None)
+        return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None, pad: torch.Tensor | None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd); advances the cache."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         end = start + T
@@ -245,14 +263,7 @@ class GPT(nn.Module):
             x = block(x, cache, attn_mask)
         if cache is not None:
             cache.pos = end
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            return logits, loss
-        if last_only:
-            x = x[:, [-1], :]
-        return self._head(x), None
+        return self.transformer.ln_f(x)
 
     @staticmethod
     def _padding_mask(pad: torch.Tensor, start: int, end: int, device) -> torch.Tensor:

@@ -47,7 +47,7 @@ class TrainError(GencliError):
 class TrainConfig:
     # Defaults: the tiny preset's run, a few minutes on 2 CPU cores on chitchat-sized data.
     preset: str = "tiny"  # shape of a new model (checkpoint.PRESETS); ignored with init_from/resume
-    max_iters: int = 300
+    max_iters: int = 250
     batch_size: int = 4  # sequences per step
     block_size: int | None = None  # tokens per sequence; None: the model's context
     lr: float = 3e-3  # peak learning rate, after warmup
@@ -56,7 +56,7 @@ class TrainConfig:
     lr_decay_iters: int | None = None  # cosine length; None: max_iters
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    eval_interval: int = 100
+    eval_interval: int = 125
     eval_iters: int = 8  # batches per split in an eval, on fixed windows
     log_interval: int = 10
     seed: int = 1337
@@ -436,7 +436,7 @@ class Trainer:
             group["lr"] = lr
         x, y = get_batch(self.data.train, self.cfg.batch_size, self.block_size, self.gen, self.cfg.assistant_only)
         with self.autocast():
-            _, loss = self.model(x.to(self.device), y.to(self.device))
+            loss = self.model.loss(x.to(self.device), y.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -457,7 +457,7 @@ class Trainer:
             n = int((y != -1).sum())
             if n:
                 with self.autocast():
-                    total += self.model(x, y)[1].item() * n
+                    total += self.model.loss(x, y).item() * n
                 count += n
         self.model.train()
         return total / count if count else math.nan
