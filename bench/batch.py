@@ -107,7 +107,7 @@ def main() -> int:
     result: dict = {"bench": "batch", "redis": env.url, "loadavg_start": os.getloadavg()[0]}
     try:
         from gencli.model.checkpoint import load_model
-        from gencli.model.engine import SamplingParams
+        from gencli.model.params import SamplingParams
         from gencli.model.textgen import TextGenerator
         from gencli.storage.settings import get_settings
         from gencli.worker.client import Client

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from gencli.model.engine import SamplingParams, generate
+from gencli.model.engine import generate
 from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.params import SamplingParams
 
 THREADS = 2
 PROMPT_LEN = 32

@@ -296,7 +296,7 @@ def main() -> int:
                               publishes=publishes)
 
         from gencli.model.checkpoint import load_model
-        from gencli.model.engine import SamplingParams
+        from gencli.model.params import SamplingParams
         from gencli.model.textgen import TextGenerator
         from gencli.storage.settings import get_settings
         from gencli.worker.client import Client

@@ -19,8 +19,8 @@ from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
-from gencli.model.engine import SamplingParams, default_max_tokens
 from gencli.model.errors import ContextOverflowError, GencliError
+from gencli.model.params import SamplingParams, default_max_tokens
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
 from gencli.worker.prompts import PromptItem, read_prompt_file

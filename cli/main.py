@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from gencli import __version__
-from gencli.cli.demo import demo
-from gencli.cli.generate import generate
-from gencli.cli.prep import prep
-from gencli.cli.queue import (
-    cancel,
-    list_jobs,
-    results,
-    retry,
-    show,
-    status,
-    submit,
-    tail,
-)
-from gencli.cli.regen import regen
-from gencli.cli.train import train
-from gencli.cli.workers import worker, workers
 from gencli.model.errors import GencliError
+
+# name -> "module:attribute": a command's module is imported only when that command runs (or help
+# lists it), so `gencli submit` and `gencli tail` start without loading torch.
+COMMANDS = {
+    "generate": "gencli.cli.generate:generate",
+    "submit": "gencli.cli.queue:submit",
+    "tail": "gencli.cli.queue:tail",
+    "status": "gencli.cli.queue:status",
+    "list": "gencli.cli.queue:list_jobs",
+    "show": "gencli.cli.queue:show",
+    "results": "gencli.cli.queue:results",
+    "cancel": "gencli.cli.queue:cancel",
+    "retry": "gencli.cli.queue:retry",
+    "worker": "gencli.cli.workers:worker",
+    "workers": "gencli.cli.workers:workers",
+    "prep": "gencli.cli.prep:prep",
+    "regen": "gencli.cli.regen:regen",
+    "train": "gencli.cli.train:train",
+    "demo": "gencli.cli.demo:demo",
+}
 
 
 class Group(click.Group):
+    """Imports subcommands on first use (click's lazy-loading pattern); GencliError -> one line."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in COMMANDS and name not in self.commands:
+            module, attr = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -51,8 +68,3 @@ def init_model(out, preset, tokenizer, chat_format, seed):
 
     path = create_model(out, preset=preset, tokenizer=tokenizer, chat_format=chat_format, seed=seed)
     click.echo(f"wrote untrained {preset} model ({tokenizer}, {chat_format}) to {path}")
-
-
-for command in (generate, submit, tail, status, list_jobs, show, results, cancel, retry, worker, workers, prep,
-                regen, train, demo):
-    main.add_command(command)

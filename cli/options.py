@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gencli.model.engine import SamplingParams
+from gencli.model.params import SamplingParams
 
 
 def _apply(options):

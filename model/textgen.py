@@ -15,8 +15,9 @@ import torch
 
 from gencli.model.chat import ChatFormat, encode_prompt, stop_strings
 from gencli.model.checkpoint import LoadedModel
-from gencli.model.engine import Generation, SamplingParams, fit_prompt
+from gencli.model.engine import Generation
 from gencli.model.errors import InvalidParameterError
+from gencli.model.params import SamplingParams, fit_prompt
 from gencli.model.textstream import TextStream
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role", "content"}]

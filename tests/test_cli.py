@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gencli.cli.main import main
 from gencli.model.checkpoint import create_model, load_model
-from gencli.model.engine import SamplingParams
+from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from gencli.model.engine import Generation, SamplingParams, fit_prompt, generate, generate_stream
+from gencli.model.engine import Generation, generate, generate_stream
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
+from gencli.model.params import SamplingParams, fit_prompt
 
 VOCAB = 512
 PROMPTS = [[5, 9, 200], [1, 2, 3, 4, 5, 6, 7], [300, 17, 42, 8, 99, 100, 101, 102, 103, 104, 11, 12], [77]]

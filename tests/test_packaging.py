@@ -42,3 +42,21 @@ def test_model_core_imports_nothing_else_from_gencli():
             line = line.strip()
             if line.startswith(("from gencli", "import gencli")):
                 assert line.startswith(("from gencli.model", "import gencli.model")), f"{path.name}: {line}"
+
+
+def test_queue_and_prep_commands_load_without_torch():
+    """submit, tail, status and the rest start in about a second: torch is imported only by the
+    commands that run a model (generate, worker, workers, train)."""
+    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "prep", "regen", "demo"]
+    code = (
+        "import sys, click\n"
+        "from gencli.cli.main import main\n"
+        f"for name in {light!r}:\n"
+        "    assert main.get_command(click.Context(main), name) is not None, name\n"
+        "    assert 'torch' not in sys.modules, name\n"
+        "assert main.get_command(click.Context(main), 'generate') is not None\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"  # the check itself sees an import of torch

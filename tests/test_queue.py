@@ -11,7 +11,7 @@ from services import start_worker
 
 from gencli.cli.main import main
 from gencli.model.checkpoint import load_model
-from gencli.model.engine import SamplingParams
+from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
 

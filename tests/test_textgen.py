@@ -6,8 +6,9 @@ import pytest
 
 from gencli.model.chat import ChatFormat, render
 from gencli.model.checkpoint import vocab_for
-from gencli.model.engine import SamplingParams, generate
+from gencli.model.engine import generate
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
+from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0)

@@ -14,7 +14,7 @@ import pytest
 from services import start_worker
 
 from gencli.model.checkpoint import load_model
-from gencli.model.engine import SamplingParams
+from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
 

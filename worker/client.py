@@ -22,8 +22,8 @@ from functools import lru_cache
 import redis
 
 from gencli.model.chat import ChatFormat, encode_prompt
-from gencli.model.engine import SamplingParams, default_max_tokens, fit_prompt
 from gencli.model.errors import GencliError
+from gencli.model.params import SamplingParams, default_max_tokens, fit_prompt
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
+from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus

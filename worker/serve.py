@@ -20,8 +20,8 @@ import torch
 
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
-from gencli.model.engine import SamplingParams
 from gencli.model.errors import GencliError
+from gencli.model.params import SamplingParams
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
