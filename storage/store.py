@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import load_only
 
 from gencli.storage.db import (
     Item,
@@ -141,6 +142,15 @@ class Store:
             q = q.where(Job.kind == kind)
         with self.Session() as s:
             return list(s.scalars(q))
+
+    def queued_before(self, cutoff) -> list[Job]:
+        """Jobs queued since before cutoff (a naive UTC datetime), oldest first; id, kind, model
+        and priority loaded."""
+        with self.Session() as s:
+            return list(s.scalars(
+                select(Job).where(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
+                .order_by(Job.created_at).options(load_only(Job.id, Job.kind, Job.model, Job.priority))
+            ))
 
     def queued_counts(self) -> dict[tuple[str, str], int]:
         """How many jobs wait, by (kind, model)."""

@@ -29,28 +29,40 @@ def _answers(url: str) -> bool:
 
 
 class RedisServer:
-    """The Redis at 127.0.0.1:6379 (database 13) when it answers, else a private redis-server."""
+    """The Redis at 127.0.0.1:6379 (database 13) when it answers, else (or when private) a
+    redis-server of our own that keeps nothing on disk, as the development machines' Redis."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *, private: bool = False):
         self.proc = None
-        if _answers(DEFAULT_REDIS):
+        self.workdir = workdir
+        if not private and _answers(DEFAULT_REDIS):
             self.url = f"{DEFAULT_REDIS}/{TEST_DB}"
             return
-        binary = shutil.which("redis-server")
-        if binary is None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
             raise RuntimeError("the tests need Redis: none answers at 127.0.0.1:6379 and there is no redis-server")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/{TEST_DB}"
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{port}/{TEST_DB}"
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
         deadline = time.time() + 10
         while not _answers(self.url):
             if time.time() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
+
+    def restart(self, down_seconds: float = 1.0) -> None:
+        """Kill our redis-server and start a new one on the same port: every key and message is gone."""
+        self.proc.kill()
+        self.proc.wait(10)
+        time.sleep(down_seconds)
+        self.start()
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

@@ -13,6 +13,7 @@ import signal
 import time
 import traceback
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,18 @@ def test_take_expired_puts_a_dead_workers_job_back(store):
     assert store.renew(dead.id, "o1", 30) == (False, False)
     again = claim(store, dead.id, "o3")
     assert again.ok and again.attempt == 2
+
+
+def test_queued_before_lists_waiting_jobs_oldest_first(store):
+    first, running, second = new_job(store), new_job(store), new_job(store)
+    assert claim(store, running.id, "o1").ok
+    time.sleep(0.05)
+    cutoff = utcnow()
+    later = new_job(store)
+    assert [j.id for j in store.queued_before(cutoff)] == [first.id, second.id]
+    assert later.id in [j.id for j in store.queued_before(utcnow() + timedelta(seconds=1))]
+    store.request_cancel(first.id)
+    assert [j.id for j in store.queued_before(cutoff)] == [second.id]
 
 
 def test_release_gives_the_job_back(store):

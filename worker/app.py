@@ -55,6 +55,9 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker started while Redis is down waits for it
+        # a running job carries on when the broker connection drops: its store lease, not its
+        # message, keeps it to one run (and the message may be gone with a restarted Redis)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             "priority_steps": PRIORITY_STEPS,
@@ -68,9 +71,19 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
     return app
 
 
-def send_job(app: Celery, job_id: str, *, kind: str, model: str, priority: int) -> None:
-    """Put a recorded job on its queue: generation on its model's, dataset prep on `prep`."""
+SENT_TTL = 7 * 24 * 3600  # seconds a "sent" mark outlives an unclaimed message
+
+
+def sent_key(job_id: str) -> str:
+    return f"gencli:sent:{job_id}"
+
+
+def send_job(app: Celery, r, job_id: str, *, kind: str, model: str, priority: int) -> None:
+    """Put a recorded job on its queue (generation on its model's, dataset prep on `prep`) and mark it
+    sent in Redis. A claim removes the mark; a job the store has queued for a while without one lost
+    its message to a Redis that restarted empty, and a worker sends it again (serve._heartbeat)."""
     if kind == "prep":
         app.send_task(PREP_TASK, args=[job_id], queue=PREP_QUEUE, priority=broker_priority(priority))
     else:
         app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model), priority=broker_priority(priority))
+    r.set(sent_key(job_id), 1, ex=SENT_TTL)

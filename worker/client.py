@@ -186,7 +186,7 @@ class Client:
                 raise GencliError(f"line {it['line']}: {e}") from None
 
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
-        send_job(self.app, job_id, kind=kind, model=model, priority=priority)
+        send_job(self.app, self.redis, job_id, kind=kind, model=model, priority=priority)
 
     # --- following and controlling -------------------------------------------------------
     def job(self, job_id: str) -> Job:

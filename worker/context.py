@@ -15,6 +15,7 @@ from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
+from gencli.worker.app import sent_key
 from gencli.worker.stream import Publisher, read_log
 
 log = logging.getLogger("gencli.worker")
@@ -74,7 +75,9 @@ class WorkerContext:
         s = self.settings
         claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
                                  lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
-        if not claim.ok:
+        if claim.ok:
+            self.redis.delete(sent_key(job_id))
+        else:
             log.info("job %s not run: %s", job_id, claim.reason)
             if claim.reason in ("too many deliveries", "cancelled"):
                 job = self.store.get_job(job_id)

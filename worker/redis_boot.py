@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
@@ -32,6 +34,16 @@ def ping(url: str, timeout: float = 1.0) -> bool:
             r.close()
     except (redis.RedisError, OSError, ValueError):
         return False
+
+
+RESTART_RETRIES = 32  # 0.1, 0.2, ... then 2 s apart: about a minute
+
+
+def patient_client(url: str, *, socket_timeout: float | None = 30) -> redis.Redis:
+    """A client for long-running processes (workers, tailers) that rides out a Redis restart: a
+    command that finds Redis gone is retried with backoff for about a minute before it fails."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout,
+                                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), RESTART_RETRIES))
 
 
 def resolve_redis_url(settings: Settings, *, start: bool = True, say=None) -> str:

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from datetime import timedelta
 
 import redis
 import torch
@@ -22,7 +23,7 @@ from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams
-from gencli.storage.db import JobStatus
+from gencli.storage.db import JobStatus, utcnow
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
 from gencli.worker.app import (
@@ -34,14 +35,16 @@ from gencli.worker.app import (
     model_name_for,
     queue_for,
     send_job,
+    sent_key,
 )
 from gencli.worker.client import model_info_key, worker_key
 from gencli.worker.context import WorkerContext, end_event
-from gencli.worker.redis_boot import resolve_redis_url
+from gencli.worker.redis_boot import patient_client, resolve_redis_url
 from gencli.worker.runner import run_generation_job
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0
+RESEND_LOCK = "gencli:resend-lock"  # held by the one worker checking for lost messages
 EXIT_HARD_LIMIT = 70  # the process status after a hard time limit
 
 
@@ -71,7 +74,7 @@ def serve(
         raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
     redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
     store = open_store(settings.db_url)
-    r = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+    r = patient_client(redis_url)
     app = make_app(settings, redis_url)
     queues: list[str] = []
     info = None
@@ -149,6 +152,27 @@ def _hard_limit(ctx: WorkerContext, cur: dict) -> None:
         os._exit(EXIT_HARD_LIMIT)
 
 
+def _resend_lost(ctx: WorkerContext, app) -> None:
+    """Send again the queued jobs whose message is gone: the store has them queued, Redis has no
+    "sent" mark (it restarted empty). One worker at a time; a duplicate message is harmless, as a
+    claim takes a job once."""
+    s = ctx.settings
+    grace = max(10.0, s.lease_seconds)  # a submit marks its job within milliseconds of recording it
+    if not ctx.redis.set(RESEND_LOCK, ctx.worker_name, nx=True, ex=max(1, int(s.lease_seconds / 3))):
+        return
+    jobs = ctx.store.queued_before(utcnow() - timedelta(seconds=grace))
+    if not jobs:
+        return
+    pipe = ctx.redis.pipeline(transaction=False)
+    for job in jobs:
+        pipe.exists(sent_key(job.id))
+    for job, sent in zip(jobs, pipe.execute(), strict=True):
+        if not sent:
+            log.warning("job %s: queued in the store but its message is gone (Redis restarted?); sent again",
+                        job.id)
+            send_job(app, ctx.redis, job.id, kind=job.kind, model=job.model, priority=job.priority)
+
+
 def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | None) -> None:
     """Every couple of seconds: heartbeat, lease renewal, and taking over dead workers' jobs."""
     s = ctx.settings
@@ -172,7 +196,8 @@ def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | No
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():
                     log.warning("job %s: its worker %s stopped renewing its lease; requeued", job.id, job.worker)
-                    send_job(app, job.id, kind=job.kind, model=job.model, priority=job.priority)
+                    send_job(app, ctx.redis, job.id, kind=job.kind, model=job.model, priority=job.priority)
+                _resend_lost(ctx, app)
         except Exception as e:  # Redis or the store away for a moment: keep beating
             log.warning("heartbeat: %s: %s", type(e).__name__, e)
         time.sleep(HEARTBEAT_SECONDS)
