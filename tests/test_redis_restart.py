@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
-from services import RedisServer, start_worker
+from services import RedisServer, Worker, start_worker
 from test_worker_faults import Tailer, wait_for
 
 from gencli.model.checkpoint import create_model
@@ -55,5 +58,25 @@ def test_redis_restart_with_jobs_queued_and_one_running_every_job_ends(private):
         assert tailer.texts(2) == [x["output"] for x in running.result()]
         assert all(len(j.result()) == 1 for j in queued)
         assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_a_worker_started_while_redis_is_down_drains_the_queue_when_it_returns(private):
+    model = str(create_model(private["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base",
+                             chat_format="chatml", seed=3))
+    server = private["redis"]
+    client = Client(get_settings())
+    jobs = [client.submit([f"prompt {i}"], model="tiny-late", max_tokens=8, temperature=0) for i in range(2)]
+    server.stop()  # their messages go with it
+    worker = Worker(model, dict(os.environ, **private["vars"]), name="early@test",
+                    log=private["tmp"] / "early.log", args=("--model-name", "tiny-late"))
+    try:
+        time.sleep(3)
+        assert worker.alive()  # waiting for Redis, not exited
+        server.start()
+        worker.wait_ready(server.client(), timeout=90)
+        for job in jobs:
+            assert job.wait(90) is JobStatus.SUCCEEDED, job.record().error_message
     finally:
         worker.stop()
