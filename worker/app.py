@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 
+import redis
 from celery import Celery
 
 from gencli.model.errors import GencliError
@@ -78,7 +79,7 @@ def sent_key(job_id: str) -> str:
     return f"gencli:sent:{job_id}"
 
 
-def send_job(app: Celery, r, job_id: str, *, kind: str, model: str, priority: int) -> None:
+def send_job(app: Celery, r: redis.Redis, job_id: str, *, kind: str, model: str, priority: int) -> None:
     """Put a recorded job on its queue (generation on its model's, dataset prep on `prep`) and mark it
     sent in Redis. A claim removes the mark; a job the store has queued for a while without one lost
     its message to a Redis that restarted empty, and a worker sends it again (serve._heartbeat)."""

@@ -39,10 +39,11 @@ def ping(url: str, timeout: float = 1.0) -> bool:
 RESTART_RETRIES = 32  # 0.1, 0.2, ... then 2 s apart: about a minute
 
 
-def patient_client(url: str, *, socket_timeout: float | None = 30) -> redis.Redis:
-    """A client for long-running processes (workers, tailers) that rides out a Redis restart: a
-    command that finds Redis gone is retried with backoff for about a minute before it fails."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout,
+def patient_client(url: str) -> redis.Redis:
+    """A worker's client, which rides out a Redis restart: a command that finds Redis gone is
+    retried with backoff for about a minute before it fails. (Tailers reconnect in stream.follow;
+    submitters fail at once, with nothing recorded.)"""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
                                 retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), RESTART_RETRIES))
 
 
