@@ -6,8 +6,8 @@ backward writes two more of that size (a zero-filled gradient for nll, then log-
 reads them back. `linear_cross_entropy` takes a chunk of rows at a time instead: their logits, the
 loss, and, when gradients are wanted, the logits' gradient `softmax - one_hot` made in place and
 used at once for the gradients of x and W, all during forward; backward only scales the two saved
-gradients. The same mean loss and the same gradients (to float rounding); about twice as fast for
-the tiny preset on a 2-core CPU.
+gradients. The same mean loss and the same gradients (to float rounding); 1.4x the training
+tokens/s of the tiny preset on a 2-core AVX2 CPU.
 
 Under bfloat16 autocast the matmuls run in bfloat16, as the head's would; softmax and the loss are
 always float32.
@@ -59,8 +59,8 @@ def _chunks(x, weight, targets, chunk, grads):
         xc, tc, keep = x[start : start + chunk], targets[start : start + chunk], counted[start : start + chunk]
         logits = xc @ weight.t()  # (c, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        rows = torch.arange(len(tc), device=x.device)
-        picked = logits[rows, tc.clamp(min=0)]
+        rows, cols = torch.arange(len(tc), device=x.device), tc.clamp(min=0)  # an ignored row picks id 0
+        picked = logits[rows, cols]
         if grads is None:
             total += ((torch.logsumexp(logits, dim=1) - picked) * keep).sum()
             continue
@@ -69,7 +69,7 @@ def _chunks(x, weight, targets, chunk, grads):
         sums = exps.sum(dim=1, keepdim=True)
         total += ((top + sums.log()).squeeze(1) - picked).mul(keep).sum()
         probs = exps.mul_(keep.unsqueeze(1) / sums)  # softmax; rows without a target add no gradient
-        probs[rows, tc.clamp(min=0)] -= keep.float()
+        probs[rows, cols] -= keep.float()
         probs = probs.to(weight.dtype)  # back to a bfloat16 model's own dtype; else a no-op
         grads[0][start : start + chunk] = probs @ weight
         grads[1].add_(probs.t() @ xc)

@@ -32,6 +32,7 @@ from gencli.model.checkpoint import META_FILE, PRESETS, load_model, save_model, 
 from gencli.model.device import resolve_device
 from gencli.model.errors import GencliError
 from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.loss import IGNORE
 from gencli.model.tokenizer import Tokenizer, load_encoding
 
 STATE_FILE = "train_state.pt"
@@ -274,12 +275,12 @@ def check_length(split: Split, block_size: int) -> None:
 
 
 def window(split: Split, start: int, block_size: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) ids of one window; targets outside the mask are -1 (ignored)."""
+    """(input, target) ids of one window; targets outside the mask are IGNORE (-1)."""
     chunk = torch.from_numpy(np.asarray(split.ids[start : start + block_size + 1], dtype=np.int64))
     x, y = chunk[:-1], chunk[1:].clone()
     if masked:
         keep = torch.from_numpy(np.asarray(split.mask[start + 1 : start + block_size + 1], dtype=np.bool_))
-        y[~keep] = -1
+        y[~keep] = IGNORE
     return x, y
 
 
@@ -289,7 +290,7 @@ def get_batch(split: Split, batch_size: int, block_size: int, gen: torch.Generat
         starts = torch.randint(len(split) - block_size, (batch_size,), generator=gen).tolist()
         xs, ys = zip(*(window(split, s, block_size, masked) for s in starts))
         x, y = torch.stack(xs), torch.stack(ys)
-        if not masked or (y != -1).any():
+        if not masked or (y != IGNORE).any():
             return x, y
     raise TrainError(f"{split.name}.mask.bin: 100 random batches held no assistant token")
 
@@ -454,7 +455,7 @@ class Trainer:
             xs, ys = zip(*(window(split, s, self.block_size, self.cfg.assistant_only)
                            for s in starts[i : i + self.cfg.batch_size]))
             x, y = torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
-            n = int((y != -1).sum())
+            n = int((y != IGNORE).sum())
             if n:
                 with self.autocast():
                     total += self.model.loss(x, y).item() * n
