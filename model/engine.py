@@ -7,8 +7,10 @@ string was seen, the user cancelled). `generate` is the batch wrapper.
 
 Prompts of different lengths share one batch by left padding: each row's positions start at
 its first real token and pad keys are masked, so greedy output for a prompt is the same token
-for token as running it alone. Each row samples from its own seeded generator, so a seeded
-prompt's output does not depend on what else is in its batch.
+for token as running it alone. Each row need only fit the context alone: when rows finish, the
+padding every remaining row starts with is dropped, so the batch is as wide as its longest row.
+Each row samples from its own seeded generator, so a seeded prompt's output does not depend on
+what else is in its batch.
 """
 
 from __future__ import annotations
@@ -103,9 +105,8 @@ class Generation:
         for r, ids in enumerate(self.prompts):
             idx[r, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         idx = idx.to(device)
-        pad = None
-        if min(lens) != T:
-            pad = torch.tensor([T - n for n in lens], dtype=torch.long, device=device)
+        pads = [T - n for n in lens]  # one row has none: the batch is as wide as its longest row
+        pad = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
         cache = self.model.make_cache(len(lens), T + max(self.remaining))
         logits = self._forward(idx, cache, pad)
         active = list(range(len(lens)))  # batch row -> sequence index
@@ -129,9 +130,12 @@ class Generation:
                 return
             if len(keep) < len(active):  # drop finished rows from the batch
                 rows = torch.tensor(keep, device=device)
-                cache.keep_rows(rows)
+                pads = [pads[r] for r in keep]
+                front = min(pads)  # padding every kept row starts with: dropped from the cache too
+                pads = [n - front for n in pads]
+                cache.keep_rows(rows, front)
                 next_ids = next_ids[rows]
-                pad = pad[rows] if pad is not None else None
+                pad = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
                 active = [active[r] for r in keep]
             logits = self._forward(next_ids.view(-1, 1), cache, pad)
 
@@ -142,7 +146,10 @@ class Generation:
         p = self.params
         if p.temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / p.temperature
+        # Shifted so each row's top logit is 0, and the temperature held to float32's range: no
+        # finite temperature, however tiny or large, makes an inf or a NaN here.
+        f = torch.finfo(logits.dtype)
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / min(max(p.temperature, f.tiny), f.max)
         if p.top_k is not None and p.top_k < logits.size(-1):
             kth = torch.topk(logits, p.top_k, dim=-1).values[:, [-1]]
             logits = logits.masked_fill(logits < kth, float("-inf"))

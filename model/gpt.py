@@ -47,10 +47,12 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # how many positions are filled
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop the batch rows not in `rows` (finished sequences), keeping the filled part."""
-        self.k = self.k[:, rows].contiguous()
-        self.v = self.v[:, rows].contiguous()
+    def keep_rows(self, rows: torch.Tensor, front: int = 0) -> None:
+        """Drop the batch rows not in `rows` (finished sequences) and the first `front`
+        positions (padding in every kept row), keeping the filled part."""
+        self.k = self.k[:, rows, :, front:].contiguous()
+        self.v = self.v[:, rows, :, front:].contiguous()
+        self.pos -= front
 
 
 class Linear(nn.Linear):
@@ -229,8 +231,9 @@ class GPT(nn.Module):
     ):
         """idx (B, T) token ids; pad (B,) left-pad slots per row (None: no padding).
 
-        With a cache, idx continues the cached sequence at cache.pos. Returns (logits, loss);
-        logits are (B, 1, V) with last_only, else (B, T, V).
+        With a cache, idx continues the cached sequence at cache.pos. Each row must fit
+        block_size on its own, its pad slots not counted. Returns (logits, loss); logits are
+        (B, 1, V) with last_only, else (B, T, V).
         """
         x = self._hidden(idx, cache, pad)
         if targets is not None:
@@ -252,7 +255,11 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         end = start + T
         if end > self.config.block_size:
-            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
+            # Positions count from each row's first real token: only the least padded row must
+            # fit (read only past block_size, so a batch with an unpadded row costs no sync).
+            longest = end - (int(pad.min()) if pad is not None else 0)
+            if longest > self.config.block_size:
+                raise ValueError(f"sequence of {longest} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
         attn_mask = None
         if pad is not None:

@@ -1,6 +1,9 @@
 """Sampling parameters and prompt fitting: what a submit checks before any model is loaded.
 
 Kept apart from engine.py so that the client and the CLI can check a job without importing torch.
+This module is the one home of the sampling keys, their defaults and their rules: submit calls
+`check_sampling` on a job's and each line's parameters, the worker builds what it runs with
+`resolve_sampling` on top of the same check, so the worker never receives what submit refused.
 """
 
 from __future__ import annotations
@@ -10,23 +13,129 @@ from dataclasses import dataclass
 
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+# A job's defaults. max_tokens None: the model's default (default_max_tokens); top_k None: no
+# top-k cut; seed None: a random seed.
+DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
+def _bad(where: str, name: str, value, rule: str, use: str) -> InvalidParameterError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return InvalidParameterError(f"{where}{name} must be {rule}, got {shown}: use {use}")
+
+
+def _whole(value, name: str, use: str, where: str = "", *, none: bool = False) -> int | None:
+    """A positive int (not a bool, not a float such as 200.0); None where `none` allows it."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(where, name, value, "a whole number >= 1" + (" or null" if none else ""), use)
+    return int(value)
+
+
+def _real(value) -> float | None:
+    """A finite real number (an int or a float, not a bool or a string) as a float; else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _max_tokens(value, where: str = "", *, none: bool = True) -> int | None:
+    use = "e.g. 64" + (", or null for the model's default" if none else "")
+    return _whole(value, "max_tokens", use, where, none=none)
+
+
+def _top_k(value, where: str = "") -> int | None:
+    return _whole(value, "top_k", "e.g. 200, or null for no top-k cut", where, none=True)
+
+
+def _temperature(value, where: str = "") -> float:
+    t = _real(value)
+    if t is None or t < 0:
+        raise _bad(where, "temperature", value, "a finite number >= 0", "e.g. 0.8 (0 is greedy)")
+    return t
+
+
+def _top_p(value, where: str = "") -> float:
+    p = _real(value)
+    if p is None or not 0 < p <= 1:
+        raise _bad(where, "top_p", value, "in (0, 1]", "e.g. 0.9 (1 keeps every token)")
+    return p
+
+
+def _seed(value, where: str = "") -> int | None:
+    lo, hi = SEED_RANGE
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
+        raise _bad(where, "seed", value, "a whole number from -2**63 to 2**64 - 1 or null", "e.g. 1234")
+    return int(value)
+
+
+def _stop(value, where: str = "") -> list[str]:
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise _bad(where, "stop", value, "a string or a list of strings, none empty", 'e.g. ["\\n\\n"]')
+    return list(stop)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
+    top_k: int | None = None  # None: no top-k cut
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidParameterError(f"max_tokens must be a positive integer, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise InvalidParameterError(f"top_k must be a positive integer, got {self.top_k}")
-        if not (0 < self.top_p <= 1):  # NaN fails this too
-            raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+        _max_tokens(self.max_tokens, none=False)
+        _temperature(self.temperature)
+        _top_k(self.top_k)
+        _top_p(self.top_p)
+
+
+def check_sampling(p: dict, where: str = "") -> dict:
+    """Sampling parameters complete (DEFAULTS for the missing keys), checked and normalised.
+
+    Raises InvalidParameterError naming the parameter, its bad value and what to use, after
+    `where` ("line 3: "). What it returns is JSON and what resolve_sampling runs.
+    """
+    unknown = set(p) - set(SAMPLING_KEYS)
+    if unknown:
+        raise InvalidParameterError(
+            f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}"
+        )
+    full = {**DEFAULTS, **p}
+    return {
+        "max_tokens": _max_tokens(full["max_tokens"], where),
+        "temperature": _temperature(full["temperature"], where),
+        "top_k": _top_k(full["top_k"], where),
+        "top_p": _top_p(full["top_p"], where),
+        "seed": _seed(full["seed"], where),
+        "stop": _stop(full["stop"], where),
+    }
+
+
+def check_overrides(p: dict, where: str = "") -> dict:
+    """A prompt line's own sampling parameters, checked and normalised: only the keys it gives."""
+    return {k: v for k, v in check_sampling(p, where).items() if k in p}
+
+
+def resolve_sampling(
+    params: dict, override: dict | None, block_size: int, *, where: str = ""
+) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+    """One prompt's (sampling params, seed, stop strings): the job's sampling keys, its line's
+    overrides, and for max_tokens left unset the model's default; checked by check_sampling."""
+    job = {k: v for k, v in params.items() if k in SAMPLING_KEYS}  # a job's params hold chat, truncate too
+    p = check_sampling({**job, **(override or {})}, where)
+    max_tokens = default_max_tokens(block_size) if p["max_tokens"] is None else p["max_tokens"]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"])
+    return sp, p["seed"], tuple(p["stop"])
 
 
 def default_max_tokens(block_size: int) -> int:

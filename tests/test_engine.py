@@ -257,3 +257,52 @@ def test_left_padded_logits_match_each_prompt_alone(gpt):
             b, _ = gpt(nxt[r : r + 1], cache=c, last_only=True)
             torch.testing.assert_close(first[r], a[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(second[r], b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_resumed_rows_fit_each_alone(make_gpt):
+    """A long, mostly generated row next to a fresh short one: only each row must fit the context.
+
+    Left-padded, the short row would run to 250 + 200 positions, past block_size 256; its own
+    positions stop at 204, so the batch runs, each row's greedy output that of the row alone.
+    """
+    gpt = make_gpt(VOCAB, seed=2, block_size=256)
+    long_row = [(7 * i + 3) % VOCAB for i in range(250)]  # prompt + ids made before an interrupt
+    prompts, budgets = [long_row, [5, 9, 200, 17, 42]], [6, 200]
+    alone = [generate(gpt, [p], greedy(n))[0] for p, n in zip(prompts, budgets)]
+    assert generate(gpt, prompts, greedy(200), budgets=budgets) == alone
+    assert generate(gpt, prompts[::-1], greedy(200), budgets=budgets[::-1]) == alone[::-1]
+    assert [len(o) for o in alone] == budgets
+
+
+def test_padded_forward_past_block_size_matches_each_row_alone(make_gpt):
+    """The model under the engine: a padded batch wider than block_size, each row fitting alone."""
+    gpt = make_gpt(VOCAB, seed=2, block_size=16)
+    rows = [list(range(1, 15)), [40, 41]]  # 14 and 2 tokens, row 1 left-padded by 12
+    pad = torch.tensor([0, 12])
+    steps = torch.tensor([[7, 8, 9], [10, 11, 12]])  # (B, 3) ids fed one step at a time
+    with torch.inference_mode():
+        cache = gpt.make_cache(2, 17)
+        gpt(torch.tensor([rows[0], [0] * 12 + rows[1]]), cache=cache, pad=pad)
+        gpt(steps[:, :1], cache=cache, pad=pad)
+        gpt(steps[:, 1:2], cache=cache, pad=pad)  # 16 wide: row 0 fills the context
+        cache.keep_rows(torch.tensor([1]))
+        last, _ = gpt(steps[1:, 2:], cache=cache, pad=pad[1:], last_only=True)  # 17 wide, row 1 at 5
+        c = gpt.make_cache(1, 5)
+        alone, _ = gpt(torch.tensor([rows[1] + steps[1].tolist()]), cache=c, last_only=True)
+        torch.testing.assert_close(last[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-40, 1e300, 1.7e308])
+def test_extreme_temperatures_sample_allowed_ids(make_gpt, forced, temperature):
+    """Any finite temperature params accept: tiny ones act greedy, huge ones uniform, none
+    turns the logits into inf - inf = NaN and so picks a masked id."""
+    gpt = make_gpt(VOCAB, seed=3)
+    forced(gpt, {i: 12.0 for i in range(0, VOCAB, 2)})  # the masked ids are the likeliest
+    allowed_set = {3, 17, 41, 99, 255}
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[list(allowed_set)] = True
+    params = SamplingParams(max_tokens=20, temperature=temperature)
+    out = generate(gpt, PROMPTS, params, seeds=[1, 2, 3, 4], allowed_ids=allowed)
+    assert {t for o in out for t in o} <= allowed_set
+    if temperature < 1e-30:
+        assert out == generate(gpt, PROMPTS, greedy(20), allowed_ids=allowed)
