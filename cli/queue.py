@@ -14,7 +14,8 @@ from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
 from gencli.storage.db import JobStatus
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
-from gencli.worker.client import Client, worker_key
+from gencli.worker.client import Client
+from gencli.worker.fold import StreamDelta
 from gencli.worker.prompts import PromptItem, read_prompt_file
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
@@ -87,24 +88,32 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
     bar = None
-    seen: set[int] = set()
     status = None
+    gaps = False
     try:
-        for e in job.events(after):
-            kind = e["t"]
-            if kind == "tok" and e["i"] in pos:
-                seen.add(e["i"])
-                printer.feed(pos[e["i"]], e["text"], e.get("finish") is not None)
-            elif kind == "item" and e["i"] in pos:
-                seen.add(e["i"])
-                click.secho(f"[{_label(items[pos[e['i']]])}: {e['error']}]", err=True, fg="red")
-                printer.feed(pos[e["i"]], "", True)
+        for d in job.watch(after):
+            if isinstance(d, StreamDelta):
+                if d.item not in pos:
+                    continue
+                if d.restart:
+                    printer.restart(pos[d.item], d.text, d.finish_reason is not None, d.note)
+                else:
+                    printer.feed(pos[d.item], d.text, d.finish_reason is not None)
+                continue
+            kind = d["t"]
+            if kind == "item" and d["i"] in pos:
+                click.secho(f"[{_label(items[pos[d['i']]])}: {d['error']}]", err=True, fg="red")
+                printer.feed(pos[d["i"]], "", True)
+            elif kind == "gap" and not gaps:
+                gaps = True
+                click.secho(f"\n[the stream of job {job.id} lost events in Redis (restarted, flushed or trimmed): "
+                            "the lines it touched are shown from the store when the job ends]", err=True, fg="yellow")
             elif kind == "progress":
-                bar = bar or tqdm(total=e["total"], unit=" " + e.get("unit", "items"), file=sys.stderr,
+                bar = bar or tqdm(total=d["total"], unit=" " + d.get("unit", "items"), file=sys.stderr,
                                   desc=f"prep {record.model}", dynamic_ncols=True)
-                bar.update(e["done"] - bar.n)
+                bar.update(d["done"] - bar.n)
             elif kind == "end":
-                status = e["status"]
+                status = d["status"]
     except KeyboardInterrupt:
         if cancel_on_interrupt:
             job.cancel()
@@ -116,10 +125,7 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         if bar is not None:
             bar.close()
     record = job.record()
-    status = status or record.status
-    for it in job.items():  # the replay log expired: show what the store kept
-        if it.idx in pos and it.idx not in seen and it.output is not None:
-            printer.feed(pos[it.idx], it.output, True)
+    status = record.status if record.status in ("succeeded", "failed", "cancelled") else status
     if record.kind == "prep" and record.result:
         click.echo(prep_summary(record.result))
     msg = f"[job {job.id} {status}" + (f": {record.error_message}" if record.error_message else "") + "]"
@@ -137,7 +143,7 @@ def prep_summary(result: dict) -> str:
 def live_workers(client: Client, queue: str | None = None) -> list[dict]:
     """The workers whose heartbeat is fresh (those serving queue, when given)."""
     r = client.redis
-    found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(worker_key("*"))) if v]
+    found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(client.keys.worker("*"))) if v]
     return [w for w in found if queue is None or queue in w["queues"]]
 
 
@@ -162,7 +168,7 @@ def status():
         waiting[q] = waiting.get(q, 0) + n
     click.echo("queues:")
     for q in sorted(served | set(waiting)):
-        depth = sum(r.llen(k) for k in [q, *(f"{q}:{p}" for p in range(1, 10))])
+        depth = sum(r.llen(k) for k in client.keys.queue_lists(q))
         note = "" if q in served else "  <- no live worker serves this queue"
         click.echo(f"  {q:<28} {depth} message(s), {waiting.get(q, 0)} queued job(s){note}")
 

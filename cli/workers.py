@@ -34,7 +34,8 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @click.option("--device", envvar="GENCLI_DEVICE", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--queues", default="", help="Extra queues to serve, comma-separated (the model's own is always served).")
-@click.option("--name", default=None, help="Worker name (default: device@host, e.g. gpu0@host).")
+@click.option("--name", default=None,
+              help="Worker name, unique among live workers (default: device.pid@host, e.g. gpu0.4242@host).")
 @_batch
 @_tok
 @_fmt
@@ -69,6 +70,7 @@ def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_form
         raise click.UsageError("give --gpus or --cpus")
     devices = _gpu_devices(gpus) if gpus is not None else ["cpu"] * cpus
     host = os.uname().nodename
+    tag = os.getpid()  # names unique per supervisor: two on one host never collide
     base = [sys.executable, "-m", "gencli.cli", "worker", "--model", model_path, "--batch_size", str(batch_size)]
     for flag, value in (("--model-name", model_name), ("--tokenizer", tokenizer), ("--chat-format", chat_format)):
         if value:
@@ -80,10 +82,10 @@ def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_form
         if dev != "cpu":  # pin the GPU: the worker sees only its own
             env["CUDA_VISIBLE_DEVICES"] = dev.split(":")[1]
             dev = "cuda:0"
-        cmd = base + ["--device", dev, "--name", f"{label}@{host}"]
+        cmd = base + ["--device", dev, "--name", f"{label}.{tag}@{host}"]
         if dev == "cpu":  # share the cores out
             cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // len(devices)))]
-        specs.append((f"{label}@{host}", cmd, env))
+        specs.append((f"{label}.{tag}@{host}", cmd, env))
     supervise(specs)
 
 

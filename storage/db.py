@@ -25,6 +25,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -32,6 +33,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.sql.expression import FunctionElement, literal
 
 
 class JobStatus(str, enum.Enum):
@@ -55,6 +57,31 @@ class ItemStatus(str, enum.Enum):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class db_now(FunctionElement):
+    """The database's clock, as a naive UTC timestamp, `seconds` from now: every lease and
+    timestamp the store writes comes from here, so workers whose clocks disagree agree on it."""
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element, compiler, **kw):
+    # SQLAlchemy's SQLite DateTime text, microseconds included, so stored times compare as text
+    (seconds,) = element.clauses
+    return ("(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', "
+            f"{compiler.process(seconds, **kw)})) || '000')")
+
+
+@compiles(db_now, "postgresql")
+def _db_now_pg(element, compiler, **kw):
+    (seconds,) = element.clauses
+    return f"(timezone('utc', clock_timestamp()) + {compiler.process(seconds, **kw)} * interval '1 second')"
 
 
 class Base(DeclarativeBase):
@@ -90,6 +117,8 @@ class Job(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     result: Mapped[dict | None] = mapped_column(JSON)  # prep: the dataset's counts
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)  # last put on the queue (submit, retry, takeover)
+    run_seconds: Mapped[float] = mapped_column(Float, default=0.0)  # time spent running, over all attempts
 
     items: Mapped[list[Item]] = relationship(back_populates="job", order_by="Item.idx")
 
@@ -113,8 +142,19 @@ class Item(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)  # +1 at each retry: the attempt its tokens belong to
+    ids: Mapped[list | None] = mapped_column(JSON)  # checkpoint: the ids generated so far in this epoch
 
     job: Mapped[Job] = relationship(back_populates="items")
+
+
+class Deployment(Base):
+    """One row: this store's deployment id, made with the store (see worker/keys.py)."""
+
+    __tablename__ = "gencli_deployment"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 WRITE_OPTION = "gencli_write"

@@ -7,6 +7,7 @@ tests/test_store.py checks that the migrated schema matches the models in db.py.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -71,9 +72,32 @@ def _0002_job_result(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN result JSON"))
 
 
+def _0003_leases_checkpoints_deployment(conn: Connection) -> None:
+    """The durable queue: when a job was last queued and how long it has run (over all attempts),
+    each item's epoch (bumped at retry) and generated-ids checkpoint, and the deployment id that
+    namespaces this store's keys in a shared Redis."""
+    for ddl in (
+        "ALTER TABLE jobs ADD COLUMN queued_at TIMESTAMP",
+        "ALTER TABLE jobs ADD COLUMN run_seconds FLOAT NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN ids JSON",
+    ):
+        conn.execute(sa.text(ddl))
+    conn.execute(sa.text("UPDATE jobs SET queued_at = created_at"))
+    md = sa.MetaData()
+    deployment = sa.Table(
+        "gencli_deployment", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+    )
+    md.create_all(conn)
+    conn.execute(deployment.insert().values(id=uuid.uuid4().hex, created_at=utcnow()))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_jobs_and_items", _0001_jobs_and_items),
     ("0002_job_result", _0002_job_result),
+    ("0003_leases_checkpoints_deployment", _0003_leases_checkpoints_deployment),
 ]
 
 _log = sa.Table(

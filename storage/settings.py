@@ -7,10 +7,15 @@ monkeypatch.setenv.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from gencli.model.errors import GencliError
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -28,6 +33,10 @@ class Settings:
     hard_time_limit: float | None  # GENCLI_HARD_TIME_LIMIT
     visibility_timeout: int  # GENCLI_VISIBILITY_TIMEOUT: broker redelivery of unacked messages
     stream_ttl: int  # GENCLI_STREAM_TTL: seconds a job's token replay log is kept after it ends
+    stream_max_events: int  # GENCLI_STREAM_MAX_EVENTS: a replay log's cap (older events are trimmed;
+    #                         readers of a trimmed log fall back to the store)
+    namespace: str | None  # GENCLI_NAMESPACE: this deployment's Redis namespace (default: the
+    #                        store's deployment id), for deployments that share one Redis
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,11 +54,21 @@ class Settings:
             hard_time_limit=_opt_float(env.get("GENCLI_HARD_TIME_LIMIT")),
             visibility_timeout=int(env.get("GENCLI_VISIBILITY_TIMEOUT", str(6 * 3600))),
             stream_ttl=int(env.get("GENCLI_STREAM_TTL", str(24 * 3600))),
+            stream_max_events=int(env.get("GENCLI_STREAM_MAX_EVENTS", "200000")),
+            namespace=_namespace(env.get("GENCLI_NAMESPACE")),
         )
 
     @property
     def history_file(self) -> Path:
         return self.home / "history"
+
+
+def _namespace(v: str | None) -> str | None:
+    if not v:
+        return None
+    if not _NAMESPACE.match(v):
+        raise GencliError(f"GENCLI_NAMESPACE={v!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+    return v
 
 
 def _opt_float(v: str | None) -> float | None:

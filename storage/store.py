@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import load_only
 
 from gencli.storage.db import (
+    Deployment,
     Item,
     ItemStatus,
     Job,
     JobStatus,
+    db_now,
     make_engine,
     make_sessionmaker,
-    utcnow,
 )
 from gencli.storage.migrations import migrate
 
@@ -45,6 +45,7 @@ class Claim:
     ok: bool
     reason: str = ""  # why not: "done", "leased", "cancelled", "too many deliveries", "missing"
     attempt: int = 0
+    run_seconds: float = 0.0  # the job's running time over its earlier attempts
 
 
 class Store:
@@ -54,6 +55,7 @@ class Store:
         migrate(self.engine)
         self.Session = make_sessionmaker(self.engine)  # reads
         self.Write = make_sessionmaker(self.engine, write=True)
+        self._deployment: str | None = None
 
     # --- submit side -------------------------------------------------------------------
     def create_job(
@@ -74,29 +76,16 @@ class Store:
             existing = self.job_by_key(idempotency_key)
             if existing:
                 return existing, False
-        job = Job(
-            id=uuid.uuid4().hex,
-            kind=kind,
-            model=model,
-            status=JobStatus.QUEUED.value,
-            params=params,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            created_at=utcnow(),
-            attempts=0,
-            cancel_requested=False,
-            oom_retries=0,
-            n_items=len(items),
-            completion_tokens=0,
-        )
+        fields = dict(id=uuid.uuid4().hex, kind=kind, model=model, status=JobStatus.QUEUED.value, params=params,
+                      priority=priority, idempotency_key=idempotency_key, attempts=0, cancel_requested=False,
+                      oom_retries=0, n_items=len(items), completion_tokens=0, run_seconds=0.0)
         try:
             with self.Write.begin() as s:
-                s.add(job)
-                s.flush()
+                s.execute(Job.__table__.insert().values(created_at=db_now(), queued_at=db_now(), **fields))
                 if items:  # a prep job has none
                     rows = [
-                        dict(job_id=job.id, idx=i, line=it.get("line", i + 1), custom_id=it.get("custom_id"),
-                             prompt=it["prompt"], params=it.get("params"), status=ItemStatus.PENDING.value)
+                        dict(job_id=fields["id"], idx=i, line=it.get("line", i + 1), custom_id=it.get("custom_id"),
+                             prompt=it["prompt"], params=it.get("params"), status=ItemStatus.PENDING.value, epoch=0)
                         for i, it in enumerate(items)
                     ]
                     s.execute(Item.__table__.insert(), rows)
@@ -106,7 +95,7 @@ class Store:
                 if existing:
                     return existing, False
             raise
-        return job, True
+        return Job(**fields), True
 
     def delete_job(self, job_id: str) -> None:
         """Remove a job that could not be enqueued (nothing half-recorded)."""
@@ -143,14 +132,28 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
-    def queued_before(self, cutoff) -> list[Job]:
-        """Jobs queued since before cutoff (a naive UTC datetime), oldest first; id, kind, model
-        and priority loaded."""
+    def queued_for(self, seconds: float) -> list[Job]:
+        """Jobs put on the queue (submitted, retried or taken over) more than `seconds` ago by the
+        database's clock, started ones first (taken over), then by priority, then oldest first; id,
+        kind, model, priority and started_at loaded."""
         with self.Session() as s:
             return list(s.scalars(
-                select(Job).where(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
-                .order_by(Job.created_at).options(load_only(Job.id, Job.kind, Job.model, Job.priority))
+                select(Job).where(Job.status == JobStatus.QUEUED.value, Job.queued_at < db_now(-seconds))
+                .order_by(Job.started_at.is_(None), Job.priority.desc(), Job.queued_at)
+                .options(load_only(Job.id, Job.kind, Job.model, Job.priority, Job.started_at))
             ))
+
+    def deployment_id(self) -> str:
+        """This store's deployment id (made with the store): the namespace of its Redis keys."""
+        if self._deployment is None:
+            with self.Session() as s:
+                self._deployment = s.scalar(select(Deployment.id))
+        return self._deployment
+
+    def db_time(self):
+        """The database's clock now (naive UTC)."""
+        with self.Session() as s:
+            return s.scalar(select(db_now()))
 
     def queued_counts(self) -> dict[tuple[str, str], int]:
         """How many jobs wait, by (kind, model)."""
@@ -163,163 +166,206 @@ class Store:
             return {(kind, model): n for kind, model, n in rows}
 
     def request_cancel(self, job_id: str) -> str:
-        """Cancel: a queued job is cancelled at once; a running one is asked to stop. New status."""
+        """Cancel: a queued job is cancelled at once; a running one is asked to stop (its worker
+        sees the flag at its next lease renewal). The job's status after the request."""
         with self.Write.begin() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise StoreError(f"no job {job_id}")
-            if JobStatus(job.status).done:
-                return job.status
-            job.cancel_requested = True
-            if job.status == JobStatus.QUEUED.value:
-                job.status = JobStatus.CANCELLED.value
-                job.finished_at = utcnow()
-                s.execute(
-                    update(Item)
-                    .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
-                    .values(status=ItemStatus.CANCELLED.value)
-                )
-            return job.status
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(_LIVE))
+                .values(cancel_requested=True,
+                        status=case((Job.status == _QUEUED, JobStatus.CANCELLED.value), else_=Job.status),
+                        finished_at=case((Job.status == _QUEUED, db_now()), else_=Job.finished_at))
+                .returning(Job.status)
+            ).first()
+            if row is None:
+                status = s.scalar(select(Job.status).where(Job.id == job_id))
+                if status is None:
+                    raise StoreError(f"no job {job_id}")
+                return status
+            if row.status == JobStatus.CANCELLED.value:
+                self._end_items(s, job_id, JobStatus.CANCELLED)
+            return row.status
 
     def reset_for_retry(self, job_id: str) -> int:
-        """Put a finished job's failed and cancelled items back (a failed prep job whole); how many."""
+        """Put a finished job's failed and cancelled items back, each in a new epoch (a failed
+        prep job whole); how many. Their old tokens and checkpoints are gone for good."""
+        retryable = (Item.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]))
+        has_items = select(Item.id).where(Item.job_id == Job.id, retryable).exists()
         with self.Write.begin() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise StoreError(f"no job {job_id}")
-            if not JobStatus(job.status).done:
-                raise StoreError(f"job {job_id} is {job.status}: only a finished job can be retried")
-            if job.kind == "prep":  # no items: the whole job runs again
-                n = int(job.status != JobStatus.SUCCEEDED.value)
-            else:
-                n = s.execute(
-                    update(Item)
-                    .where(Item.job_id == job_id,
-                           Item.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]))
-                    .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
-                            completion_tokens=None)
-                ).rowcount
-            if n:
-                job.status = JobStatus.QUEUED.value
-                job.cancel_requested = False
-                job.attempts = 0
-                job.finished_at = None
-                job.error_class = job.error_message = job.error_where = None
-            return n
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+                       or_(Job.kind == "prep", has_items))
+                .values(status=_QUEUED, cancel_requested=False, attempts=0, finished_at=None, queued_at=db_now(),
+                        run_seconds=0.0, error_class=None, error_message=None, error_where=None)
+                .returning(Job.kind)
+            ).first()
+            if row is None:
+                status = s.scalar(select(Job.status).where(Job.id == job_id))
+                if status is None:
+                    raise StoreError(f"no job {job_id}")
+                if not JobStatus(status).done:
+                    raise StoreError(f"job {job_id} is {status}: only a finished job can be retried")
+                return 0
+            if row.kind == "prep":  # no items: the whole job runs again
+                return 1
+            return s.execute(
+                update(Item)
+                .where(Item.job_id == job_id, retryable)
+                .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
+                        completion_tokens=None, ids=None, epoch=Item.epoch + 1)
+            ).rowcount
 
     # --- worker side -------------------------------------------------------------------
+    # Each state change is one conditional UPDATE (... RETURNING): two workers racing for one
+    # job, on SQLite or PostgreSQL, cannot both win, and times come from the database's clock.
     def claim(self, job_id: str, *, owner: str, worker: str, device: str, lease_seconds: float,
               max_deliveries: int) -> Claim:
         """Take the job for this delivery, or say why not (a redelivered copy, a live lease)."""
-        now = utcnow()
+        takeable = or_(Job.status == _QUEUED, and_(Job.status == _RUNNING, Job.lease_expires < db_now()))
         with self.Write.begin() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                return Claim(False, "missing")
-            if JobStatus(job.status).done:
-                return Claim(False, "done")
-            if job.cancel_requested:
-                self._finish(s, job, JobStatus.CANCELLED)
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(False), Job.attempts < max_deliveries)
+                .values(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner,
+                        lease_expires=db_now(lease_seconds), worker=worker, device=device,
+                        started_at=func.coalesce(Job.started_at, db_now()))
+                .returning(Job.attempts, Job.run_seconds)
+            ).first()
+            if row is not None:
+                return Claim(True, attempt=row.attempts, run_seconds=row.run_seconds or 0.0)
+            # Not ours: say why, ending a cancelled job or one over its delivery limit on the way.
+            ended = s.execute(
+                update(Job)
+                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True))
+                .values(status=JobStatus.CANCELLED.value, finished_at=db_now(), lease_owner=None,
+                        lease_expires=None)
+                .returning(Job.id)
+            ).first()
+            if ended:
+                self._end_items(s, job_id, JobStatus.CANCELLED)
                 return Claim(False, "cancelled")
-            if job.status == JobStatus.RUNNING.value and job.lease_expires and job.lease_expires > now:
-                return Claim(False, "leased")
-            job.attempts += 1
-            if job.attempts > max_deliveries:
-                job.error_class = "DeliveryLimit"
-                job.error_message = (f"the job was delivered {job.attempts - 1} times and never finished: "
-                                     "it may crash its worker")
-                self._finish(s, job, JobStatus.FAILED)
+            ended = s.execute(
+                update(Job)
+                .where(Job.id == job_id, takeable, Job.attempts >= max_deliveries)
+                .values(status=JobStatus.FAILED.value, finished_at=db_now(), lease_owner=None, lease_expires=None,
+                        error_class="DeliveryLimit",
+                        error_message=(f"the job was delivered {max_deliveries} times and never finished: "
+                                       "it may crash its worker"))
+                .returning(Job.error_message)
+            ).first()
+            if ended:
+                self._end_items(s, job_id, JobStatus.FAILED, error=ended.error_message)
                 return Claim(False, "too many deliveries")
-            job.status = JobStatus.RUNNING.value
-            job.lease_owner = owner
-            job.lease_expires = now + timedelta(seconds=lease_seconds)
-            job.worker = worker
-            job.device = device
-            job.started_at = job.started_at or now
-            return Claim(True, attempt=job.attempts)
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            if status is None:
+                return Claim(False, "missing")
+            return Claim(False, "done" if JobStatus(status).done else "leased")
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> tuple[bool, bool]:
         """Extend the lease; (still ours, cancel requested)."""
         with self.Write.begin() as s:
-            n = s.execute(
+            row = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
-                .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
-            ).rowcount
-            cancel = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-        return n == 1, bool(cancel)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+                .values(lease_expires=db_now(lease_seconds))
+                .returning(Job.cancel_requested)
+            ).first()
+        return row is not None, bool(row and row.cancel_requested)
 
-    def save_item(self, job_id: str, owner: str, idx: int, *, status: ItemStatus, output: str | None,
-                  finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
-                  error: str | None = None) -> bool:
-        """Record one item's result, only while the lease is ours."""
+    def checkpoint(self, job_id: str, owner: str, progress: list[tuple[int, int, list[int]]],
+                   run_seconds: float = 0.0) -> bool:
+        """Record each running item's (idx, epoch, ids generated so far) and add run_seconds to the
+        job's running time, only while the lease is ours. A resume starts from here when the
+        replay log cannot be trusted."""
         with self.Write.begin() as s:
-            if not self._holds(s, job_id, owner):
+            if not self._lock_lease(s, job_id, owner, run_seconds=run_seconds):
                 return False
-            s.execute(
-                update(Item)
-                .where(Item.job_id == job_id, Item.idx == idx)
-                .values(status=status.value, output=output, finish_reason=finish_reason,
-                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error)
-            )
+            if progress:
+                s.execute(
+                    update(Item.__table__)
+                    .where(Item.job_id == bindparam("j"), Item.idx == bindparam("i"), Item.epoch == bindparam("e"),
+                           Item.status == ItemStatus.PENDING.value)
+                    .values(ids=bindparam("v")),
+                    [{"j": job_id, "i": i, "e": e, "v": list(ids)} for i, e, ids in progress],
+                )
             return True
 
-    def finish(self, job_id: str, owner: str, status: JobStatus, **fields) -> bool:
+    def save_item(self, job_id: str, owner: str, idx: int, *, epoch: int, status: ItemStatus, output: str | None,
+                  finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
+                  ids: list[int] | None = None, error: str | None = None) -> bool:
+        """Record one item's result, only while the lease is ours and the item is still in this epoch."""
+        with self.Write.begin() as s:
+            if not self._lock_lease(s, job_id, owner):
+                return False
+            return s.execute(
+                update(Item)
+                .where(Item.job_id == job_id, Item.idx == idx, Item.epoch == epoch)
+                .values(status=status.value, output=output, finish_reason=finish_reason, ids=ids,
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error)
+            ).rowcount == 1
+
+    def finish(self, job_id: str, owner: str, status: JobStatus, *, run_seconds: float = 0.0, **fields) -> bool:
         """End the job (stats and error fields as keywords), only while the lease is ours.
 
         Items a cancelled or failed job never reached become cancelled or failed with it, so
         `gencli retry` runs them."""
         with self.Write.begin() as s:
-            if not self._holds(s, job_id, owner):
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+                .values(status=status.value, finished_at=db_now(), lease_owner=None, lease_expires=None,
+                        run_seconds=Job.run_seconds + run_seconds, **fields)
+                .returning(Job.error_message)
+            ).first()
+            if row is None:
                 return False
-            job = s.get(Job, job_id)
-            for k, v in fields.items():
-                setattr(job, k, v)
-            left = {JobStatus.CANCELLED: ItemStatus.CANCELLED, JobStatus.FAILED: ItemStatus.FAILED}.get(status)
-            if left is not None:
-                s.execute(
-                    update(Item)
-                    .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
-                    .values(status=left.value, error=job.error_message if left is ItemStatus.FAILED else None)
-                )
-            self._finish(s, job, status)
+            self._end_items(s, job_id, status, error=row.error_message)
             return True
 
-    def release(self, job_id: str, owner: str) -> bool:
+    def release(self, job_id: str, owner: str, run_seconds: float = 0.0) -> bool:
         """Give a running job back to the queue (worker shutting down)."""
         with self.Write.begin() as s:
             return s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_expires=None,
-                        attempts=Job.attempts - 1)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+                .values(status=_QUEUED, lease_owner=None, lease_expires=None, attempts=Job.attempts - 1,
+                        queued_at=db_now(), run_seconds=Job.run_seconds + run_seconds)
             ).rowcount == 1
 
     def take_expired(self) -> list[Job]:
-        """Running jobs whose lease ran out (their worker died): put back to queued, returned."""
-        now = utcnow()
+        """Running jobs whose lease ran out (their worker died): put back to queued, returned
+        (id, kind, model, priority and the worker that lost them)."""
         with self.Write.begin() as s:
-            jobs = list(s.scalars(
-                select(Job).where(Job.status == JobStatus.RUNNING.value, Job.lease_expires < now)
-            ))
-            taken = []
-            for job in jobs:
-                n = s.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.lease_expires < now)
-                    .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_expires=None)
-                ).rowcount
-                if n:
-                    taken.append(job)
-            return taken
+            rows = s.execute(
+                update(Job)
+                .where(Job.status == _RUNNING, Job.lease_expires < db_now())
+                .values(status=_QUEUED, lease_owner=None, lease_expires=None, queued_at=db_now())
+                .returning(Job.id, Job.kind, Job.model, Job.priority, Job.worker)
+            ).all()
+        return [Job(id=r.id, kind=r.kind, model=r.model, priority=r.priority, worker=r.worker) for r in rows]
 
     @staticmethod
-    def _holds(s, job_id: str, owner: str) -> bool:
-        return s.scalar(select(Job.lease_owner).where(Job.id == job_id)) == owner
+    def _lock_lease(s, job_id: str, owner: str, *, run_seconds: float = 0.0) -> bool:
+        """Within a write: True when the job is running under owner's lease, and its row is then
+        locked until the transaction ends (a takeover waits for this write, then sees it)."""
+        return s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+            .values(run_seconds=Job.run_seconds + run_seconds)
+        ).rowcount == 1
 
     @staticmethod
-    def _finish(s, job: Job, status: JobStatus) -> None:
-        job.status = status.value
-        job.finished_at = utcnow()
-        job.lease_owner = None
-        job.lease_expires = None
+    def _end_items(s, job_id: str, status: JobStatus, error: str | None = None) -> None:
+        """A cancelled or failed job's items that never ran end with it (retry runs them)."""
+        left = {JobStatus.CANCELLED: ItemStatus.CANCELLED, JobStatus.FAILED: ItemStatus.FAILED}.get(status)
+        if left is not None:
+            s.execute(
+                update(Item)
+                .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
+                .values(status=left.value, error=error if left is ItemStatus.FAILED else None)
+            )
+
+
+_QUEUED, _RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+_LIVE = [_QUEUED, _RUNNING]

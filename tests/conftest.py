@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import os
+import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
-from services import RedisServer, start_worker
+from services import RedisServer, fresh_pg_database, pg_missing, pg_schema, pg_unavailable, pg_url, start_worker
 
 from gencli.model.chat import ChatFormat
 from gencli.model.checkpoint import (
@@ -21,10 +24,22 @@ from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.settings import get_settings
 from gencli.worker.client import Client
+from gencli.worker.keys import Keys
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
 # waiting makes them several times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_gencli_settings_from_the_shell():
+    """A developer's GENCLI_DB_URL, GENCLI_REDIS_URL, ... never reach a test (GENCLI_TEST_* stay:
+    they configure the tests themselves)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in list(os.environ):
+            if k.startswith("GENCLI_") and not k.startswith("GENCLI_TEST_"):
+                mp.delenv(k)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -129,29 +144,55 @@ def byte_ranks_file(tmp_path) -> Path:
     return write_ranks(tmp_path / "bytes260.tiktoken", tokens)
 
 
-# --- the queue: a Redis database of the tests' own, a store, worker processes -------------------
-# A test module that uses these shares one store, one Redis database and its workers.
+# --- the queue: a redis-server of the module's own, a store, worker processes ---------------------
+# A test module that uses these shares one redis-server, one store, one namespace and its workers;
+# it runs once on SQLite and once on PostgreSQL.
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """GENCLI_* settings for this module: its own store, a Redis database of its own, short leases."""
-    tmp = tmp_path_factory.mktemp("queue")
-    server = RedisServer(tmp)
-    server.flush()
-    values = {
-        "GENCLI_HOME": str(tmp / "home"),
-        "GENCLI_REDIS_URL": server.url,
-        "GENCLI_DB_URL": f"sqlite:///{tmp / 'store.db'}",
-        "GENCLI_LEASE_SECONDS": "3",
-    }
-    with pytest.MonkeyPatch.context() as mp:
+@pytest.fixture(scope="session")
+def pg_database():
+    """One fresh PostgreSQL database for this test run, dropped at its end; tests make schemas in it.
+
+    Skips, saying why, when no PostgreSQL answers at GENCLI_TEST_PG_URL; fails instead under CI.
+    """
+    url = pg_url()
+    missing = pg_missing(url)
+    if missing:
+        pg_unavailable(missing)
+    with fresh_pg_database(url) as db_url:
+        yield db_url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def env(request, tmp_path_factory):
+    """GENCLI_* settings for this module: a redis-server of its own, a store of its own (a SQLite file,
+    or a schema of its own in the run's PostgreSQL database), a namespace of its own, short leases.
+
+    env["id"] is unique to this module's run: fixtures put it in the names of the workers they start.
+    """
+    run_id = uuid.uuid4().hex[:8]
+    tmp = tmp_path_factory.mktemp(f"queue-{request.param}")
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            db_url = f"sqlite:///{tmp / 'store.db'}"
+        else:
+            db_url = stack.enter_context(pg_schema(request.getfixturevalue("pg_database")))
+        server = RedisServer(tmp)
+        stack.callback(server.stop)
+        namespace = f"t{run_id}"
+        values = {
+            "GENCLI_HOME": str(tmp / "home"),
+            "GENCLI_REDIS_URL": server.url,
+            "GENCLI_DB_URL": db_url,
+            "GENCLI_NAMESPACE": namespace,
+            "GENCLI_LEASE_SECONDS": "3",
+        }
+        mp = stack.enter_context(pytest.MonkeyPatch.context())
         for k, v in values.items():
             mp.setenv(k, v)
         mp.delenv("GENCLI_INJECT_OOM", raising=False)
-        yield {"vars": values, "tmp": tmp, "redis": server}
-    server.flush()
-    server.stop()
+        yield {"vars": values, "tmp": tmp, "redis": server, "keys": Keys(namespace), "id": run_id,
+               "backend": request.param}
 
 
 @pytest.fixture
@@ -168,7 +209,7 @@ def tiny(env):
 
 @pytest.fixture(scope="module")
 def worker(env, tiny):
-    w = start_worker(env, tiny, "w1@test")
+    w = start_worker(env, tiny, f"w1-{env['id']}@test")
     yield w
     w.stop()
 

@@ -1,6 +1,7 @@
-"""Real services for tests: a Redis database of their own, and worker processes started as users do.
+"""Real services for tests: redis-servers and PostgreSQL databases of their own, and worker processes
+started as users start them.
 
-Imported by conftest.py, which turns these into fixtures.
+Imported by conftest.py, which turns these into fixtures, and by test modules that need one directly.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import redis
+from sqlalchemy.engine import make_url
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379"
-TEST_DB = 13  # a database number of our own on a shared Redis, flushed around each use
+from gencli.worker.keys import Keys
+
+# --- Redis ------------------------------------------------------------------------------------------
 
 
 def _answers(url: str) -> bool:
@@ -28,33 +36,42 @@ def _answers(url: str) -> bool:
         return False
 
 
-class RedisServer:
-    """The Redis at 127.0.0.1:6379 (database 13) when it answers, else (or when private) a
-    redis-server of our own that keeps nothing on disk, as the development machines' Redis."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, workdir: Path, *, private: bool = False):
-        self.proc = None
+
+class RedisServer:
+    """A redis-server of the test's own on a free loopback port, keeping nothing on disk.
+
+    Never a shared Redis (a developer's 127.0.0.1:6379 is left alone), so a test may restart it,
+    stop it or flush it.
+    """
+
+    def __init__(self, workdir: Path):
+        self.proc: subprocess.Popen | None = None
         self.workdir = workdir
-        if not private and _answers(DEFAULT_REDIS):
-            self.url = f"{DEFAULT_REDIS}/{TEST_DB}"
-            return
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            raise RuntimeError("the tests need Redis: none answers at 127.0.0.1:6379 and there is no redis-server")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/{TEST_DB}"
+            raise RuntimeError("the tests start redis-servers of their own: put redis-server on PATH "
+                               "(apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = workdir / f"redis-{self.port}.log"
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
+             "--dir", str(self.workdir), "--logfile", str(self.log)], stdout=subprocess.DEVNULL)
         deadline = time.time() + 10
         while not _answers(self.url):
-            if time.time() > deadline:
-                raise RuntimeError("redis-server did not start")
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                self.proc.wait(10)
+                tail = self.log.read_text()[-1000:] if self.log.exists() else ""
+                raise RuntimeError(f"redis-server on port {self.port} did not start: {tail}")
             time.sleep(0.05)
 
     def restart(self, down_seconds: float = 1.0) -> None:
@@ -68,22 +85,112 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def flush(self) -> None:
-        self.client().flushdb()
+        self.client().flushall()
 
     def stop(self) -> None:
-        if self.proc:
+        if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
 
 
-class Worker:
-    """`gencli worker` in a subprocess, as a user starts it."""
+# --- PostgreSQL -------------------------------------------------------------------------------------
 
-    def __init__(self, model: str | None, env: dict, *, name: str, log: Path, args: tuple[str, ...] = (),
-                 extra_env: dict | None = None):
+PG_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pg_url() -> str:
+    """The PostgreSQL server the tests use: GENCLI_TEST_PG_URL, else the local one."""
+    return os.environ.get("GENCLI_TEST_PG_URL") or PG_URL_DEFAULT
+
+
+def pg_connect(url: str, *, database: str | None = None):
+    """An autocommit psycopg connection to url (or to another database on its server)."""
+    import psycopg
+
+    u = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        u = u.set(database=database)
+    return psycopg.connect(u.render_as_string(hide_password=False), connect_timeout=3, autocommit=True)
+
+
+def pg_missing(url: str) -> str | None:
+    """Why there is no PostgreSQL server to test against at url, or None."""
+    try:
+        pg_connect(url, database="postgres").close()
+    except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return f"no PostgreSQL answers at {url} (set GENCLI_TEST_PG_URL): {type(e).__name__}: {first_line}"
+    return None
+
+
+def in_ci() -> bool:
+    """CI is set (CI=true, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pg_unavailable(reason: str) -> NoReturn:
+    """Skip, saying why; under CI fail instead: there PostgreSQL must be tested, never skipped."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: the PostgreSQL cases must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextmanager
+def fresh_pg_database(url: str) -> Iterator[str]:
+    """A new database gencli_test_<hex> on url's server (made through its `postgres` database); yields
+    its URL and drops it afterwards, ending any session still attached to it."""
+    name = f"gencli_test_{uuid.uuid4().hex[:12]}"
+    with pg_connect(url, database="postgres") as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with pg_connect(url, database="postgres") as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def pg_schema(db_url: str) -> Iterator[str]:
+    """A new, empty schema in the database at db_url; yields a store URL that works inside it
+    (search_path set through the connection's options) and drops the schema afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with pg_connect(db_url) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        url = make_url(db_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with pg_connect(db_url) as conn:
+            conn.execute("SET lock_timeout = '20s'")
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# --- worker processes -------------------------------------------------------------------------------
+
+
+def child_env(test_vars: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process a test starts: this process's, less every GENCLI_* variable,
+    then the test's own. A developer's GENCLI_DB_URL or GENCLI_REDIS_URL never reaches it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENCLI_")}
+    return {**base, **test_vars, **(extra or {})}
+
+
+class Worker:
+    """`gencli worker` in a subprocess, as a user starts it.
+
+    test_vars are the test's GENCLI_* settings (GENCLI_NAMESPACE among them: the worker's heartbeat
+    is Keys(namespace).worker(name)); nothing else of GENCLI_* comes from this process.
+    """
+
+    def __init__(self, model: str | None, test_vars: Mapping[str, str], *, name: str, log: Path,
+                 args: tuple[str, ...] = (), extra_env: Mapping[str, str] | None = None):
         self.name = name
         self.log = log
-        self.env = dict(env, **(extra_env or {}))
+        self.env = child_env(test_vars, extra_env)
+        namespace = self.env.get("GENCLI_NAMESPACE")
+        if not namespace:
+            raise ValueError(f"worker {name}: the test's vars need GENCLI_NAMESPACE, to find its heartbeat")
+        self.key = Keys(namespace).worker(name)
         serve = ["--model", model] if model else []
         cmd = [sys.executable, "-m", "gencli.cli", "worker", *serve, "--device", "cpu", "--name", name, *args]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -94,13 +201,13 @@ class Worker:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited: {self.log.read_text()[-2000:]}")
-            if r.get(f"gencli:worker:{self.name}") and "ready" in self.log.read_text():
+            if r.get(self.key) and "ready" in self.log.read_text():
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"worker {self.name} not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
     def current_job(self, r: redis.Redis) -> str | None:
-        raw = r.get(f"gencli:worker:{self.name}")
+        raw = r.get(self.key)
         return json.loads(raw)["job"] if raw else None
 
     def alive(self) -> bool:
@@ -121,7 +228,10 @@ class Worker:
 
 
 def start_worker(env: dict, model: str | None, name: str, *args: str, extra_env: dict | None = None) -> Worker:
-    """A worker on the test module's Redis and store (env: the conftest `env` fixture), ready."""
-    w = Worker(model, dict(os.environ, **env["vars"]), name=name, log=env["tmp"] / f"{name}.log", args=args,
-               extra_env=extra_env)
-    return w.wait_ready(env["redis"].client())
+    """A worker on the test module's Redis, store and namespace (env: the conftest `env` fixture), ready."""
+    w = Worker(model, env["vars"], name=name, log=env["tmp"] / f"{name}.log", args=args, extra_env=extra_env)
+    try:
+        return w.wait_ready(env["redis"].client())
+    except BaseException:
+        w.stop()  # a worker that never became ready must not outlive the test
+        raise

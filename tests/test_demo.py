@@ -8,8 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from gencli.cli.main import main
+from gencli.worker.keys import Keys
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+# The demo is the README's main job on its default store, SQLite: once is enough (the queue's
+# PostgreSQL path is run by the queue and fault tests).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env"),
+              pytest.mark.parametrize("env", ["sqlite"], indirect=True)]
 
 
 def test_demo_preps_trains_serves_and_streams_then_reuses_its_steps(env, tmp_path):
@@ -32,4 +36,6 @@ def test_demo_preps_trains_serves_and_streams_then_reuses_its_steps(env, tmp_pat
     assert again.exit_code == 0, again.output
     assert "up to date" in again.stderr and "trained already" in again.stderr
     r = env["redis"].client()
-    assert not [k for k in r.scan_iter("gencli:worker:*") if b"chitchat-tiny" in (r.get(k) or b"")]  # stopped
+    namespace = env["vars"].get("GENCLI_NAMESPACE")
+    beats = Keys(namespace).worker("*") if namespace else Keys("*").worker("*")  # every namespace's
+    assert not [k for k in r.scan_iter(beats) if b"chitchat-tiny" in (r.get(k) or b"")]  # stopped

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
 @pytest.fixture(scope="module")
 def prep_worker(env):
-    w = start_worker(env, None, "prep@test", "--prep")
+    w = start_worker(env, None, f"prep-{env['id']}@test", "--prep")
     yield w
     w.stop()
 
@@ -61,7 +61,7 @@ def test_regen_queues_one_job_per_dataset_and_tail_shows_progress(config, prep_w
     jobs = [client.job(x.split()[0]) for x in lines]
     for job in jobs:
         rec = job.record()
-        assert rec.kind == "prep" and rec.status == "succeeded" and rec.worker == "prep@test"
+        assert rec.kind == "prep" and rec.status == "succeeded" and rec.worker == prep_worker.name
         assert rec.result["skipped"] is False and rec.result["counts"]
     listed = CliRunner().invoke(main, ["list", "--kind", "prep"])
     assert all(j.id in listed.output for j in jobs)

@@ -1,4 +1,4 @@
-"""The queue end to end: real Redis, real `gencli worker` processes, a real SQLite store."""
+"""The queue end to end: real Redis, real `gencli worker` processes, a real store (SQLite, then PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from services import start_worker
+from services import child_env, start_worker
 
 from gencli.cli.main import main
 from gencli.model.checkpoint import load_model
@@ -82,15 +82,26 @@ def test_idempotency_key_gives_the_same_job(client, worker):
     assert len(client.store.list_jobs(limit=1000)) == len({j.id for j in client.store.list_jobs(limit=1000)})
 
 
-def test_cancel_queued_job_never_runs(env, client):
-    job = client.submit(["never"], model="nobody-serves-this", max_tokens=5)
+def test_cancel_queued_job_never_runs(env, tiny, client):
+    model = "tiny-cancel"  # no worker serves it yet: the job stays queued
+    job = client.submit(["never"], model=model, max_tokens=5)
     r = CliRunner().invoke(main, ["status"])
-    assert "gen.nobody-serves-this" in r.output and "no live worker serves this queue" in r.output
+    assert f"gen.{model}" in r.output and "no live worker serves this queue" in r.output
     assert job.cancel() is JobStatus.CANCELLED
-    rec = job.record()
-    assert rec.status == "cancelled" and rec.attempts == 0 and rec.started_at is None
     t = CliRunner().invoke(main, ["tail", job.id])
     assert t.exit_code == 3 and "cancelled" in t.output
+
+    # Now a worker serves the model: it meets the cancelled job's message before the next job's.
+    w = start_worker(env, tiny, f"cancel-{env['id']}@test", "--model-name", model)
+    try:
+        later = client.submit(["after the cancel"], model=model, max_tokens=3)
+        assert later.wait(60) is JobStatus.SUCCEEDED
+    finally:
+        w.stop()
+    rec = job.record()
+    assert rec.status == "cancelled" and rec.attempts == 0 and rec.started_at is None
+    events = list(job.events())
+    assert [e for e in events if e["t"] == "start"] == []  # it never ran, not even briefly
 
 
 def test_cancel_running_job_keeps_partial_output(client, env, tiny, worker):
@@ -159,14 +170,18 @@ def test_bad_submit_input_enqueues_nothing(env, client, tmp_path, args, message)
     args = [str(files.get(a, a)) for a in args]
     if "--model" not in args:
         args = ["--model", "tiny", *args]
-    before = len(client.store.list_jobs(limit=10_000))
-    depth = env["redis"].client().llen("gen.tiny")
+    broker = env["redis"].client()
+
+    def depth() -> int:  # every priority's list of the queue (a priority-0 job lands in `...:9`)
+        return sum(broker.llen(k) for k in env["keys"].queue_lists("gen.tiny"))
+
+    before, queued = len(client.store.list_jobs(limit=10_000)), depth()
     r = CliRunner().invoke(main, ["submit", *args])
     assert r.exit_code != 0
     assert message in r.output, r.output
     assert "Traceback" not in r.output
     assert len(client.store.list_jobs(limit=10_000)) == before
-    assert env["redis"].client().llen("gen.tiny") == depth
+    assert depth() == queued
 
 
 def test_jsonl_jobs_keep_custom_ids_and_per_line_params(client, tiny, worker, tmp_path):
@@ -194,18 +209,18 @@ def test_show_and_list(client, worker):
     job.wait(30)
     s = CliRunner().invoke(main, ["show", job.id])
     assert s.exit_code == 0, s.output
-    assert "succeeded" in s.output and 'prompt: "shown"' in s.output and "w1@test" in s.output
+    assert "succeeded" in s.output and 'prompt: "shown"' in s.output and worker.name in s.output
     lst = CliRunner().invoke(main, ["list", "--status", "succeeded"])
     assert job.id in lst.output
 
 
 def test_two_workers_share_a_queue(env, tiny, worker, client):
-    second = start_worker(env, tiny, "w2@test")
+    second = start_worker(env, tiny, f"w2-{env['id']}@test")
     try:
         jobs = [client.submit([f"prompt {n}"], model="tiny", max_tokens=40, temperature=0) for n in range(6)]
         for j in jobs:
             assert j.wait(60) is JobStatus.SUCCEEDED
-        assert {j.record().worker for j in jobs} == {"w1@test", "w2@test"}
+        assert {j.record().worker for j in jobs} == {worker.name, second.name}
     finally:
         second.stop()
 
@@ -218,7 +233,13 @@ def test_out_of_memory_ladder_halves_then_matches_an_unfailed_run(env, tiny, cli
         job = client.submit(prompts, model="tiny-oom", max_tokens=8, temperature=0)
         assert job.wait(60) is JobStatus.SUCCEEDED
         rec = job.record()
-        assert rec.oom_retries == 2 and rec.final_batch_size == 1 and rec.final_device == "cpu"
+        assert rec.oom_retries == 2 and rec.final_batch_size == 1
+        ladder = [line.split("gencli.worker] ")[1] for line in w.log.read_text().splitlines()
+                  if "out of memory" in line]
+        # 4 -> 2 -> 1 on this CPU worker; the rung after 1 (go on on the CPU) is a GPU worker's, and
+        # tests/test_gpu.py takes it where a GPU exists
+        assert ladder == [f"job {job.id}: out of memory on cpu; retrying at batch size 2",
+                          f"job {job.id}: out of memory on cpu; retrying at batch size 1"]
         assert [r["output"] for r in job.result()] == alone(tiny, prompts, 8)
         texts = ["" for _ in prompts]
         for d in job.stream():
@@ -263,7 +284,9 @@ def test_retry_reruns_only_cancelled_lines(client, worker):
 def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(env, client, worker):
     from kombu import Connection
 
-    with Connection(env["vars"]["GENCLI_REDIS_URL"]) as conn:
+    # onto the deployment's own queue: kombu prefixes it as the worker's Celery app does
+    prefixed = {"global_keyprefix": env["keys"].prefix}
+    with Connection(env["vars"]["GENCLI_REDIS_URL"], transport_options=prefixed) as conn:
         producer = conn.Producer(serializer="pickle")
         producer.publish({"evil": True}, routing_key="gen.tiny", exchange="", serializer="pickle",
                          headers={"task": "gencli.generate", "id": "pickled-1"})
@@ -290,14 +313,13 @@ def test_higher_priority_runs_first(env, tiny, client):
 
 @pytest.mark.parametrize("cancel", [False, True])
 def test_ctrl_c_in_tail_detaches_or_cancels(env, client, worker, cancel):
-    import os
     import signal
     import subprocess
     import sys
 
     job = client.submit(["a long one"] * 4, model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=2)
     args = [sys.executable, "-m", "gencli.cli", "tail", job.id] + (["--cancel-on-interrupt"] if cancel else [])
-    p = subprocess.Popen(args, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+    p = subprocess.Popen(args, env=child_env(env["vars"], {"PYTHONUNBUFFERED": "1"}), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     try:
         assert p.stdout.read(40)  # tokens are flowing

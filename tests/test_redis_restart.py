@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
+import uuid
 
 import pytest
 from services import RedisServer, Worker, start_worker
-from test_worker_faults import Tailer, wait_for
+from tailing import Tailer, wait_for
 
 from gencli.model.checkpoint import create_model
 from gencli.storage.db import JobStatus
@@ -19,12 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def private(tmp_path, monkeypatch):
-    """A redis-server of this test's own (so it can be restarted), a store, short leases."""
-    server = RedisServer(tmp_path, private=True)
+    """A redis-server of this test's own (so it can be restarted), a store, a namespace, short leases."""
+    server = RedisServer(tmp_path)
     values = {
         "GENCLI_HOME": str(tmp_path / "home"),
         "GENCLI_REDIS_URL": server.url,
         "GENCLI_DB_URL": f"sqlite:///{tmp_path / 'store.db'}",
+        "GENCLI_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
         "GENCLI_LEASE_SECONDS": "3",
     }
     for k, v in values.items():
@@ -69,7 +70,7 @@ def test_a_worker_started_while_redis_is_down_drains_the_queue_when_it_returns(p
     client = Client(get_settings())
     jobs = [client.submit([f"prompt {i}"], model="tiny-late", max_tokens=8, temperature=0) for i in range(2)]
     server.stop()  # their messages go with it
-    worker = Worker(model, dict(os.environ, **private["vars"]), name="early@test",
+    worker = Worker(model, private["vars"], name="early@test",
                     log=private["tmp"] / "early.log", args=("--model-name", "tiny-late"))
     try:
         time.sleep(3)

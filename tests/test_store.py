@@ -1,8 +1,9 @@
 """The SQL store against a real SQLite file and a real PostgreSQL: migrations, the job and item
 operations, leases, several writer processes at once, and a writer killed in the middle of a write.
 
-PostgreSQL comes from GENCLI_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/test); each
-test gets a schema of its own there, dropped afterwards. Without one that answers, those cases skip.
+PostgreSQL is the server of GENCLI_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/test): the
+run gets a fresh database there and each test a schema of its own in it, dropped afterwards. Without
+a server that answers, those cases skip, saying why; under CI (CI=true) they fail instead.
 """
 
 from __future__ import annotations
@@ -13,58 +14,26 @@ import signal
 import time
 import traceback
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from services import pg_schema
 
 from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
 from gencli.storage.migrations import MIGRATIONS, migrate
 from gencli.storage.store import Store, StoreError
 
-PG_URL = os.environ.get("GENCLI_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _pg_connect(url: str):
-    import psycopg
-
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    return psycopg.connect(dsn, connect_timeout=3, autocommit=True)
-
-
-@pytest.fixture(scope="session")
-def pg_missing() -> str | None:
-    """Why there is no PostgreSQL to test against, or None; asked once per session."""
-    try:
-        _pg_connect(PG_URL).close()
-    except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        return f"no PostgreSQL answers at {PG_URL} (set GENCLI_TEST_PG_URL): {type(e).__name__}: {first_line}"
-    return None
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
-    """A URL to an empty store: a SQLite file in tmp_path, or a fresh schema on PostgreSQL."""
+    """A URL to an empty store: a SQLite file in tmp_path, or a fresh schema in the run's PostgreSQL
+    database (conftest's pg_database: skipped, or failed under CI, when no PostgreSQL answers)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    missing = request.getfixturevalue("pg_missing")
-    if missing:
-        pytest.skip(missing)
-    conn = _pg_connect(PG_URL)
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    with conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with _pg_connect(PG_URL) as conn:
-            conn.execute("SET lock_timeout = '20s'")
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    with pg_schema(request.getfixturevalue("pg_database")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -98,8 +67,8 @@ def claim(store: Store, job_id: str, owner: str, *, lease: float = 30.0, max_del
                        max_deliveries=max_deliveries)
 
 
-def save(store: Store, job_id: str, owner: str, idx: int, text: str, status=ItemStatus.SUCCEEDED) -> bool:
-    return store.save_item(job_id, owner, idx, status=status, output=text, finish_reason="length",
+def save(store: Store, job_id: str, owner: str, idx: int, text: str, status=ItemStatus.SUCCEEDED, epoch=0) -> bool:
+    return store.save_item(job_id, owner, idx, epoch=epoch, status=status, output=text, finish_reason="length",
                            prompt_tokens=2, completion_tokens=3)
 
 
@@ -114,7 +83,7 @@ def count(store: Store, table) -> int:
 def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_stores):
     engine = open_stores(store_url).engine
     with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations"):
+        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment"):
             c.execute(sa.text(f"DROP TABLE {t}"))
     first_name, first = MIGRATIONS[0]
     with engine.begin() as c:  # a store made by the first release
@@ -129,16 +98,18 @@ def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_store
     store = Store(store_url)
     job = store.get_job("old")
     assert job.status == "succeeded" and job.result is None
+    assert job.queued_at == job.created_at and job.run_seconds == 0
+    assert len(store.deployment_id()) == 32
 
 
 def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_stores):
     engine = open_stores(store_url).engine  # Store() migrates on open: start again from nothing
     with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations"):
+        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment"):
             c.execute(sa.text(f"DROP TABLE {t}"))
     assert sa.inspect(engine).get_table_names() == []
 
-    names = ["0001_jobs_and_items", "0002_job_result"]
+    names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment"]
     assert migrate(engine) == names == [name for name, _ in MIGRATIONS]
     with engine.connect() as c:
         assert sorted(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == names
@@ -290,16 +261,19 @@ def test_take_expired_puts_a_dead_workers_job_back(store):
     assert again.ok and again.attempt == 2
 
 
-def test_queued_before_lists_waiting_jobs_oldest_first(store):
+def test_queued_for_lists_jobs_waiting_that_long_oldest_first_by_queued_at(store):
     first, running, second = new_job(store), new_job(store), new_job(store)
     assert claim(store, running.id, "o1").ok
-    time.sleep(0.05)
-    cutoff = utcnow()
+    time.sleep(0.6)
     later = new_job(store)
-    assert [j.id for j in store.queued_before(cutoff)] == [first.id, second.id]
-    assert later.id in [j.id for j in store.queued_before(utcnow() + timedelta(seconds=1))]
+    assert [j.id for j in store.queued_for(0.4)] == [first.id, second.id]
+    assert [j.id for j in store.queued_for(-1)] == [first.id, second.id, later.id]
     store.request_cancel(first.id)
-    assert [j.id for j in store.queued_before(cutoff)] == [second.id]
+    assert [j.id for j in store.queued_for(0.4)] == [second.id]
+    # a job put back on the queue (retry, takeover, release) waits from then, not from its submit
+    assert store.release(running.id, "o1")
+    assert running.id not in [j.id for j in store.queued_for(0.4)]
+    assert running.id in [j.id for j in store.queued_for(-1)]
 
 
 def test_release_gives_the_job_back(store):
@@ -359,15 +333,18 @@ def test_reset_for_retry_puts_back_only_failed_and_cancelled_items(store):
     with pytest.raises(StoreError, match="only a finished job can be retried"):
         store.reset_for_retry(job.id)
     assert save(store, job.id, "o1", 0, "kept")
-    assert store.save_item(job.id, "o1", 1, status=ItemStatus.FAILED, output=None, finish_reason=None,
+    assert store.save_item(job.id, "o1", 1, epoch=0, status=ItemStatus.FAILED, output=None, finish_reason=None,
                            prompt_tokens=2, completion_tokens=None, error="boom")
     assert save(store, job.id, "o1", 2, "cut short", status=ItemStatus.CANCELLED)
     assert store.finish(job.id, "o1", JobStatus.CANCELLED, error_class="X", error_message="stopped")
 
     assert store.reset_for_retry(job.id) == 3
     items = store.items(job.id)
-    assert [(it.status, it.output, it.error) for it in items] == [
-        ("succeeded", "kept", None), ("pending", None, None), ("pending", None, None), ("pending", None, None)]
+    assert [(it.status, it.output, it.error, it.epoch) for it in items] == [
+        ("succeeded", "kept", None, 0), ("pending", None, None, 1), ("pending", None, None, 1),
+        ("pending", None, None, 1)]
+    with pytest.raises(StoreError, match="is queued"):  # a second retry of the same job finds it queued
+        store.reset_for_retry(job.id)
     rec = store.get_job(job.id)
     assert (rec.status, rec.attempts, rec.cancel_requested, rec.finished_at, rec.error_class) == (
         "queued", 0, False, None, None)
@@ -405,7 +382,7 @@ def _writer(url: str, n: int, barrier, err_dir: str) -> None:
             c = store.claim(job_id, owner=owner, worker=owner, device="cpu", lease_seconds=60, max_deliveries=3)
             assert c.ok, c
             for i in range(N_ITEMS):
-                assert store.save_item(job_id, owner, i, status=ItemStatus.SUCCEEDED, output=f"out {job_id} {i}",
+                assert store.save_item(job_id, owner, i, epoch=0, status=ItemStatus.SUCCEEDED, output=f"out {job_id} {i}",
                                        finish_reason="length", prompt_tokens=1, completion_tokens=2)
             assert store.finish(job_id, owner, JobStatus.SUCCEEDED, completion_tokens=2 * N_ITEMS)
         store.engine.dispose()
@@ -460,7 +437,7 @@ def _killed_writer(url: str, job_id: str, stray_id: str) -> None:
     store = Store(url)
     c = store.claim(job_id, owner="doomed", worker="doomed", device="cpu", lease_seconds=0.01, max_deliveries=3)
     assert c.ok
-    assert store.save_item(job_id, "doomed", 0, status=ItemStatus.SUCCEEDED, output="committed",
+    assert store.save_item(job_id, "doomed", 0, epoch=0, status=ItemStatus.SUCCEEDED, output="committed",
                            finish_reason="length", prompt_tokens=1, completion_tokens=1)
     with store.Session.begin() as s:
         s.execute(sa.update(Item).where(Item.job_id == job_id, Item.idx == 1)

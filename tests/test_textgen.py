@@ -38,21 +38,38 @@ def prompts(textgen):
     ]
 
 
-def test_deltas_concatenate_to_the_stream_text(textgen):
+def test_streamed_text_is_the_decode_of_the_engines_ids(textgen, tok_chatml):
+    """Each sequence's deltas add up to the tokenizer's decode of the ids the engine makes on its own
+    (same prompts, seeds and id mask; the stop id left out), and after every step they show all of
+    that decode except an unfinished UTF-8 character (ChatML has no stop strings to hold back)."""
     ps = prompts(textgen)
-    tg = textgen.stream(ps, SamplingParams(max_tokens=40, temperature=1.0), seeds=[1, 2, 3])
-    emitted = ["", "", ""]
+    params, seeds = SamplingParams(max_tokens=40, temperature=1.0), [1, 2, 3]
+    engine = generate(textgen.model, ps, params, seeds=seeds, stop_ids=tok_chatml.stop_ids,
+                      allowed_ids=textgen.allowed)
+    tg = textgen.stream(ps, params, seeds=seeds)
+    fed: list[list[int]] = [[], [], []]
+    shown: list[list[str]] = [[], [], []]  # the text on screen after each delta
+    finishes: list[list[str]] = [[], [], []]
     for deltas in tg:
         for d in deltas:
-            emitted[d.index] += d.text
-            # What was shown so far is a prefix of the final text: no replacement char shown early.
-            assert tg.streams[d.index].text == emitted[d.index]
-    for i, s in enumerate(tg.streams):
-        assert emitted[i] == s.text
-        assert s.finish_reason in ("length", "stop")
-        if s.finish_reason == "length":
-            assert len(s.ids) == 40
-            assert s.text == textgen.tokenizer.decode(s.ids)
+            fed[d.index].append(d.token)
+            shown[d.index].append((shown[d.index][-1] if shown[d.index] else "") + d.text)
+            if d.finish_reason:
+                finishes[d.index].append(d.finish_reason)
+    for i, ids in enumerate(engine):
+        assert fed[i] == ids
+        stopped = ids[-1] in tok_chatml.stop_ids
+        text_ids = ids[:-1] if stopped else ids
+        final = tok_chatml.decode(text_ids)
+        assert shown[i][-1] == final
+        assert finishes[i] == ["stop" if stopped else "length"]
+        assert stopped or len(ids) == 40
+        for k, on_screen in enumerate(shown[i]):
+            so_far = tok_chatml.decode(text_ids[: k + 1])  # an unfinished character decodes to U+FFFD
+            assert final.startswith(on_screen)
+            assert so_far in (on_screen, on_screen + "\ufffd"), (k, so_far, on_screen)
+        s = tg.streams[i]
+        assert (s.text, s.ids, s.finish_reason) == (final, text_ids, finishes[i][0])
 
 
 def test_each_sequence_finishes_once_with_length(textgen):
@@ -83,14 +100,14 @@ def test_stop_string_ends_one_sequence_others_continue(textgen):
     per_seq = collect(tg)
     for i, s in enumerate(tg.streams):
         full = free[i].text
-        text = "".join(d.text for d in per_seq[i])
-        assert text == s.text
+        text = "".join(d.text for d in per_seq[i])  # what a reader of the stream saw
         if stop in full:
             assert s.finish_reason == "stop"
-            assert s.text == full[: full.index(stop)]
+            assert text == full[: full.index(stop)]
         else:
             assert s.finish_reason == "length"
-            assert s.text == full
+            assert text == full
+        assert s.text == text
     assert tg.streams[0].finish_reason == "stop"
 
 

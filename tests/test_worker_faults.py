@@ -7,53 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from services import start_worker
+from services import child_env, start_worker
+from tailing import Tailer, reference, wait_for
 
-from gencli.model.checkpoint import load_model
-from gencli.model.params import SamplingParams
-from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
 PROMPTS = [f"story number {n}:" for n in range(6)]
-
-
-def greedy_alone(model_dir, prompts, n):
-    tg = TextGenerator(load_model(model_dir))
-    return [tg.generate([tg.encode(p, chat=False)], SamplingParams(max_tokens=n, temperature=0))[0].text
-            for p in prompts]
-
-
-class Tailer(threading.Thread):
-    """Follows a job's stream in the background, as `gencli tail` would."""
-
-    def __init__(self, job):
-        super().__init__(daemon=True)
-        self.job = job
-        self.deltas = []
-
-    def run(self):
-        for d in self.job.stream():
-            self.deltas.append(d)
-
-    def texts(self, n):
-        out = [""] * n
-        for d in self.deltas:
-            out[d.item] += d.text
-        return out
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_job_another_worker_finishes_it_once_with_a_whole_stream(env, tiny, client):
@@ -76,7 +40,7 @@ def test_sigkill_mid_job_another_worker_finishes_it_once_with_a_whole_stream(env
         assert seqs == sorted(set(seqs))  # nothing twice
         stored = [x["output"] for x in job.result()]
         assert tailer.texts(len(PROMPTS)) == stored  # nothing missing
-        assert stored == greedy_alone(tiny, PROMPTS, 200)  # the resumed run made what one run makes
+        assert stored == reference(tiny, PROMPTS, 200)  # the resumed run made what one run makes
         assert len(client.store.items(job.id)) == len(PROMPTS)
     finally:
         a.stop()
@@ -92,7 +56,7 @@ def test_sigterm_mid_job_finishes_the_job_before_exiting(env, tiny, client):
         w.kill(signal.SIGTERM)
         w.proc.wait(60)
         assert job.status is JobStatus.SUCCEEDED  # finished, never left running
-        assert [x["output"] for x in job.result()] == greedy_alone(tiny, PROMPTS[:4], 150)
+        assert [x["output"] for x in job.result()] == reference(tiny, PROMPTS[:4], 150)
     finally:
         w.stop()
 
@@ -117,14 +81,21 @@ def test_workers_supervisor_starts_named_cpu_workers_and_stops_them(env, tiny):
     host = os.uname().nodename
     proc = subprocess.Popen(
         [sys.executable, "-m", "gencli.cli", "workers", "--model", tiny, "--model-name", "tiny-pool", "--cpus", "2"],
-        env=dict(os.environ, **env["vars"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=child_env(env["vars"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        names = {f"cpu0@{host}", f"cpu1@{host}"}
-        wait_for(lambda: all(r.get(f"gencli:worker:{n}") for n in names), 90, "both workers' heartbeats")
-        infos = [json.loads(r.get(f"gencli:worker:{n}")) for n in names]
-        assert {i["model"] for i in infos} == {"tiny-pool"} and {i["device"] for i in infos} == {"cpu"}
+        keys = env["keys"]
+
+        def beats() -> dict[str, dict]:  # worker name -> heartbeat, of this pool's workers
+            found = {k.decode().removeprefix(keys.worker("")): r.get(k) for k in r.scan_iter(keys.worker("*"))}
+            return {n: json.loads(v) for n, v in found.items() if v and json.loads(v).get("model") == "tiny-pool"}
+
+        wait_for(lambda: len(beats()) == 2, 90, "both workers' heartbeats")
+        names, infos = zip(*beats().items())
+        assert sorted(n.split("@")[0].split(".")[0] for n in names) == ["cpu0", "cpu1"]  # cpu0[.tag]@host
+        assert all(n.endswith(f"@{host}") for n in names)
+        assert {i["device"] for i in infos} == {"cpu"}
         pids = {i["pid"] for i in infos}
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -1,7 +1,8 @@
 """The Celery app: JSON only, late acks, one message at a time, and the queue names.
 
-Queues: `gen.<model>` for each model's generation jobs, and `prep` for dataset jobs. Redis is
-the broker; there is no result backend (the SQL store is the record).
+Queues: `gen.<model>` for each model's generation jobs, and `prep` for dataset jobs, under the
+deployment's namespace (worker/keys.py). Redis is the broker; there is no result backend (the
+SQL store is the record).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from celery import Celery
 
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
+from gencli.worker.keys import PRIORITY_SEP, PRIORITY_STEPS, Keys
 
 GENERATE_TASK = "gencli.generate"
 PREP_TASK = "gencli.prep"
 PREP_QUEUE = "prep"
-PRIORITY_STEPS = list(range(10))  # kombu's Redis priorities: 0 is served first
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -44,7 +45,7 @@ def broker_priority(priority: int) -> int:
     return 9 - max(0, min(9, priority))
 
 
-def make_app(settings: Settings, redis_url: str) -> Celery:
+def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
     app = Celery("gencli", broker=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -62,7 +63,8 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             "priority_steps": PRIORITY_STEPS,
-            "sep": ":",
+            "sep": PRIORITY_SEP,
+            "global_keyprefix": keys.prefix,  # every kombu key of this deployment, queues included
             "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
@@ -75,16 +77,18 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
 SENT_TTL = 7 * 24 * 3600  # seconds a "sent" mark outlives an unclaimed message
 
 
-def sent_key(job_id: str) -> str:
-    return f"gencli:sent:{job_id}"
-
-
-def send_job(app: Celery, r: redis.Redis, job_id: str, *, kind: str, model: str, priority: int) -> None:
-    """Put a recorded job on its queue (generation on its model's, dataset prep on `prep`) and mark it
-    sent in Redis. A claim removes the mark; a job the store has queued for a while without one lost
-    its message to a Redis that restarted empty, and a worker sends it again (serve._heartbeat)."""
-    if kind == "prep":
-        app.send_task(PREP_TASK, args=[job_id], queue=PREP_QUEUE, priority=broker_priority(priority))
-    else:
-        app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model), priority=broker_priority(priority))
-    r.set(sent_key(job_id), 1, ex=SENT_TTL)
+def send_job(app: Celery, r: redis.Redis, keys: Keys, job_id: str, *, kind: str, model: str, priority: int) -> None:
+    """Put a recorded job on its queue (generation on its model's, dataset prep on `prep`), its
+    "sent" mark set first. A claim removes the mark; a job the store has had queued for a while
+    without one lost its message to a Redis that restarted empty, and a worker sends it again
+    (serve._resend_lost). Marked first, a message that is sent always has its mark."""
+    r.set(keys.sent(job_id), 1, ex=SENT_TTL)
+    task, queue = (PREP_TASK, PREP_QUEUE) if kind == "prep" else (GENERATE_TASK, queue_for(model))
+    try:
+        app.send_task(task, args=[job_id], queue=queue, priority=broker_priority(priority))
+    except Exception:
+        try:  # not sent: no mark either, so a resend is not held off
+            r.delete(keys.sent(job_id))
+        except redis.RedisError:
+            pass
+        raise

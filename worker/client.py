@@ -16,33 +16,23 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
 
 from gencli.model.chat import ChatFormat, encode_prompt
 from gencli.model.errors import GencliError
-from gencli.model.params import SamplingParams, default_max_tokens, fit_prompt
+from gencli.model.params import check_overrides, check_sampling, fit_prompt, resolve_sampling
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
 from gencli.worker.app import check_model_name, make_app, send_job
+from gencli.worker.fold import StreamDelta, StreamFold
+from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url
-from gencli.worker.stream import Publisher, cancel_key, follow, last_seq
-
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
-
-
-def model_info_key(name: str) -> str:
-    return f"gencli:model:{name}"
-
-
-def worker_key(name: str) -> str:
-    return f"gencli:worker:{name}"
+from gencli.worker.stream import Publisher, follow
 
 
 @lru_cache(maxsize=8)
@@ -50,56 +40,41 @@ def _tokenizer(name: str, chat_format: str) -> Tokenizer:
     return Tokenizer(load_encoding(name), chatml=chat_format == ChatFormat.CHATML.value)
 
 
-@dataclass
-class StreamDelta:
-    seq: int
-    item: int  # index of the prompt in the job
-    text: str
-    finish_reason: str | None
-
-
-def job_params(params: dict, override: dict | None, block_size: int) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
-    """One prompt's (sampling params, seed, stop strings): the job's, its line's overrides, and
-    for max_tokens left unset the model's default."""
-    p = {**DEFAULTS, **params, **(override or {})}
-    max_tokens = default_max_tokens(block_size) if p["max_tokens"] is None else p["max_tokens"]
-    sp = SamplingParams(max_tokens=int(max_tokens), temperature=float(p["temperature"]), top_k=p["top_k"],
-                        top_p=float(p["top_p"]))
-    return sp, p["seed"], tuple(p["stop"] or ())
-
-
-def check_params(p: dict, where: str = "") -> dict:
-    """The sampling parameters, checked and complete; GencliError naming what to fix."""
-    unknown = set(p) - set(SAMPLING_KEYS)
-    if unknown:
-        raise GencliError(f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}")
-    full = dict(DEFAULTS, **p)
-    try:
-        SamplingParams(max_tokens=1 if full["max_tokens"] is None else full["max_tokens"],
-                       temperature=float(full["temperature"]),
-                       top_k=full["top_k"], top_p=float(full["top_p"]))
-    except (TypeError, ValueError) as e:
-        raise GencliError(f"{where}bad sampling parameter: {e}") from None
-    except GencliError as e:
-        raise GencliError(f"{where}{e}") from None
-    if full["seed"] is not None and not isinstance(full["seed"], int):
-        raise GencliError(f"{where}seed must be an integer")
-    stop = full["stop"]
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
-        raise GencliError(f"{where}stop must be a list of non-empty strings")
-    full["stop"] = stop
-    return full
+def keys_for(settings: Settings, store) -> Keys:
+    """This deployment's Redis names: GENCLI_NAMESPACE, else the store's deployment id."""
+    return Keys(settings.namespace or store.deployment_id()[:12])
 
 
 class Client:
+    """The store, and Redis once something needs it: reading jobs (list, show, results) works
+    with Redis down."""
+
     def __init__(self, settings: Settings | None = None, *, start_redis: bool = True):
         self.settings = settings or get_settings()
-        self.redis_url = resolve_redis_url(self.settings, start=start_redis)
-        self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
         self.store = open_store(self.settings.db_url)
-        self.app = make_app(self.settings, self.redis_url)
+        self.keys = keys_for(self.settings, self.store)
+        self._start_redis = start_redis
+        self._redis_url: str | None = None
+        self._redis: redis.Redis | None = None
+        self._app = None
+
+    @property
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            self._redis_url = resolve_redis_url(self.settings, start=self._start_redis)
+        return self._redis_url
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        return self._redis
+
+    @property
+    def app(self):
+        if self._app is None:
+            self._app = make_app(self.settings, self.redis_url, self.keys)
+        return self._app
 
     # --- submitting ---------------------------------------------------------------------
     def submit(
@@ -117,7 +92,7 @@ class Client:
         check_model_name(model)
         if not 0 <= priority <= 9:
             raise GencliError(f"priority must be 0..9 (higher runs first), got {priority}")
-        params = check_params({k: v for k, v in sampling.items() if v is not None or k == "seed"})
+        params = check_sampling({k: v for k, v in sampling.items() if v is not None or k == "seed"})
         items = [self._item(p, n) for n, p in enumerate(prompts, start=1)]
         if not items:
             raise GencliError("no prompts to submit")
@@ -140,9 +115,7 @@ class Client:
     def _item(self, p, n: int) -> dict:
         if isinstance(p, PromptItem):
             where = f"line {p.line}: "
-            params = check_params(p.extra, where) if p.extra else None
-            if params:
-                params = {k: v for k, v in params.items() if k in p.extra}
+            params = check_overrides(p.extra, where) if p.extra else None
             return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params}
         if isinstance(p, str):
             if not p.strip():
@@ -165,7 +138,7 @@ class Client:
     def model_info(self, model: str) -> dict | None:
         """What a worker recorded about the model (context, tokenizer, chat format), if any."""
         try:
-            raw = self.redis.get(model_info_key(model))
+            raw = self.redis.get(self.keys.model_info(model))
         except (redis.RedisError, OSError) as e:
             raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
         return json.loads(raw) if raw else None
@@ -180,13 +153,13 @@ class Client:
         for it in items:
             try:
                 ids = encode_prompt(tok, fmt, it["prompt"], chat=chat)
-                sampling, _, _ = job_params(params, it.get("params"), info["block_size"])
+                sampling, _, _ = resolve_sampling(params, it.get("params"), info["block_size"])
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 raise GencliError(f"line {it['line']}: {e}") from None
 
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
-        send_job(self.app, self.redis, job_id, kind=kind, model=model, priority=priority)
+        send_job(self.app, self.redis, self.keys, job_id, kind=kind, model=model, priority=priority)
 
     # --- following and controlling -------------------------------------------------------
     def job(self, job_id: str) -> Job:
@@ -196,7 +169,9 @@ class Client:
         return Job(self, found.id)
 
     def publish(self, job_id: str, events: list[dict]) -> None:
-        Publisher(self.redis, job_id, last_seq=last_seq(self.redis, job_id), ttl=self.settings.stream_ttl).publish(events)
+        """Append events to a job's stream from the submit side (no lease: numbered on from the log)."""
+        Publisher(self.redis, self.keys, job_id, owner=None, ttl=self.settings.stream_ttl,
+                  max_events=self.settings.stream_max_events).publish(events)
 
 
 class Job:
@@ -215,14 +190,38 @@ class Job:
         return self.client.store.items(self.id)
 
     def events(self, after: int = 0) -> Iterator[dict]:
-        """Every stream event after seq `after`, each once, up to the job's end."""
-        return follow(self.client.redis_url, self.id, after=after, is_done=lambda: self.status.done)
+        """Every raw stream event after seq `after`, each once, up to the job's end (a gap event
+        where the log lost some)."""
+        c = self.client
+        return follow(c.redis_url, c.keys, self.id, after=after, is_done=lambda: self.status.done)
+
+    def watch(self, after: int = 0) -> Iterator[StreamDelta | dict]:
+        """The job as a reader should show it: text as StreamDelta (folded: retries, resumes and
+        lost events handled, see worker/fold.py), the other events ("start", "item", "progress",
+        "end") as they come. When the job has ended, every item's text equals the store's."""
+        fold = StreamFold(from_start=after == 0)
+        seq = after
+        for e in self.events(after):
+            seq = e.get("seq", seq)
+            if e["t"] in ("tok", "reset", "resync", "gap"):
+                yield from fold.feed(e)
+            if e["t"] not in ("tok", "reset", "resync"):
+                yield e
+        if self.status.done:
+            yield from fold.settle([(it.idx, it.output, it.finish_reason) for it in self.items()], seq)
 
     def stream(self, after: int = 0) -> Iterator[StreamDelta]:
         """The job's text as it is made: deltas in order, each once, also when attached late."""
-        for e in self.events(after):
-            if e["t"] == "tok":
-                yield StreamDelta(e["seq"], e["i"], e["text"], e.get("finish"))
+        for d in self.watch(after):
+            if isinstance(d, StreamDelta):
+                yield d
+
+    def texts(self, after: int = 0) -> dict[int, str]:
+        """Follow to the end; each item's text as the stream showed it (restarts applied)."""
+        out: dict[int, str] = {}
+        for d in self.stream(after):
+            out[d.item] = (d.text if d.restart else out.get(d.item, "") + d.text)
+        return out
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -243,27 +242,38 @@ class Job:
         ]
 
     def cancel(self) -> JobStatus:
-        """A queued job never runs; a running one stops within a few tokens."""
+        """A queued job never runs; a running one stops within a few tokens. The cancel is recorded
+        in the store, which a running job's worker reads at each lease renewal; the Redis flag only
+        makes it quicker (and a cancel works with Redis down)."""
         try:
             status = JobStatus(self.client.store.request_cancel(self.id))
         except StoreError as e:
             raise GencliError(str(e)) from None
-        if status is JobStatus.RUNNING:
-            self.client.redis.set(cancel_key(self.id), 1, ex=24 * 3600)
-        elif status is JobStatus.CANCELLED:
-            self.client.publish(self.id, [{"t": "end", "status": "cancelled", "error": None}])
+        try:
+            if status is JobStatus.RUNNING:
+                self.client.redis.set(self.client.keys.cancel(self.id), 1, ex=24 * 3600)
+            elif status is JobStatus.CANCELLED:
+                self.client.publish(self.id, [{"t": "end", "status": "cancelled", "error": None}])
+        except (redis.RedisError, OSError, GencliError):
+            pass  # recorded in the store: the worker, or a tailer, learns it from there
         return status
 
     def retry(self) -> int:
-        """Run the failed and cancelled items again; how many."""
+        """Run the failed and cancelled items again, each in a new epoch; how many."""
         try:
             n = self.client.store.reset_for_retry(self.id)
         except StoreError as e:
             raise GencliError(str(e)) from None
         if n:
             job = self.record()
-            reset = [it.idx for it in self.items() if it.status == "pending"]
-            self.client.redis.delete(cancel_key(self.id))
-            self.client.publish(self.id, [{"t": "reset", "items": reset}])
-            self.client._enqueue(self.id, job.model, job.priority, job.kind)
+            items = [it for it in self.items() if it.status == "pending"]
+            try:
+                self.client.redis.delete(self.client.keys.cancel(self.id))
+                self.client.publish(self.id, [{"t": "reset", "items": [it.idx for it in items],
+                                               "epochs": {str(it.idx): it.epoch for it in items}}])
+                self.client._enqueue(self.id, job.model, job.priority, job.kind)
+            except (redis.RedisError, OSError, GencliError) as e:
+                raise GencliError(
+                    f"the retry of job {self.id} is recorded but Redis at {self.client.redis_url} does not answer "
+                    f"({type(e).__name__}): a worker sends it when Redis is back") from None
         return n

@@ -1,7 +1,14 @@
-"""What a worker process holds for its whole life, and the steps every kind of job shares."""
+"""What a worker process holds for its whole life, and the job it is running now.
+
+`WorkerContext` is the process: settings, store, Redis, the model. `RunningJob` is one claimed
+job: its lease owner, its guarded stream publisher, its running time over all attempts, and what
+the lease thread (serve._keep_lease) learnt about it since (the lease was lost, a cancel was
+recorded in the store). The job runners ask it `check()` between steps.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -15,10 +22,71 @@ from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
-from gencli.worker.app import sent_key
-from gencli.worker.stream import Publisher, read_log
+from gencli.worker.keys import Keys
+from gencli.worker.stream import Publisher, StreamRefused
 
 log = logging.getLogger("gencli.worker")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class TimeLimitExceeded(Exception):
+    pass
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    owner: str  # this delivery's lease owner: fresh for every claim
+    attempt: int
+    pub: Publisher
+    redis: redis.Redis
+    keys: Keys
+    run_seconds_before: float = 0.0  # running time of the job's earlier attempts
+    started: float = field(default_factory=time.monotonic)
+    lease_lost: bool = False  # set by the lease thread: another worker may own the job now
+    cancel_seen: bool = False  # set by the lease thread: the store records a cancel
+    _last_check: float = 0.0
+    _last_saved: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        """The job's running time over all its attempts, this one included."""
+        return self.run_seconds_before + time.monotonic() - self.started
+
+    def unsaved_seconds(self) -> float:
+        """Running time since the last store write that recorded it; resets the count."""
+        now = time.monotonic()
+        seconds, self._last_saved = now - self._last_saved, now
+        return seconds
+
+    def publish(self, events: list[dict]) -> None:
+        try:
+            self.pub.publish(events)
+        except StreamRefused as e:
+            self.lease_lost = True
+            raise LeaseLost(str(e)) from None
+
+    def check(self, every: float = 0.05) -> None:
+        """Raise LeaseLost or JobCancelled when the job must stop (at most one Redis read per `every`)."""
+        if self.lease_lost:
+            raise LeaseLost(f"job {self.job_id}: lease lost")
+        now = time.monotonic()
+        if now - self._last_check < every:
+            return
+        self._last_check = now
+        if self.cancel_seen:
+            raise JobCancelled()
+        try:
+            if self.redis.exists(self.keys.cancel(self.job_id)):
+                raise JobCancelled()
+        except redis.RedisError:
+            pass  # the store's flag reaches us through the lease thread
 
 
 @dataclass
@@ -28,12 +96,12 @@ class WorkerContext:
     settings: Settings
     store: Store
     redis: redis.Redis
+    keys: Keys
     worker_name: str
     model_name: str | None = None
     loaded: LoadedModel | None = None
     batch_size: int = 8
-    current: dict | None = None  # {"job": id, "owner": lease owner} while a job runs
-    lease_lost: set = field(default_factory=set)  # owners whose lease renewal failed
+    current: RunningJob | None = None  # the job running now
     generator: TextGenerator | None = field(init=False, default=None)
     _cpu: TextGenerator | None = field(init=False, default=None)
 
@@ -56,19 +124,24 @@ class WorkerContext:
             )
         return self._cpu
 
-    def run_job(self, job_id: str, body: Callable[[str, str, int], str]) -> str:
-        """Claim the job under a fresh lease owner and run body(job_id, owner, attempt) while it is
-        the current job; or return why it was not claimed."""
+    def publisher(self, job_id: str, owner: str | None) -> Publisher:
+        s = self.settings
+        return Publisher(self.redis, self.keys, job_id, owner=owner, ttl=s.stream_ttl, max_events=s.stream_max_events)
+
+    def run_job(self, job_id: str, body: Callable[[RunningJob], str]) -> str:
+        """Claim the job under a fresh lease owner and run body(run) while it is the current job;
+        or return why it was not claimed."""
         owner = uuid.uuid4().hex
         claim = self.claim(job_id, owner)
         if not claim.ok:
             return claim.reason
-        self.current = {"job": job_id, "owner": owner, "started": time.monotonic()}
+        run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
+                         run_seconds_before=claim.run_seconds)
+        self.current = run
         try:
-            return body(job_id, owner, claim.attempt)
+            return body(run)
         finally:
             self.current = None
-            self.lease_lost.discard(owner)
 
     def claim(self, job_id: str, owner: str) -> Claim:
         """Take the job under a lease, or say why not; a job ended here gets its "end" event."""
@@ -76,18 +149,19 @@ class WorkerContext:
         claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
                                  lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
         if claim.ok:
-            self.redis.delete(sent_key(job_id))
-        else:
-            log.info("job %s not run: %s", job_id, claim.reason)
-            if claim.reason in ("too many deliveries", "cancelled"):
-                job = self.store.get_job(job_id)
-                self.publisher(job_id).publish([end_event(job.status, job.error_message)])
+            self.redis.delete(self.keys.sent(job_id))
+            return claim
+        log.info("job %s not run: %s", job_id, claim.reason)
+        if claim.reason in ("too many deliveries", "cancelled"):
+            job = self.store.get_job(job_id)
+            self.publisher(job_id, None).publish([end_event(job.status, job.error_message)])
+        elif claim.reason == "missing":  # not this store's job: kept for a person to look at, never dropped
+            log.error("job %s: a message for a job this worker's store (%s) does not know; kept in Redis list %s",
+                      job_id, self.store.engine.url.render_as_string(), self.keys.unknown_jobs)
+            self.redis.rpush(self.keys.unknown_jobs, json.dumps(
+                {"job": job_id, "worker": self.worker_name, "store": self.store.engine.url.render_as_string(),
+                 "at": time.time()}))
         return claim
-
-    def publisher(self, job_id: str, events: list[dict] | None = None) -> Publisher:
-        """A publisher numbering on from the job's log (events: the log, if already read)."""
-        events = read_log(self.redis, job_id) if events is None else events
-        return Publisher(self.redis, job_id, last_seq=events[-1]["seq"] if events else 0, ttl=self.settings.stream_ttl)
 
 
 def end_event(status: str, error: str | None = None) -> dict:

@@ -14,9 +14,7 @@ import time
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
 from gencli.storage.db import JobStatus
-from gencli.worker.context import WorkerContext, end_event, error_fields
-from gencli.worker.runner import JobCancelled, LeaseLost
-from gencli.worker.stream import cancel_key
+from gencli.worker.context import JobCancelled, LeaseLost, RunningJob, WorkerContext, end_event, error_fields
 
 log = logging.getLogger("gencli.worker")
 PROGRESS_EVERY = 0.25  # seconds between progress events
@@ -34,13 +32,13 @@ def summary(result: PrepResult, spec: PrepSpec) -> dict:
 
 
 def run_prep_job(ctx: WorkerContext, job_id: str) -> str:
-    return ctx.run_job(job_id, lambda job_id, owner, attempt: _run(ctx, job_id, owner, attempt))
+    return ctx.run_job(job_id, lambda run: _run(ctx, run))
 
 
-def _run(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
+def _run(ctx: WorkerContext, run: RunningJob) -> str:
+    job_id = run.job_id
     job = ctx.store.get_job(job_id)
-    pub = ctx.publisher(job_id)
-    pub.publish([{"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": attempt}])
+    run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": run.attempt})
     last = 0.0
     t0 = time.perf_counter()
 
@@ -50,12 +48,9 @@ def _run(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
         if now - last < PROGRESS_EVERY and done < total:
             return
         last = now
-        pub.publish([{"t": "progress", "done": done, "total": total, "unit": "conversations",
+        run.publish([{"t": "progress", "done": done, "total": total, "unit": "conversations",
                       "elapsed": round(time.perf_counter() - t0, 3)}])
-        if owner in ctx.lease_lost:
-            raise LeaseLost()
-        if ctx.redis.exists(cancel_key(job_id)):
-            raise JobCancelled()
+        run.check(every=0)
 
     status, error, result = JobStatus.SUCCEEDED, {}, None
     try:
@@ -70,10 +65,14 @@ def _run(ctx: WorkerContext, job_id: str, owner: str, attempt: int) -> str:
     except Exception as e:  # the job fails; the worker lives on
         status, error = JobStatus.FAILED, error_fields(e)
         log.error("prep job %s failed: %s: %s", job_id, type(e).__name__, e)
-    if not ctx.store.finish(job_id, owner, status, result=result, final_device="cpu", **error):
+    if not ctx.store.finish(job_id, run.owner, status, run_seconds=run.unsaved_seconds(), result=result,
+                            final_device="cpu", **error):
         return "lease lost"
-    pub.publish([dict(end_event(status.value, error.get("error_message")), result=result)])
-    ctx.redis.delete(cancel_key(job_id))
+    try:
+        run.publish([dict(end_event(status.value, error.get("error_message")), result=result)])
+    except LeaseLost:
+        pass  # the store has the end; tailers read it from there
+    ctx.redis.delete(ctx.keys.cancel(job_id))
     log.info("prep job %s %s in %.2f s%s", job_id, status.value, time.perf_counter() - t0,
              " (up to date: nothing rewritten)" if result and result["skipped"] else "")
     return status.value

@@ -1,9 +1,13 @@
 """A worker process: pin a device, load the model once, warm it up, serve jobs until stopped.
 
 The Celery worker runs with the solo pool: the task runs in this process, which holds the
-model, so nothing forks after CUDA is initialised. A background thread keeps the worker's
-heartbeat in Redis (for `gencli status`), renews the lease of the job in progress, and takes
-over jobs whose worker died (their lease ran out) by putting them back on their queue.
+model, so nothing forks after CUDA is initialised. Two background threads:
+- the lease keeper renews the running job's lease in the store, and only that, so a Redis that
+  is away never costs a live worker its job; it also passes on a cancel the store records, and
+  ends a job past GENCLI_HARD_TIME_LIMIT;
+- the heartbeat keeps the worker's entry in Redis (for `gencli status`, with short timeouts),
+  takes over jobs whose worker died (their lease ran out) by putting them back on their queue,
+  and sends again queued jobs whose message a restarted Redis lost.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 
 import redis
 import torch
@@ -23,7 +26,7 @@ from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams
-from gencli.storage.db import JobStatus, utcnow
+from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
 from gencli.worker.app import (
@@ -35,23 +38,29 @@ from gencli.worker.app import (
     model_name_for,
     queue_for,
     send_job,
-    sent_key,
 )
-from gencli.worker.client import model_info_key, worker_key
+from gencli.worker.client import keys_for
 from gencli.worker.context import WorkerContext, end_event
 from gencli.worker.redis_boot import patient_client, resolve_redis_url
 from gencli.worker.runner import run_generation_job
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0
-RESEND_LOCK = "gencli:resend-lock"  # held by the one worker checking for lost messages
 EXIT_HARD_LIMIT = 70  # the process status after a hard time limit
+RESEND_LOCK_SECONDS = 60  # held while one worker resends lost messages (released when it is done)
+TAKEOVER_PRIORITY = 9  # a job taken from a dead worker goes to the front of its queue
 
 
-def default_name(device: str) -> str:
+def default_name(label: str) -> str:
+    """A worker's default name, unique among live processes: `<label>.<pid>@<host>`, where label
+    is the device (cpu0, gpu1) or the role (prep)."""
+    return f"{label}.{os.getpid()}@{socket.gethostname()}"
+
+
+def device_label(device: str) -> str:
+    """cpu -> cpu0, cuda -> gpu0, cuda:1 -> gpu1, mps -> mps0."""
     label = device.replace("cuda:", "gpu").replace("cuda", "gpu0")
-    label = label if label[-1].isdigit() else label + "0"
-    return f"{label}@{socket.gethostname()}"
+    return label if label[-1].isdigit() else label + "0"
 
 
 def serve(
@@ -74,20 +83,21 @@ def serve(
         raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
     redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
     store = open_store(settings.db_url)
+    keys = keys_for(settings, store)
     r = patient_client(redis_url)
-    app = make_app(settings, redis_url)
+    app = make_app(settings, redis_url, keys)
     queues: list[str] = []
     info = None
     if model_path is not None:
         model_name = check_model_name(model_name or model_name_for(model_path))
         dev = resolve_device(device)
-        name = name or default_name(str(dev))
+        name = name or default_name(device_label(str(dev)))
         t0 = time.perf_counter()
         loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
         log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
                  loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
-        ctx = WorkerContext(settings=settings, store=store, redis=r, worker_name=name, model_name=model_name,
-                            loaded=loaded, batch_size=batch_size)
+        ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name,
+                            model_name=model_name, loaded=loaded, batch_size=batch_size)
         _warm_up(ctx)
         info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
                 "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
@@ -97,8 +107,8 @@ def serve(
         def generate(job_id: str) -> str:  # thin: the runner does the work
             return run_generation_job(ctx, job_id)
     else:
-        name = name or f"prep@{socket.gethostname()}"
-        ctx = WorkerContext(settings=settings, store=store, redis=r, worker_name=name)
+        name = name or default_name("prep")
+        ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name)
     if prep:
         from gencli.worker.prep_runner import run_prep_job
 
@@ -110,15 +120,17 @@ def serve(
 
         log.info("worker %s: serving dataset prep jobs", name)
     queues += [q for q in extra_queues if q not in queues]
-    beat = threading.Thread(target=_heartbeat, args=(ctx, app, tuple(queues), info), daemon=True,
-                            name="gencli-heartbeat")
-    beat.start()
+    quick = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)  # never waits long
+    _take_name(ctx, quick, tuple(queues))
+    threading.Thread(target=_keep_lease, args=(ctx,), daemon=True, name="gencli-lease").start()
+    threading.Thread(target=_heartbeat, args=(ctx, quick, app, tuple(queues), info), daemon=True,
+                     name="gencli-heartbeat").start()
     try:
         app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
                          f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
-            r.delete(worker_key(name))
+            quick.delete(keys.worker(name))
         except redis.RedisError:
             pass
 
@@ -134,70 +146,134 @@ def _warm_up(ctx: WorkerContext) -> None:
     log.info("warmed up in %.2f s", time.perf_counter() - t0)
 
 
-def _hard_limit(ctx: WorkerContext, cur: dict) -> None:
-    """The job outran GENCLI_HARD_TIME_LIMIT: fail it, then end this process (a job stuck
-    in a step cannot be stopped any gentler); a supervisor (`gencli workers`) restarts it."""
+def _beat(ctx: WorkerContext, queues: tuple[str, ...]) -> str:
+    run = ctx.current
+    return json.dumps({"name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
+                       "pid": os.getpid(), "host": socket.gethostname(), "job": run.job_id if run else None})
+
+
+def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...]) -> None:
+    """Register this worker's name, refusing one a live worker of another process holds (a process
+    on this host that is gone leaves its name free at once)."""
+    key = ctx.keys.worker(ctx.worker_name)
+    for _ in range(3):
+        while True:  # a worker started while Redis is down waits for it, as its Celery consumer does
+            try:
+                taken = r.set(key, _beat(ctx, queues), nx=True, ex=int(HEARTBEAT_SECONDS * 5))
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("waiting for Redis to register worker %s: %s", ctx.worker_name, e)
+                time.sleep(1.0)
+        if taken:
+            return
+        raw = r.get(key)
+        held = json.loads(raw) if raw else None
+        if held is None:
+            continue
+        if held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid")):
+            r.delete(key)
+            continue
+        raise GencliError(f"a live worker is already named {ctx.worker_name} (pid {held.get('pid')} on "
+                          f"{held.get('host')}): choose another --name, or leave it out for a unique default")
+    raise GencliError(f"could not register worker name {ctx.worker_name} in Redis")
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hard_limit(ctx: WorkerContext, run) -> None:
+    """The job outran GENCLI_HARD_TIME_LIMIT (over all its attempts): fail it, then end this
+    process (a job stuck in a step cannot be stopped any gentler); a supervisor (`gencli workers`)
+    restarts it."""
     limit = ctx.settings.hard_time_limit
     msg = f"hard time limit of {limit:g} s exceeded: worker {ctx.worker_name} was ended"
-    log.error("job %s: %s", cur["job"], msg)
+    log.error("job %s: %s", run.job_id, msg)
     try:
-        if ctx.store.finish(cur["job"], cur["owner"], JobStatus.FAILED, error_class="HardTimeLimitExceeded",
-                            error_message=msg, error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
-            # best effort: the job's own thread may publish the same sequence number first;
-            # tailers then learn the end from the store
-            ctx.publisher(cur["job"]).publish([end_event(JobStatus.FAILED.value, msg)])
+        if ctx.store.finish(run.job_id, run.owner, JobStatus.FAILED, run_seconds=run.unsaved_seconds(),
+                            error_class="HardTimeLimitExceeded", error_message=msg,
+                            error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
+            # best effort: the job's own thread may publish the same sequence number first (then
+            # this one is refused); tailers then learn the end from the store
+            run.pub.publish([end_event(JobStatus.FAILED.value, msg)])
     except Exception as e:
         log.warning("hard time limit: %s: %s", type(e).__name__, e)
     finally:
         os._exit(EXIT_HARD_LIMIT)
 
 
-def _resend_lost(ctx: WorkerContext, app) -> None:
+def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
     """Send again the queued jobs whose message is gone: the store has them queued, Redis has no
-    "sent" mark (it restarted empty). One worker at a time; a duplicate message is harmless, as a
-    claim takes a job once."""
+    "sent" mark (it restarted empty). One worker at a time; the grace period counts from when the
+    job was last queued. A job claimed while this looks is not sent again (the store is asked
+    once more); a duplicate message would be harmless anyway, as a claim takes a job once."""
     s = ctx.settings
-    grace = max(10.0, s.lease_seconds)  # a submit marks its job within milliseconds of recording it
-    if not ctx.redis.set(RESEND_LOCK, ctx.worker_name, nx=True, ex=max(1, int(s.lease_seconds / 3))):
+    grace = max(10.0, s.lease_seconds)  # a submit marks its job before it sends it
+    lock = ctx.keys.resend_lock
+    if not r.set(lock, ctx.worker_name, nx=True, ex=RESEND_LOCK_SECONDS):
         return
-    jobs = ctx.store.queued_before(utcnow() - timedelta(seconds=grace))
-    if not jobs:
-        return
-    pipe = ctx.redis.pipeline(transaction=False)
-    for job in jobs:
-        pipe.exists(sent_key(job.id))
-    for job, sent in zip(jobs, pipe.execute(), strict=True):
-        if not sent:
-            log.warning("job %s: queued in the store but its message is gone (Redis restarted?); sent again",
-                        job.id)
-            send_job(app, ctx.redis, job.id, kind=job.kind, model=job.model, priority=job.priority)
+    try:
+        jobs = ctx.store.queued_for(grace)
+        if not jobs:
+            return
+        pipe = r.pipeline(transaction=False)
+        for job in jobs:
+            pipe.exists(ctx.keys.sent(job.id))
+        unmarked = [job for job, sent in zip(jobs, pipe.execute(), strict=True) if not sent]
+        still = {job.id for job in ctx.store.queued_for(grace)} if unmarked else set()
+        for job in unmarked:
+            if job.id in still:
+                log.warning("job %s: queued in the store but its message is gone (Redis restarted?); sent again",
+                            job.id)
+                priority = TAKEOVER_PRIORITY if job.started_at else job.priority
+                send_job(app, r, ctx.keys, job.id, kind=job.kind, model=job.model, priority=priority)
+    finally:
+        if r.get(lock) == ctx.worker_name.encode():
+            r.delete(lock)
 
 
-def _heartbeat(ctx: WorkerContext, app, queues: tuple[str, ...], info: dict | None) -> None:
-    """Every couple of seconds: heartbeat, lease renewal, and taking over dead workers' jobs."""
+def _keep_lease(ctx: WorkerContext) -> None:
+    """Renew the running job's lease in the store, on its own: Redis being away never delays it."""
+    s = ctx.settings
+    every = min(HEARTBEAT_SECONDS, s.lease_seconds / 3)
+    while True:
+        run = ctx.current
+        try:
+            if run is not None:
+                ours, cancel = ctx.store.renew(run.job_id, run.owner, s.lease_seconds)
+                if not ours:
+                    run.lease_lost = True
+                elif cancel:
+                    run.cancel_seen = True
+                if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
+                    _hard_limit(ctx, run)
+        except Exception as e:  # the store away for a moment: try again soon
+            log.warning("lease renewal: %s: %s", type(e).__name__, e)
+        time.sleep(every)
+
+
+def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...], info: dict | None) -> None:
+    """Every couple of seconds: heartbeat, and taking over dead workers' jobs."""
     s = ctx.settings
     last_reap = 0.0
     while True:
         try:
             if info is not None:
-                ctx.redis.set(model_info_key(ctx.model_name), json.dumps(info))
-            cur = ctx.current
-            ctx.redis.set(worker_key(ctx.worker_name), json.dumps({
-                "name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
-                "pid": os.getpid(), "host": socket.gethostname(), "job": cur["job"] if cur else None,
-            }), ex=int(HEARTBEAT_SECONDS * 5))
-            if cur:
-                ours, _ = ctx.store.renew(cur["job"], cur["owner"], s.lease_seconds)
-                if not ours:
-                    ctx.lease_lost.add(cur["owner"])
-                elif s.hard_time_limit and time.monotonic() - cur["started"] > s.hard_time_limit:
-                    _hard_limit(ctx, cur)
+                r.set(ctx.keys.model_info(ctx.model_name), json.dumps(info))
+            r.set(ctx.keys.worker(ctx.worker_name), _beat(ctx, queues), ex=int(HEARTBEAT_SECONDS * 5))
             if time.monotonic() - last_reap > max(1.0, s.lease_seconds / 3):
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():
-                    log.warning("job %s: its worker %s stopped renewing its lease; requeued", job.id, job.worker)
-                    send_job(app, ctx.redis, job.id, kind=job.kind, model=job.model, priority=job.priority)
-                _resend_lost(ctx, app)
+                    log.warning("job %s: its worker %s stopped renewing its lease; requeued at the front",
+                                job.id, job.worker)
+                    send_job(app, r, ctx.keys, job.id, kind=job.kind, model=job.model, priority=TAKEOVER_PRIORITY)
+                _resend_lost(ctx, r, app)
         except Exception as e:  # Redis or the store away for a moment: keep beating
             log.warning("heartbeat: %s: %s", type(e).__name__, e)
         time.sleep(HEARTBEAT_SECONDS)

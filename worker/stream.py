@@ -1,17 +1,21 @@
 """A job's token stream: Redis pub/sub for live delivery, a Redis stream as the replay log.
 
 Every event carries a sequence number (1, 2, ...) per job. The worker writes each event to the
-job's replay log (XADD with id `<seq>-0`) and publishes it on the job's channel in one
-MULTI/EXEC. A follower subscribes first, then reads the log, then takes live messages: an event
-it has seen is skipped, a gap is filled from the log, and after a lost connection it resumes
-from its last sequence number. So a late or reconnecting follower sees every event once.
+job's replay log (XADD with id `<seq>-0`) and publishes it on the job's channel in one Lua
+script, which also checks that the worker still owns the job's stream (Publisher). A follower
+subscribes first, then reads the log, then takes live messages: an event it has seen is skipped,
+a gap is filled from the log, and after a lost connection it resumes from its last sequence
+number. So a late or reconnecting follower sees every event once. Redis is transport: a log that
+lost events shows a gap event where they were, and the store holds what the job made.
 
 Events are JSON objects:
   {"seq", "t": "start", "worker", "device", "attempt"}
-  {"seq", "t": "tok", "i": item, "id": token id, "text": delta, "finish": reason or null}
+  {"seq", "t": "tok", "i": item, "e": item's epoch, "id": token id, "text": delta, "finish": reason or null}
   {"seq", "t": "item", "i": item, "status", "error"}      an item failed on its own
   {"seq", "t": "progress", ...}                             dataset prep
   {"seq", "t": "reset", "items": [...]}                    gencli retry: these items start over
+  {"seq", "t": "resync", "items": [{"i", "e", "text"}]}    a worker resumed these items from the
+                                                            store's checkpoint: their text so far
   {"seq", "t": "end", "status", "error"}                    the last event of a job
 """
 
@@ -23,64 +27,127 @@ from collections.abc import Iterator
 
 import redis
 
+from gencli.worker.keys import Keys
+
 RUNNING_TTL = 7 * 24 * 3600  # added to a running job's log TTL: no job runs longer
 
 
-def channel(job_id: str) -> str:
-    return f"gencli:chan:{job_id}"
+class StreamRefused(Exception):
+    """A publish was refused: another worker owns the job's stream now (this one lost its lease)."""
 
 
-def log_key(job_id: str) -> str:
-    return f"gencli:log:{job_id}"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"gencli:cancel:{job_id}"
+# Appends events to the log and publishes them, in one atomic step. Modes: "claim" makes owner the
+# stream's owner and numbers on from the log; "owner" publishes only while owner still owns the
+# stream, with the seq numbers the publisher expects (never a number already in the log); "any"
+# (the submit side: a queued job's cancel, a retry's reset) numbers on from the log.
+_PUBLISH = """
+local mode, owner = ARGV[1], ARGV[2]
+if mode == 'owner' then
+  local cur = redis.call('GET', KEYS[3])
+  if cur and cur ~= owner then return {-1, 0} end
+  if not cur then redis.call('SET', KEYS[3], owner, 'EX', ARGV[6]) end
+elseif mode == 'claim' then
+  redis.call('SET', KEYS[3], owner, 'EX', ARGV[6])
+end
+local last = 0
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #top > 0 then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+local first = last + 1
+if mode == 'owner' then
+  first = tonumber(ARGV[3])
+  if last >= first then return {-2, last} end
+end
+for i = 7, #ARGV do
+  local data = '{"seq":' .. (first + i - 7) .. ',' .. string.sub(ARGV[i], 2)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], (first + i - 7) .. '-0', 'e', data)
+  redis.call('PUBLISH', KEYS[2], data)
+end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
+return {first, last}
+"""
 
 
 class Publisher:
-    """Appends a job's events to its log and publishes them, numbering them from `last_seq`."""
+    """Appends a job's events to its log and publishes them, each with the next sequence number.
 
-    def __init__(self, r: redis.Redis, job_id: str, *, last_seq: int, ttl: int):
+    A worker's publisher is guarded by its lease owner: `claim()` takes the stream, and every later
+    publish is refused (StreamRefused) once another owner has claimed it, so a worker that stalled
+    past its lease and woke up after a takeover writes nothing more. A publisher without an owner
+    (the submit side) just numbers on from the log.
+    """
+
+    def __init__(self, r: redis.Redis, keys: Keys, job_id: str, *, owner: str | None, ttl: int,
+                 max_events: int = 200_000):
         self.r = r
+        self.keys = keys
         self.job_id = job_id
-        self.seq = last_seq
+        self.owner = owner
         self.ttl = ttl
+        self.max_events = max_events
+        self.seq = 0  # the last number this publisher wrote
+        self.log_lost = False  # the log had lost events this publisher wrote (Redis restarted empty)
+        self._script = r.register_script(_PUBLISH)
+
+    def claim(self, event: dict) -> int:
+        """Take the stream for this owner with its first event; its seq (the log's last + 1)."""
+        self._run("claim", [event])
+        return self.seq
 
     def publish(self, events: list[dict]) -> None:
-        if not events:
-            return
-        pipe = self.r.pipeline(transaction=True)
-        for e in events:
-            self.seq += 1
-            e["seq"] = self.seq
-            data = json.dumps(e, ensure_ascii=False)
-            pipe.xadd(log_key(self.job_id), {"e": data}, id=f"{self.seq}-0")
-            pipe.publish(channel(self.job_id), data)
-        if any(e["t"] in ("start", "end") for e in events):  # the log outlives the job by ttl
-            pipe.expire(log_key(self.job_id), self.ttl + (0 if events[-1]["t"] == "end" else RUNNING_TTL))
-        pipe.execute()
+        if events:
+            self._run("owner" if self.owner else "any", events)
+
+    def _run(self, mode: str, events: list[dict]) -> None:
+        ttl = 0  # the log's TTL is set at a job's start and end only: the log outlives the job by ttl
+        if mode == "claim" or any(e["t"] in ("start", "end") for e in events):
+            ttl = self.ttl + (0 if events[-1]["t"] == "end" else RUNNING_TTL)
+        payload = [json.dumps(e, ensure_ascii=False) for e in events]
+        first, last = self._script(
+            keys=[self.keys.log(self.job_id), self.keys.channel(self.job_id), self.keys.owner(self.job_id)],
+            args=[mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL, *payload],
+        )
+        if first == -1:
+            raise StreamRefused(f"job {self.job_id}: another worker owns its stream now")
+        if first == -2:
+            raise StreamRefused(f"job {self.job_id}: seq {self.seq + 1} is already in its log (up to {last})")
+        if mode == "owner" and last < self.seq:
+            self.log_lost = True
+        for n, e in enumerate(events):
+            e["seq"] = first + n
+        self.seq = first + len(events) - 1
 
 
-def read_log(r: redis.Redis, job_id: str, after: int = 0, count: int = 10_000) -> list[dict]:
-    """Logged events with seq > after, in order."""
+def read_log(r: redis.Redis, keys: Keys, job_id: str, after: int = 0, upto: int | None = None,
+             count: int = 10_000) -> list[dict]:
+    """Logged events with after < seq (<= upto), in order."""
     out: list[dict] = []
-    start = f"{after + 1}-0"
+    start, end = f"{after + 1}-0", "+" if upto is None else f"{upto}-0"
     while True:
-        rows = r.xrange(log_key(job_id), min=start, count=count)
+        rows = r.xrange(keys.log(job_id), min=start, max=end, count=count)
         out += [json.loads(fields[b"e"]) for _, fields in rows]
         if len(rows) < count:
             return out
         start = f"{out[-1]['seq'] + 1}-0"
 
 
-def last_seq(r: redis.Redis, job_id: str) -> int:
-    rows = r.xrevrange(log_key(job_id), count=1)
-    return json.loads(rows[0][1][b"e"])["seq"] if rows else 0
+def whole(events: list[dict], after: int = 0, upto: int | None = None) -> bool:
+    """True when events are exactly seq after+1, after+2, ... (up to upto): nothing lost."""
+    if upto is not None and (events[-1]["seq"] if events else after) != upto:
+        return False
+    return all(e["seq"] == after + 1 + n for n, e in enumerate(events))
 
+
+def gap_event(after: int, next_seq: int | None) -> dict:
+    """What a follower yields where the log lost events (Redis restarted empty, evicted or trimmed
+    the log): the events after `after` up to `next_seq` (None: all of them) are gone."""
+    return {"t": "gap", "after": after, "next": next_seq}
 
 def follow(
     url: str,
+    keys: Keys,
     job_id: str,
     *,
     after: int = 0,
@@ -90,10 +157,12 @@ def follow(
 ) -> Iterator[dict]:
     """Every event of the job after seq `after`, each once, in order, up to its "end" event.
 
-    An "end" that more events follow in the log (a retried job) does not stop following.
-    is_done(): a fallback for a job that ended without an "end" in the log (the log expired, or
+    Where the log lost events (Redis restarted empty, or evicted or trimmed the log), a gap event
+    (see gap_event) stands in for them: a follower never takes a stream with a hole for whole.
+    An "end" that more events follow in the log, or that is_done() denies (a retried job), does not
+    stop following. is_done(): a fallback for a job that ended without an "end" in the log (the log expired, or
     Redis lost it): checked when nothing arrives for `poll` seconds; when it returns True and the
-    log has nothing new, following stops.
+    log has nothing new, following stops, after a gap event for what is missing.
     """
     seen = after
     down_since = None
@@ -101,15 +170,15 @@ def follow(
         r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None)
         ps = r.pubsub(ignore_subscribe_messages=True)
         try:
-            ps.subscribe(channel(job_id))  # before reading the log: nothing falls between
+            ps.subscribe(keys.channel(job_id))  # before reading the log: nothing falls between
             down_since = None
-            backlog = read_log(r, job_id, seen)
+            backlog = _catch_up(read_log(r, keys, job_id, seen), seen)
             while True:
-                yield from backlog
-                if backlog:
-                    seen = backlog[-1]["seq"]
-                    if backlog[-1]["t"] == "end":
-                        return
+                for e in backlog:
+                    yield e
+                    seen = e["seq"] if e["t"] != "gap" else e["next"] - 1
+                if backlog and backlog[-1]["t"] == "end" and (is_done is None or is_done()):
+                    return  # (an "end" the store does not agree with was an attempt's: a retry follows)
                 msg = ps.get_message(timeout=poll)
                 if msg is not None:
                     e = json.loads(msg["data"])
@@ -119,10 +188,16 @@ def follow(
                     if e["seq"] == seen + 1:
                         backlog = [e]
                         continue
-                # a gap, or a quiet channel: catch up from the log
-                backlog = read_log(r, job_id, seen)
+                # a jump in the live numbers, or a quiet channel: catch up from the log
+                logged = read_log(r, keys, job_id, seen)
+                if not logged and msg is not None:  # the log is gone, live events go on
+                    logged = [e]
+                backlog = _catch_up(logged, seen)
                 if not backlog and msg is None and is_done is not None and is_done():
-                    yield from read_log(r, job_id, seen)
+                    backlog = _catch_up(read_log(r, keys, job_id, seen), seen)
+                    yield from backlog
+                    if not backlog or backlog[-1]["t"] != "end":
+                        yield gap_event(backlog[-1]["seq"] if backlog else seen, None)
                     return
         except (redis.ConnectionError, redis.TimeoutError):
             down_since = down_since or time.monotonic()
@@ -135,3 +210,14 @@ def follow(
                 r.close()
             except redis.RedisError:
                 pass
+
+
+def _catch_up(events: list[dict], seen: int) -> list[dict]:
+    """events (seq > seen, in order) with a gap event before each jump in their numbers."""
+    out: list[dict] = []
+    for e in events:
+        if e["seq"] != seen + 1:
+            out.append(gap_event(seen, e["seq"]))
+        out.append(e)
+        seen = e["seq"]
+    return out

@@ -1,0 +1,131 @@
+"""Redis is transport, the store is the record: Redis flushed, stopped or trimmed under a running
+job never loses it, runs it twice, stores a wrong output, or shows a tailer a wrong text as whole.
+
+Real `gencli worker` processes and a real redis-server of the module's own that the tests
+FLUSHALL, kill and restart, on SQLite and on PostgreSQL (the `env` fixture).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from click.testing import CliRunner
+from services import start_worker
+from tailing import Tailer, reference, wait_for
+
+from gencli.cli.main import main
+from gencli.storage.db import JobStatus
+from gencli.worker.stream import read_log
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+
+PROMPTS = [f"story number {n}:" for n in range(4)]
+
+
+def test_redis_flushed_while_a_job_runs_then_its_worker_dies_the_next_resumes_from_the_store(env, tiny, client):
+    model = f"tiny-flush-{env['id']}"
+    a = start_worker(env, tiny, f"flushed-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    b = None
+    try:
+        job = client.submit(PROMPTS, model=model, max_tokens=200, temperature=0)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: tailer.tokens() > 80, 60, "tokens from the first worker")
+        env["redis"].client().flushall()  # the log's head, the queue, the worker's message: all gone
+        wait_for(lambda: len(read_log(env["redis"].client(), env["keys"], job.id)) > 20, 30,
+                 "tokens logged after the flush")
+        time.sleep(0.5)  # a checkpoint or two after the flush
+        a.kill(signal.SIGKILL)
+        b = start_worker(env, tiny, f"resumer-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+        assert job.wait(90) is JobStatus.SUCCEEDED, job.record().error_message
+        tailer.join(30)
+        rec = job.record()
+        assert rec.attempts == 2 and rec.worker == b.name
+        stored = [x["output"] for x in job.result()]
+        assert stored == reference(tiny, PROMPTS, 200)  # not a text that starts mid-way
+        assert len(client.store.items(job.id)) == len(PROMPTS)
+        events = read_log(env["redis"].client(), env["keys"], job.id)
+        assert events[0]["seq"] > 1  # the log lost its head...
+        assert any(e["t"] == "resync" for e in events)  # ...so the resumer said it went by the store
+        assert tailer.error is None and tailer.texts(len(PROMPTS)) == stored  # a live tailer ends right
+        late = client.job(job.id)
+        assert [late.texts()[i] for i in range(len(PROMPTS))] == stored  # and so does a late one
+        assert any(e["t"] == "gap" for e in late.events())
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+
+
+def test_a_tailer_of_a_log_that_lost_its_head_says_so_and_shows_the_stored_output(env, tiny, client, worker):
+    job = client.submit(PROMPTS[:2], model="tiny", max_tokens=30, temperature=0)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    r = env["redis"].client()
+    log = env["keys"].log(job.id)
+    r.xtrim(log, minid="6-0", approximate=False)  # as eviction or the log's cap would: the first five events are gone
+    t = CliRunner().invoke(main, ["tail", job.id])
+    assert t.exit_code == 0, t.output
+    stored = [x["output"] for x in job.result()]
+    assert "lost events" in t.stderr
+    assert t.stdout == f"=== line 1 ===\n{stored[0]}\n=== line 2 ===\n{stored[1]}\n"  # held back, then whole
+    assert job.texts() == dict(enumerate(stored))
+    r.delete(log)  # the whole log gone (expired, or Redis restarted empty)
+    t = CliRunner().invoke(main, ["tail", job.id])
+    assert t.exit_code == 0, t.output
+    assert t.stdout == f"=== line 1 ===\n{stored[0]}\n=== line 2 ===\n{stored[1]}\n"
+    assert "lost events" in t.stderr
+
+
+def test_redis_down_longer_than_the_lease_costs_a_live_worker_nothing(env, tiny, client):
+    model = f"tiny-down-{env['id']}"
+    a = start_worker(env, tiny, f"patient-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    b = start_worker(env, tiny, f"bystander-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    server = env["redis"]
+    try:
+        job = client.submit(PROMPTS, model=model, max_tokens=240, temperature=0)
+        wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        owner = job.record().worker
+        time.sleep(0.5)
+        server.proc.kill()
+        server.proc.wait(10)
+        lease = float(env["vars"]["GENCLI_LEASE_SECONDS"])
+        seen = []
+        deadline = time.time() + 3 * lease
+        while time.time() < deadline:  # the store is up: the lease keeps being renewed
+            rec = job.record()
+            assert rec.status == "running" and rec.worker == owner and rec.attempts == 1
+            seen.append(rec.lease_expires)
+            time.sleep(0.5)
+        assert seen[-1] > seen[0] + __import__("datetime").timedelta(seconds=lease)
+        server.start()
+        assert job.wait(120) is JobStatus.SUCCEEDED, job.record().error_message
+        rec = job.record()
+        assert rec.attempts == 1 and rec.worker == owner
+        assert [x["output"] for x in job.result()] == reference(tiny, PROMPTS, 240)
+    finally:
+        if server.proc.poll() is not None:
+            server.start()
+        a.stop()
+        b.stop()
+
+
+def test_reads_work_with_redis_down(env, tiny, client, worker):
+    job = client.submit(["read me"], model="tiny", max_tokens=5, temperature=0)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    server = env["redis"]
+    server.proc.kill()
+    server.proc.wait(10)
+    try:
+        for args in (["list"], ["show", job.id], ["results", job.id]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 0, r.output
+            assert job.id in r.output or "read me" in r.output
+        before = len(client.store.list_jobs(limit=1000))
+        r = CliRunner().invoke(main, ["submit", "--model", "tiny", "--prompt", "x"])
+        assert r.exit_code == 1 and "does not answer" in r.output and "Traceback" not in r.output
+        assert len(client.store.list_jobs(limit=1000)) == before  # nothing half-recorded
+    finally:
+        server.start()
+        worker.wait_ready(server.client(), timeout=60)

@@ -1,0 +1,151 @@
+"""Workers that stall past their lease, cancels and retries whose Redis half is lost: the job
+still ends once, with the store's outputs, and what a tailer shows ends equal to them.
+
+Real `gencli worker` processes (SIGSTOP/SIGCONT), a real redis-server of the module's own, on
+SQLite and on PostgreSQL (the `env` fixture).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from services import start_worker
+from tailing import Tailer, reference, wait_for
+
+from gencli.storage.db import JobStatus
+from gencli.worker.stream import read_log
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+
+PROMPTS = [f"story number {n}:" for n in range(4)]
+
+
+def test_a_worker_stopped_past_its_lease_and_woken_after_a_takeover_writes_nothing_more(env, tiny, client):
+    model = f"tiny-stop-{env['id']}"
+    a = start_worker(env, tiny, f"stalled-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    b = None
+    try:
+        job = client.submit(PROMPTS, model=model, max_tokens=200, temperature=0)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: tailer.tokens() > 60, 60, "tokens from the first worker")
+        a.kill(signal.SIGSTOP)
+        b = start_worker(env, tiny, f"taker-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+        wait_for(lambda: job.record().worker == b.name, 60, "the takeover")
+        time.sleep(1.0)
+        a.kill(signal.SIGCONT)  # it wakes mid-step, with tokens to publish and items to save
+        assert job.wait(90) is JobStatus.SUCCEEDED
+        tailer.join(30)
+        rec = job.record()
+        assert rec.attempts == 2 and rec.worker == b.name
+        stored = [x["output"] for x in job.result()]
+        assert stored == reference(tiny, PROMPTS, 200)
+        assert len(client.store.items(job.id)) == len(PROMPTS)
+        events = read_log(env["redis"].client(), env["keys"], job.id)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no seq twice, none skipped
+        assert [e["worker"] for e in events if e["t"] == "start"] == [a.name, b.name]
+        assert [e["status"] for e in events if e["t"] == "end"] == ["succeeded"]
+        seqs = [d.seq for d in tailer.deltas]
+        assert seqs == sorted(set(seqs)) and tailer.error is None
+        assert tailer.texts(len(PROMPTS)) == stored
+        wait_for(lambda: "lease lost" in a.log.read_text(), 30, "the woken worker to stop the job")
+        assert a.alive()  # it stopped that job, not itself, and serves the next
+    finally:
+        a.kill(signal.SIGCONT)
+        a.stop()
+        if b:
+            b.stop()
+
+
+def test_a_cancel_recorded_in_the_store_alone_stops_the_job(env, tiny, client, worker):
+    """As when Redis lost the cancel flag: the worker reads the store's flag at its lease renewal."""
+    job = client.submit(["a long story"], model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=1)
+    tailer = Tailer(job)
+    tailer.start()
+    wait_for(lambda: tailer.tokens() > 10, 60, "tokens")
+    assert client.store.request_cancel(job.id) == "running"  # no Redis flag is set
+    assert not env["redis"].client().exists(env["keys"].cancel(job.id))
+    assert job.wait(30) is JobStatus.CANCELLED
+    tailer.join(30)
+    (res,) = job.result()
+    assert res["finish_reason"] == "cancelled" and 0 < res["usage"]["completion_tokens"] < 240
+    assert tailer.texts(1) == [res["output"]]
+
+
+def test_a_retry_whose_reset_publish_was_lost_never_reuses_the_cancelled_attempts_tokens(env, tiny, client, worker):
+    job = client.submit(["one", "two", "three"], model="tiny", max_tokens=240, temperature=1.0, top_k=1000)
+    tailer = Tailer(job)
+    tailer.start()
+    wait_for(lambda: tailer.tokens() > 30, 60, "tokens")
+    job.cancel()
+    assert job.wait(30) is JobStatus.CANCELLED
+    partial = {r["line"]: r["output"] for r in job.result() if r["status"] == "cancelled"}
+    assert partial and all(partial.values())
+    # `gencli retry` with its "reset" event lost: the log still holds the cancelled attempt's tokens
+    tailer.join(30)  # a tailer of the cancelled job ends with it, showing what the store kept
+    assert tailer.texts(3) == [r["output"] for r in job.result()]
+    assert client.store.reset_for_retry(job.id) == len(partial)
+    client._enqueue(job.id, "tiny", 0)
+    tailer = Tailer(client.job(job.id))  # one that attaches to the retry reads the old attempt first
+    tailer.start()
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    tailer.join(30)
+    after = {r["line"]: r for r in job.result()}
+    for line, old in partial.items():
+        new = after[line]
+        assert new["status"] == "succeeded" and new["usage"]["completion_tokens"] == 240
+        assert not new["output"].startswith(old)  # unseeded: a rerun from scratch, not old text continued
+    assert tailer.texts(3) == [after[n]["output"] for n in (1, 2, 3)]
+    restarts = [d for d in tailer.deltas if d.restart]
+    assert {d.item for d in restarts} >= {line - 1 for line in partial}
+
+
+def test_retry_reruns_only_the_cancelled_lines(env, tiny, client, worker, tmp_path):
+    """A line that finished before the cancel keeps its output and is not run again."""
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"prompt": "short", "max_tokens": 3}\n{"prompt": "long one"}\n{"prompt": "long two"}\n')
+    from gencli.worker.prompts import read_prompt_file
+
+    job = client.submit(read_prompt_file(str(f), each_line=False), model="tiny", max_tokens=240, temperature=0)
+    for d in job.stream():
+        if d.item == 0 and d.finish_reason:
+            job.cancel()
+            break
+    assert job.wait(30) is JobStatus.CANCELLED
+    before = job.result()
+    assert [r["status"] for r in before] == ["succeeded", "cancelled", "cancelled"]
+    first_run = len(read_log(env["redis"].client(), env["keys"], job.id))
+    assert job.retry() == 2
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    after = job.result()
+    assert after[0] == before[0]
+    assert [r["output"] for r in after[1:]] == reference(tiny, ["long one", "long two"], 240)
+    rerun = read_log(env["redis"].client(), env["keys"], job.id, after=first_run)
+    assert {e["i"] for e in rerun if e["t"] == "tok"} == {1, 2}  # the finished line made no token again
+
+
+def test_the_soft_time_limit_counts_the_running_time_of_every_attempt(env, tiny, client):
+    model = f"tiny-limit-{env['id']}"
+    limit = {"GENCLI_SOFT_TIME_LIMIT": "3"}
+    a = start_worker(env, tiny, f"limited-{env['id']}@test", "--model-name", model, "--batch_size", "1",
+                     extra_env=limit)
+    b = None
+    try:
+        job = client.submit(PROMPTS * 10, model=model, max_tokens=240, temperature=0)
+        wait_for(lambda: job.record().run_seconds >= 2.0, 60, "two seconds of running, checkpointed")
+        a.kill(signal.SIGKILL)
+        b = start_worker(env, tiny, f"limited2-{env['id']}@test", "--model-name", model, "--batch_size", "1",
+                         extra_env=limit)
+        ready = time.monotonic()
+        assert job.wait(60) is JobStatus.FAILED
+        second = time.monotonic() - ready  # takeover wait plus the second attempt's run
+        rec = job.record()
+        assert rec.error_class == "TimeLimitExceeded" and rec.attempts == 2
+        assert 3.0 <= rec.run_seconds < 4.5  # both attempts together, not 3 s each
+        assert second < 2.9, second  # a fresh 3 s limit on the second attempt would need 3 s or more
+    finally:
+        a.stop()
+        if b:
+            b.stop()

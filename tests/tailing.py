@@ -1,0 +1,54 @@
+"""What the queue tests share: a background tailer, waiting on a condition, reference outputs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from gencli.model.checkpoint import load_model
+from gencli.model.params import SamplingParams
+from gencli.model.textgen import TextGenerator
+
+
+class Tailer(threading.Thread):
+    """Follows a job's stream in the background, as `gencli tail` would (job.stream())."""
+
+    def __init__(self, job):
+        super().__init__(daemon=True)
+        self.job = job
+        self.deltas = []
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            for d in self.job.stream():
+                self.deltas.append(d)
+        except BaseException as e:  # noqa: BLE001 - handed to the test, which asserts on it
+            self.error = e
+
+    def texts(self, n: int) -> list[str]:
+        """Each item's text as a reader shows it: a restart delta replaces what came before."""
+        out = [""] * n
+        for d in self.deltas:
+            out[d.item] = d.text if d.restart else out[d.item] + d.text
+        return out
+
+    def tokens(self) -> int:
+        return sum(1 for d in self.deltas if not d.restart)
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.05):
+    deadline = time.time() + timeout
+    while not (got := cond()):
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+    return got
+
+
+def reference(model_dir, prompts: list[str], max_tokens: int, *, temperature: float = 0.0, top_k: int | None = 200,
+              seed: int | None = None) -> list[str]:
+    """Each prompt's output run alone, in-process, without the queue (seeded: the same draws)."""
+    tg = TextGenerator(load_model(model_dir))
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k)
+    return [tg.generate([tg.encode(p, chat=False)], sp, seeds=[seed])[0].text for p in prompts]

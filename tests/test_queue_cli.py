@@ -1,0 +1,146 @@
+"""The README's queue claims, from the command line: cancel, retry, tail --from-seq and --line,
+tail's exit status for a failed job, --stop, the delivery limit end to end, `gencli workers`
+restarting a worker that exited 70, and the stored error_where.
+
+Real `gencli worker` processes, a real redis-server, SQLite and PostgreSQL (the `env` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from services import child_env, start_worker
+from tailing import reference, wait_for
+
+from gencli.cli.main import main
+from gencli.storage.db import JobStatus
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cancel_and_retry_from_the_command_line(client, worker, tiny):
+    job = client.submit(["cancel me"], model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=4)
+    wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to run")
+    r = cli("cancel", job.id)
+    assert r.exit_code == 0, r.output
+    assert "asked to stop" in r.output or "cancelled" in r.output
+    assert job.wait(30) is JobStatus.CANCELLED
+    t = cli("tail", job.id)
+    assert t.exit_code == 3 and f"[job {job.id} cancelled" in t.stderr
+    r = cli("retry", job.id)
+    assert r.exit_code == 0 and "1 line(s) queued again" in r.output, r.output
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    (res,) = job.result()
+    assert res["output"] == reference(tiny, ["cancel me"], 240, temperature=1.0, top_k=1000, seed=4)[0]
+    r = cli("retry", job.id)
+    assert r.exit_code == 0 and "nothing to retry" in r.output
+    r = cli("cancel", "0" * 32)
+    assert r.exit_code == 1 and "no job" in r.output and "Traceback" not in r.output
+
+
+def test_tail_from_seq_and_line(client, worker, tiny):
+    job = client.submit(["first line", "second line"], model="tiny", max_tokens=12, temperature=0)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    expected = reference(tiny, ["first line", "second line"], 12)
+    t = cli("tail", job.id, "--line", "2")
+    assert t.exit_code == 0 and t.stdout == expected[1] + "\n", t.output
+    events = list(job.events())
+    k = next(e["seq"] for e in events if e["t"] == "tok" and e["i"] == 1) - 1  # up to line 2's first token
+    t = cli("tail", job.id, "--line", "2", "--from-seq", str(k))
+    assert t.exit_code == 0 and t.stdout == expected[1] + "\n", t.output
+    line2 = [e["seq"] for e in events if e["t"] == "tok" and e["i"] == 1]
+    later = line2[len(line2) // 2]  # resume in the middle of line 2
+    t = cli("tail", job.id, "--line", "2", "--from-seq", str(later))
+    assert t.exit_code == 0
+    rest = "".join(e["text"] for e in events if e["t"] == "tok" and e["i"] == 1 and e["seq"] > later)
+    assert t.stdout == rest + "\n"  # exactly what came after that event, nothing before
+    t = cli("tail", job.id, "--line", "7")
+    assert t.exit_code == 1 and "no prompt at line 7" in t.output
+
+
+def test_stop_strings_end_lines_on_the_queue_side(client, worker, tiny):
+    text = reference(tiny, ["Once upon a time"], 40)[0]
+    stop = text[10:14]
+    assert stop and stop in text
+    r = cli("submit", "--model", "tiny", "--prompt", "Once upon a time", "--max_tokens", "40", "--temperature", "0",
+            "--stop", stop, "--follow")
+    assert r.exit_code == 0, r.output
+    job = client.job(r.stdout.splitlines()[0])
+    (res,) = job.result()
+    assert res["output"] == text[: text.index(stop)] and res["finish_reason"] == "stop"
+
+
+def test_a_failed_job_tails_with_exit_1_and_shows_where_it_failed(env, tiny, client):
+    model = f"tiny-oomcpu-{env['id']}"
+    w = start_worker(env, tiny, f"oomcpu-{env['id']}@test", "--model-name", model,
+                     extra_env={"GENCLI_INJECT_OOM": "1"})
+    try:
+        job = client.submit(["x"], model=model, max_tokens=4)
+        assert job.wait(60) is JobStatus.FAILED
+        t = cli("tail", job.id)
+        assert t.exit_code == 1 and "out of memory even on the CPU" in t.stderr
+        rec = job.record()
+        assert "runner.py" in rec.error_where and rec.error_where.endswith("; device cpu, batch size 1")
+        s = cli("show", job.id)
+        assert s.exit_code == 0 and f"  at {rec.error_where}" in s.output
+    finally:
+        w.stop()
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_after_the_delivery_limit(env, tiny, client):
+    model = f"tiny-crash-{env['id']}"
+    extra = {"GENCLI_MAX_DELIVERIES": "2"}
+    job = client.submit(["crash", "crash again"], model=model, max_tokens=240, temperature=0)
+    for n in range(2):  # each delivery: the worker dies while it runs the job
+        w = start_worker(env, tiny, f"crash{n}-{env['id']}@test", "--model-name", model, "--batch_size", "1",
+                         extra_env=extra)
+        wait_for(lambda n=n: job.record().attempts == n + 1 and job.status is JobStatus.RUNNING, 60, "a delivery")
+        w.kill(signal.SIGKILL)
+        w.proc.wait(10)
+    w = start_worker(env, tiny, f"crash2-{env['id']}@test", "--model-name", model, extra_env=extra)
+    try:
+        assert job.wait(60) is JobStatus.FAILED
+        rec = job.record()
+        assert rec.error_class == "DeliveryLimit" and "delivered 2 times" in rec.error_message
+        assert {it["status"] for it in job.result()} == {"failed"}  # retry can run them
+        other = client.submit(["fine"], model=model, max_tokens=3)
+        assert other.wait(60) is JobStatus.SUCCEEDED  # other jobs keep flowing
+    finally:
+        w.stop()
+
+
+def test_workers_restarts_a_worker_that_exited_70_after_a_hard_time_limit(env, tiny, client):
+    model = f"tiny-pool70-{env['id']}"
+    log = env["tmp"] / f"pool70-{env['id']}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gencli.cli", "workers", "--model", tiny, "--model-name", model, "--cpus", "1",
+         "--batch_size", "1"],
+        env=child_env(env["vars"], {"GENCLI_HARD_TIME_LIMIT": "1"}), stdout=open(log, "w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        stuck = client.submit(["long"] * 30, model=model, max_tokens=240, temperature=0)
+        assert stuck.wait(90) is JobStatus.FAILED and stuck.record().error_class == "HardTimeLimitExceeded"
+        wait_for(lambda: "exited with 70; restarting" in log.read_text(), 60, "the supervisor's restart")
+        after = client.submit(["short"], model=model, max_tokens=3)
+        assert after.wait(90) is JobStatus.SUCCEEDED  # served by the restarted worker
+        beats = [json.loads(env["redis"].client().get(k)) for k in
+                 env["redis"].client().scan_iter(env["keys"].worker("*"))]
+        assert any(b["model"] == model for b in beats)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.1)
