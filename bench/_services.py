@@ -5,6 +5,9 @@
   and SQLite store, set in os.environ for this process and passed to every subprocess.
 - Proc: a subprocess (gencli worker, celery worker) in its own session, stopped at the end.
 - small_model(): the `small` preset model (cl100k_base, ChatML) in the temporary directory.
+- PrivateRedis, fresh_pg_database(), child_env(): for benchmarks that break things (bench.faults):
+  a redis-server they may kill and restart empty, a PostgreSQL database made and dropped for the
+  run, and a subprocess environment free of the shell's GENCLI_* variables.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -190,3 +196,91 @@ def prompts(n: int) -> list[str]:
     stems = ["Once upon a time", "The history of the northern sea routes begins with",
              "Write a short note about", "In the beginning the city was quiet and the streets were empty, and"]
     return [f"{stems[i % len(stems)]} (#{i})" for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the benchmark's own on a free loopback port, keeping nothing on disk;
+    restart() kills it and starts it again, empty, on the same port."""
+
+    def __init__(self, workdir: Path):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("this benchmark starts a redis-server of its own: put redis-server on PATH")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = workdir / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--logfile", str(self.log)],
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not _answers(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start: {self.log_tail()}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, down_seconds: float) -> None:
+        """SIGKILL, stay down down_seconds, start again on the same port: every key is gone."""
+        self.kill()
+        time.sleep(down_seconds)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-1000:] if self.log.exists() else ""
+
+
+PG_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg_connect(url: str, database: str):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url).set(drivername="postgresql", database=database)
+    return psycopg.connect(u.render_as_string(hide_password=False), connect_timeout=5, autocommit=True)
+
+
+@contextmanager
+def fresh_pg_database(url: str, prefix: str = "gencli_bench_") -> Iterator[str]:
+    """A new database <prefix><hex> on url's server (made through its `postgres` database); yields
+    its SQLAlchemy URL and drops it afterwards WITH (FORCE), ending any session still on it."""
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    with _pg_connect(url, "postgres") as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with _pg_connect(url, "postgres") as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def child_env(gencli_vars: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment less every GENCLI_* variable, plus gencli_vars."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("GENCLI_")}, **gencli_vars}
