@@ -29,6 +29,8 @@ from pathlib import Path
 
 import redis
 
+from gencli.worker.keys import Keys
+
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,10 +126,12 @@ class BenchEnv:
                 time.sleep(0.05)
         self.r = redis.Redis.from_url(self.url)
         self.r.flushdb()
+        self.keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
         self.vars = {
             "GENCLI_HOME": str(self.tmp / "home"),
             "GENCLI_REDIS_URL": self.url,
             "GENCLI_DB_URL": f"sqlite:///{self.tmp / 'store.db'}",
+            "GENCLI_NAMESPACE": self.keys.namespace,
         }
         self._saved = {k: os.environ.get(k) for k in [*self.vars, "GENCLI_INJECT_OOM"]}
         os.environ.update(self.vars)
@@ -150,7 +154,7 @@ class BenchEnv:
         if threads:
             cmd += ["--threads", str(threads)]
         p = self.start(cmd, f"worker-{name}")
-        p.wait_for(lambda: self.r.get(f"gencli:worker:{name}") is not None and "ready" in p.text(), timeout,
+        p.wait_for(lambda: self.r.get(self.keys.worker(name)) is not None and "ready" in p.text(), timeout,
                    f"worker {name}")
         return p
 

@@ -152,13 +152,14 @@ def measure_floor(env: BenchEnv, *, round_trips: int, backlog: int, pubsub_msgs:
 
     from gencli.worker.stream import Publisher
 
-    p = Publisher(pub, "bench-publisher", last_seq=0, ttl=600)
+    p = Publisher(pub, env.keys, "bench-publisher", owner="bench", ttl=600)
+    p.claim({"t": "start", "worker": "bench", "device": "cpu", "attempt": 1})
     n = publishes // 2
     t0 = time.perf_counter()
-    for _ in range(n):
-        p.publish([{"t": "tok", "i": 0, "id": 1234, "text": " word", "finish": None}])
+    for _ in range(n):  # guarded: the owner and next-seq check in Redis, as a worker publishes
+        p.publish([{"t": "tok", "i": 0, "e": 0, "id": 1234, "text": " word", "finish": None}])
     out["gencli_step_publishes_per_s"] = n / (time.perf_counter() - t0)
-    pub.delete("gencli:log:bench-publisher")
+    pub.delete(env.keys.log("bench-publisher"), env.keys.owner("bench-publisher"))
     pub.close()
     return out
 
@@ -217,10 +218,10 @@ def queued_ttft(client, text: str, max_tokens: int) -> dict:
 def measure_submits(env: BenchEnv, client, *, file_lines: int, file_reps: int, singles: int) -> dict:
     from gencli.worker.prompts import read_prompt_file
 
-    info = env.r.get(f"gencli:model:{MODEL}")
+    info = env.r.get(env.keys.model_info(MODEL))
     if info is None:
         raise RuntimeError("the worker has not described its model in Redis")
-    env.r.set(f"gencli:model:{UNSERVED_CHECKED}", info)  # context check as for MODEL; nobody serves it
+    env.r.set(env.keys.model_info(UNSERVED_CHECKED), info)  # context check as for MODEL; nobody serves it
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small", "birds", "sing", "in", "the", "old", "tree"]
     path = env.tmp / "prompts-1000.txt"
     path.write_text("".join(f"Line {n}: " + " ".join(words[(n + k) % len(words)] for k in range(12)) + "\n"

@@ -11,7 +11,8 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import and_, bindparam, case, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import load_only
 
 from gencli.storage.db import (
@@ -24,6 +25,7 @@ from gencli.storage.db import (
     make_engine,
     make_sessionmaker,
 )
+from gencli.model.errors import GencliError
 from gencli.storage.migrations import migrate
 
 _stores: dict[str, Store] = {}
@@ -48,11 +50,29 @@ class Claim:
     run_seconds: float = 0.0  # the job's running time over its earlier attempts
 
 
+class StoreOpenError(GencliError):
+    """The store's URL cannot be opened (garbage, a missing database, a directory that cannot be made)."""
+
+
+def _hidden(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
-        self.engine = make_engine(url)
-        migrate(self.engine)
+        try:
+            self.engine = make_engine(url)
+            migrate(self.engine)
+        except (ArgumentError, SQLAlchemyError, OSError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            if isinstance(e, ImportError):
+                reason += " (for postgresql:// URLs: pip install 'gencli[postgres]')"
+            raise StoreOpenError(f"cannot open the store at {_hidden(url)}: {reason}: fix GENCLI_DB_URL "
+                                 "(any SQLAlchemy URL; unset, a SQLite file in GENCLI_HOME)") from None
         self.Session = make_sessionmaker(self.engine)  # reads
         self.Write = make_sessionmaker(self.engine, write=True)
         self._deployment: str | None = None

@@ -263,24 +263,6 @@ def test_out_of_memory_even_at_batch_one_on_the_cpu_fails_the_job_not_the_worker
         w.stop()
 
 
-def test_retry_reruns_only_cancelled_lines(client, worker):
-    job = client.submit(["p1", "p2", "p3"], model="tiny", max_tokens=200, temperature=1.0, top_k=1000, seed=5)
-    for d in job.stream():
-        if d.finish_reason is None:
-            job.cancel()
-            break
-    assert job.wait(30) is JobStatus.CANCELLED
-    before = job.result()
-    assert any(r["status"] == "cancelled" for r in before)
-    assert job.retry() == sum(r["status"] == "cancelled" for r in before)
-    assert job.wait(60) is JobStatus.SUCCEEDED
-    after = job.result()
-    for b, a in zip(before, after):
-        if b["status"] == "succeeded":
-            assert a["output"] == b["output"]
-        assert a["status"] == "succeeded"
-
-
 def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(env, client, worker):
     from kombu import Connection
 

@@ -133,6 +133,7 @@ def own_redis(tmp_path):
 def _client_then_redis_dies(tmp_path, own_redis) -> Client:
     url, proc = own_redis
     client = Client(settings_for(tmp_path, redis_url=url, redis_url_given=True))
+    assert client.redis.ping()  # it has used Redis (a client reaches Redis when first needed)
     proc.kill()
     proc.wait(10)
     assert not ping(url)

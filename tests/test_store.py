@@ -492,3 +492,28 @@ def test_a_writer_killed_mid_transaction_leaves_committed_rows_only(store_url, o
     if store_url.startswith("sqlite"):
         with fresh.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("garbage", "Could not parse SQLAlchemy URL"),
+    ("sqlite:////proc/no-such-dir/store.db", "No such file or directory"),
+    ("sqlite:////proc/store.db", "unable to open database file"),
+    ("postgresql://postgres:secret@127.0.0.1:5432/gencli_no_such_db", "does not exist"),
+])
+def test_a_store_url_that_cannot_be_opened_is_one_line_naming_it(url, reason, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from gencli.cli.main import main
+
+    if url.startswith("postgresql"):
+        from services import pg_missing, pg_unavailable, pg_url
+
+        if missing := pg_missing(pg_url()):
+            pg_unavailable(missing)
+    monkeypatch.setenv("GENCLI_DB_URL", url)
+    for args in (["list"], ["worker", "--prep"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        (line,) = r.output.strip().splitlines()
+        assert line.startswith("Error: cannot open the store at ") and reason in line and "fix GENCLI_DB_URL" in line
+        assert "secret" not in line and "Traceback" not in r.output

@@ -137,7 +137,7 @@ def _resume_items(ctx: WorkerContext, run: RunningJob, job, streamed) -> tuple[l
         if not stream.finished and len(stream.ids) >= params.max_tokens:
             stream.finish("length")
         r = ItemRun(item.idx, item.epoch, ids, stream, seed, params)
-        if not from_log and checkpoint:
+        if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
             resynced.append(r)
         if stream.finished:  # made whole, but the worker died before recording it
             _save(ctx, run, r)

@@ -81,9 +81,9 @@ def serve(
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     if model_path is None and not prep:
         raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
-    redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url)  # the record first: a store that cannot be opened says so at once
     keys = keys_for(settings, store)
+    redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
     r = patient_client(redis_url)
     app = make_app(settings, redis_url, keys)
     queues: list[str] = []

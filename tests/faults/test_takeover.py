@@ -149,3 +149,27 @@ def test_the_soft_time_limit_counts_the_running_time_of_every_attempt(env, tiny,
         a.stop()
         if b:
             b.stop()
+
+
+def test_a_job_that_outlives_the_brokers_visibility_timeout_still_runs_once(env, tiny, client):
+    """The broker hands the unacked message out again; the live lease keeps the copy from running."""
+    model = f"tiny-vis-{env['id']}"
+    short = {"GENCLI_VISIBILITY_TIMEOUT": "2"}
+    a = start_worker(env, tiny, f"slowpoke-{env['id']}@test", "--model-name", model, "--batch_size", "1",
+                     extra_env=short)
+    b = None
+    try:
+        job = client.submit(PROMPTS * 2, model=model, max_tokens=240, temperature=0)
+        wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        b = start_worker(env, tiny, f"idler-{env['id']}@test", "--model-name", model, extra_env=short)
+        assert job.wait(120) is JobStatus.SUCCEEDED
+        wait_for(lambda: f"job {job.id} not run: leased" in b.log.read_text(), 30, "the redelivered copy")
+        rec = job.record()
+        assert rec.attempts == 1 and rec.worker == a.name
+        events = read_log(env["redis"].client(), env["keys"], job.id)
+        assert [e["t"] for e in events].count("start") == 1 and [e["t"] for e in events].count("end") == 1
+        assert [x["output"] for x in job.result()] == reference(tiny, PROMPTS * 2, 240)
+    finally:
+        a.stop()
+        if b:
+            b.stop()
