@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import load_only
 
+from gencli.model.errors import GencliError
 from gencli.storage.db import (
     Deployment,
     Item,
@@ -25,7 +26,6 @@ from gencli.storage.db import (
     make_engine,
     make_sessionmaker,
 )
-from gencli.model.errors import GencliError
 from gencli.storage.migrations import migrate
 
 _stores: dict[str, Store] = {}

@@ -129,3 +129,18 @@ def test_reads_work_with_redis_down(env, tiny, client, worker):
     finally:
         server.start()
         worker.wait_ready(server.client(), timeout=60)
+
+
+def test_a_log_over_its_cap_is_trimmed_and_readers_fall_back_to_the_store(env, tiny, client):
+    model = f"tiny-cap-{env['id']}"
+    w = start_worker(env, tiny, f"capped-{env['id']}@test", "--model-name", model, "--batch_size", "1",
+                     extra_env={"GENCLI_STREAM_MAX_EVENTS": "10"})
+    try:
+        job = client.submit(PROMPTS, model=model, max_tokens=120, temperature=0)
+        assert job.wait(60) is JobStatus.SUCCEEDED
+        events = read_log(env["redis"].client(), env["keys"], job.id)
+        made = sum(x["usage"]["completion_tokens"] for x in job.result())
+        assert len(events) < made and events[0]["seq"] > 1  # the cap trimmed the head (in whole nodes)
+        assert [job.texts()[i] for i in range(len(PROMPTS))] == [x["output"] for x in job.result()]
+    finally:
+        w.stop()
