@@ -132,36 +132,44 @@ class WorkerContext:
         """Claim the job under a fresh lease owner and run body(run) while it is the current job;
         or return why it was not claimed."""
         owner = uuid.uuid4().hex
-        claim = self.claim(job_id, owner)
+        s = self.settings
+        claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
+                                 lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
         if not claim.ok:
+            self._not_run(job_id, claim)
             return claim.reason
         run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
                          run_seconds_before=claim.run_seconds)
         self.current = run
         try:
+            self.redis.delete(self.keys.sent(job_id))
             return body(run)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Redis stayed away longer than the client's retries (about a minute): the job is not
+            # failed for it but given back, its progress checkpointed in the store; a worker sends
+            # it again once Redis is back (serve._resend_lost) and resumes it from the checkpoint.
+            given_back = self.store.release(job_id, owner, run_seconds=run.unsaved_seconds())
+            log.error("job %s: Redis unreachable (%s: %s); %s", job_id, type(e).__name__, e,
+                      "given back to the queue" if given_back else "its lease was already lost")
+            return "released"
         finally:
             self.current = None
 
-    def claim(self, job_id: str, owner: str) -> Claim:
-        """Take the job under a lease, or say why not; a job ended here gets its "end" event."""
-        s = self.settings
-        claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
-                                 lease_seconds=s.lease_seconds, max_deliveries=s.max_deliveries)
-        if claim.ok:
-            self.redis.delete(self.keys.sent(job_id))
-            return claim
+    def _not_run(self, job_id: str, claim: Claim) -> None:
+        """Say why a delivery was not run; a job ended by the claim gets its "end" event."""
         log.info("job %s not run: %s", job_id, claim.reason)
-        if claim.reason in ("too many deliveries", "cancelled"):
-            job = self.store.get_job(job_id)
-            self.publisher(job_id, None).publish([end_event(job.status, job.error_message)])
-        elif claim.reason == "missing":  # not this store's job: kept for a person to look at, never dropped
-            log.error("job %s: a message for a job this worker's store (%s) does not know; kept in Redis list %s",
-                      job_id, self.store.engine.url.render_as_string(), self.keys.unknown_jobs)
-            self.redis.rpush(self.keys.unknown_jobs, json.dumps(
-                {"job": job_id, "worker": self.worker_name, "store": self.store.engine.url.render_as_string(),
-                 "at": time.time()}))
-        return claim
+        try:
+            if claim.reason in ("too many deliveries", "cancelled"):
+                job = self.store.get_job(job_id)
+                self.publisher(job_id, None).publish([end_event(job.status, job.error_message)])
+            elif claim.reason == "missing":  # not this store's job: kept for a person to look at, never dropped
+                store = self.store.engine.url.render_as_string()
+                log.error("job %s: a message for a job this worker's store (%s) does not know; kept in Redis "
+                          "list %s", job_id, store, self.keys.unknown_jobs)
+                self.redis.rpush(self.keys.unknown_jobs, json.dumps(
+                    {"job": job_id, "worker": self.worker_name, "store": store, "at": time.time()}))
+        except redis.RedisError as e:  # the store has the job's end; tailers read it from there
+            log.error("job %s: %s, and Redis did not take it (%s: %s)", job_id, claim.reason, type(e).__name__, e)
 
 
 def end_event(status: str, error: str | None = None) -> dict:

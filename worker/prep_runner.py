@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
 from gencli.storage.db import JobStatus
@@ -62,6 +64,8 @@ def _run(ctx: WorkerContext, run: RunningJob) -> str:
     except LeaseLost:
         log.warning("prep job %s: lease lost to another worker; stopping without writing", job_id)
         return "lease lost"
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # Redis away for good: not the job's fault (WorkerContext.run_job gives it back)
     except Exception as e:  # the job fails; the worker lives on
         status, error = JobStatus.FAILED, error_fields(e)
         log.error("prep job %s failed: %s: %s", job_id, type(e).__name__, e)

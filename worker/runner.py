@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
 import torch
 
 from gencli.model.errors import GencliError
@@ -78,6 +79,8 @@ def _run_claimed(ctx: WorkerContext, run: RunningJob) -> str:
     except LeaseLost:
         log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
         return "lease lost"
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # Redis away for good: not the job's fault (WorkerContext.run_job gives it back)
     except Exception as e:  # the job fails; the worker lives on to take the next one
         status = JobStatus.FAILED
         error = error_fields(e, stats)

@@ -144,3 +144,27 @@ def test_a_log_over_its_cap_is_trimmed_and_readers_fall_back_to_the_store(env, t
         assert [job.texts()[i] for i in range(len(PROMPTS))] == [x["output"] for x in job.result()]
     finally:
         w.stop()
+
+
+def test_a_job_whose_redis_stays_away_is_given_back_not_failed(tmp_path, chatml_model_dir):
+    """Past the client's retries (about a minute in a worker; none here) the job goes back to the
+    queue with its progress in the store, instead of failing for Redis's sake."""
+    import redis
+
+    from gencli.model.checkpoint import load_model
+    from gencli.storage.settings import get_settings
+    from gencli.storage.store import Store
+    from gencli.worker.context import WorkerContext
+    from gencli.worker.keys import Keys
+    from gencli.worker.runner import run_generation_job
+    from services import free_port
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    job, _ = store.create_job(model="tiny", params={"max_tokens": 5, "temperature": 0}, items=[{"prompt": "hi"}])
+    gone = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    ctx = WorkerContext(settings=get_settings(), store=store, redis=gone, keys=Keys("gone"), worker_name="w@test",
+                        model_name="tiny", loaded=load_model(chatml_model_dir))
+    assert run_generation_job(ctx, job.id) == "released"
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.attempts, rec.lease_owner, rec.error_class) == ("queued", 0, None, None)
+    assert store.items(job.id)[0].status == "pending"
