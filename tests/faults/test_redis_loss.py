@@ -150,6 +150,7 @@ def test_a_job_whose_redis_stays_away_is_given_back_not_failed(tmp_path, chatml_
     """Past the client's retries (about a minute in a worker; none here) the job goes back to the
     queue with its progress in the store, instead of failing for Redis's sake."""
     import redis
+    from services import free_port
 
     from gencli.model.checkpoint import load_model
     from gencli.storage.settings import get_settings
@@ -157,7 +158,6 @@ def test_a_job_whose_redis_stays_away_is_given_back_not_failed(tmp_path, chatml_
     from gencli.worker.context import WorkerContext
     from gencli.worker.keys import Keys
     from gencli.worker.runner import run_generation_job
-    from services import free_port
 
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     job, _ = store.create_job(model="tiny", params={"max_tokens": 5, "temperature": 0}, items=[{"prompt": "hi"}])
