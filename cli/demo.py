@@ -16,16 +16,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from tqdm import tqdm
 
-from gencli.cli.queue import _tail, live_workers
+from gencli.cli.queue import _client, _tail, live_workers
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
 from gencli.worker.app import queue_for
-from gencli.worker.client import Client
-from gencli.worker.prompts import PromptItem, read_prompt_file
+
+if TYPE_CHECKING:
+    from gencli.worker.client import Client
 
 MODEL_NAME = "chitchat-tiny"
 PROMPTS = [
@@ -36,6 +37,8 @@ PROMPTS = [
 
 
 def prep_step(data: Path) -> None:
+    from tqdm import tqdm
+
     from gencli.prep.run import prepare
     from gencli.prep.spec import PrepSpec
 
@@ -105,6 +108,8 @@ def worker_step(client: Client, model: Path, log: Path) -> subprocess.Popen | No
 @click.pass_context
 def demo(ctx, prompt_file, max_tokens, train_iters, keep_worker):
     """Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."""
+    from gencli.worker.prompts import PromptItem, read_prompt_file
+
     items = (read_prompt_file(prompt_file, each_line=True) if prompt_file
              else [PromptItem(p, n) for n, p in enumerate(PROMPTS, start=1)])
     base = get_settings().home / "demo"
@@ -112,7 +117,7 @@ def demo(ctx, prompt_file, max_tokens, train_iters, keep_worker):
     base.mkdir(parents=True, exist_ok=True)
     prep_step(data)
     train_step(data, model, train_iters)
-    client = Client()
+    client = _client()
     proc = worker_step(client, model, base / "worker.log")
     try:
         job = client.submit(items, model=MODEL_NAME, chat=True, max_tokens=max_tokens, temperature=0.8, top_k=50,

@@ -9,24 +9,33 @@ import click
 from gencli import __version__
 from gencli.model.errors import GencliError
 
-# name -> "module:attribute": a command's module is imported only when that command runs (or help
-# lists it), so `gencli submit` and `gencli tail` start without loading torch.
+# name -> ("module:attribute", its help's first line): a command's module is imported only when that
+# command runs or its own help is asked for, so `gencli --help`, `gencli submit` and `gencli tail`
+# start without loading torch. tests/test_packaging.py checks each summary against the command's help.
 COMMANDS = {
-    "generate": "gencli.cli.generate:generate",
-    "submit": "gencli.cli.queue:submit",
-    "tail": "gencli.cli.queue:tail",
-    "status": "gencli.cli.queue:status",
-    "list": "gencli.cli.queue:list_jobs",
-    "show": "gencli.cli.queue:show",
-    "results": "gencli.cli.queue:results",
-    "cancel": "gencli.cli.queue:cancel",
-    "retry": "gencli.cli.queue:retry",
-    "worker": "gencli.cli.workers:worker",
-    "workers": "gencli.cli.workers:workers",
-    "prep": "gencli.cli.prep:prep",
-    "regen": "gencli.cli.regen:regen",
-    "train": "gencli.cli.train:train",
-    "demo": "gencli.cli.demo:demo",
+    "generate": ("gencli.cli.generate:generate", "Generate text on this machine, streaming tokens as they are made."),
+    "submit": ("gencli.cli.queue:submit", "Queue a generation job; print its id at once."),
+    "tail": ("gencli.cli.queue:tail", "Follow a job's tokens live, from its first token, to its final status."),
+    "status": ("gencli.cli.queue:status",
+               "Live workers (device, model, current job), queue depths, and queues nobody serves."),
+    "list": ("gencli.cli.queue:list_jobs", "Recent jobs with status, model, worker/device, tokens and tokens/s."),
+    "show": ("gencli.cli.queue:show", "A job's parameters, each prompt and output, and its error."),
+    "results": ("gencli.cli.queue:results",
+                "A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage}, or text."),
+    "cancel": ("gencli.cli.queue:cancel",
+               "Cancel a job: a queued one never runs, a running one stops within a few tokens."),
+    "retry": ("gencli.cli.queue:retry", "Run a finished job's failed or cancelled lines again."),
+    "worker": ("gencli.cli.workers:worker",
+               "Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."),
+    "workers": ("gencli.cli.workers:workers",
+                "Start one pinned worker per GPU (or N CPU workers) and restart any that dies."),
+    "prep": ("gencli.cli.prep:prep",
+             "Tokenize SOURCE (chat, chitchat, dailydialog) into train.bin/val.bin and meta.json."),
+    "regen": ("gencli.cli.regen:regen", "Queue one prep job per dataset in the config; print their ids."),
+    "train": ("gencli.cli.train:train",
+              "Train a GPT on a prep output; the checkpoint in --out is served as it is."),
+    "demo": ("gencli.cli.demo:demo",
+             "Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."),
 }
 
 
@@ -38,9 +47,21 @@ class Group(click.Group):
 
     def get_command(self, ctx, name):
         if name in COMMANDS and name not in self.commands:
-            module, attr = COMMANDS[name].split(":")
+            module, attr = COMMANDS[name][0].split(":")
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        """The command list from the summaries above: listing commands imports none of them."""
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in COMMANDS and name not in self.commands:
+                rows.append((name, click.utils.make_default_short_help(COMMANDS[name][1], limit)))
+            else:
+                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx):
         try:

@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from tqdm import tqdm
 
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
-from gencli.storage.db import JobStatus
+from gencli.storage.status import JobStatus
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
-from gencli.worker.client import Client
 from gencli.worker.fold import StreamDelta
-from gencli.worker.prompts import PromptItem, read_prompt_file
+
+if TYPE_CHECKING:
+    from gencli.worker.client import Client
+
+
+def _client() -> Client:
+    """The submit client, imported when a command runs (its store and Celery need not load for --help)."""
+    from gencli.worker.client import Client
+
+    return Client()
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
 
@@ -41,6 +49,8 @@ def _label(item) -> str:
 def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, truncate, prompts, prompt_file, each_line,
            chat, priority, idempotency_key, follow):
     """Queue a generation job; print its id at once."""
+    from gencli.worker.prompts import PromptItem, read_prompt_file
+
     if bool(prompts) == (prompt_file is not None):
         raise click.UsageError("give --prompt or --prompt_file (one of them)")
     if each_line and prompt_file is None:
@@ -54,7 +64,7 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
         items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
     if os.sep in model and os.path.exists(model):  # a checkpoint path: the name workers serve it under
         model = model_name_for(model)
-    client = Client()
+    client = _client()
     job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
@@ -71,7 +81,7 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
 @click.pass_context
 def tail(ctx, job_id, line, after, cancel_on_interrupt):
     """Follow a job's tokens live, from its first token, to its final status."""
-    ctx.exit(_tail(Client(), job_id, line=line, after=after, cancel_on_interrupt=cancel_on_interrupt))
+    ctx.exit(_tail(_client(), job_id, line=line, after=after, cancel_on_interrupt=cancel_on_interrupt))
 
 
 def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_on_interrupt: bool) -> int:
@@ -87,6 +97,8 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
+    from tqdm import tqdm
+
     bar = None
     status = None
     gaps = False
@@ -154,7 +166,7 @@ def job_queue(job) -> str:
 @click.command()
 def status():
     """Live workers (device, model, current job), queue depths, and queues nobody serves."""
-    client = Client()
+    client = _client()
     r = client.redis
     workers = live_workers(client)
     served = {q for w in workers for q in w["queues"]}
@@ -180,7 +192,7 @@ def status():
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 def list_jobs(status_, model, kind, limit):
     """Recent jobs with status, model, worker/device, tokens and tokens/s."""
-    client = Client()
+    client = _client()
     jobs = client.store.list_jobs(status=status_, model=model, kind=kind, limit=limit)
     click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} {'tok/s':>7}")
     for j in jobs:
@@ -194,7 +206,7 @@ def list_jobs(status_, model, kind, limit):
 @click.argument("job_id")
 def show(job_id):
     """A job's parameters, each prompt and output, and its error."""
-    client = Client()
+    client = _client()
     job = client.job(job_id)
     j = job.record()
     click.echo(f"job {j.id}  {j.kind}  {j.status}  model {j.model}  priority {j.priority}")
@@ -222,7 +234,7 @@ def show(job_id):
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True)
 def results(job_id, fmt):
     """A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage}, or text."""
-    job = Client().job(job_id)
+    job = _client().job(job_id)
     if not job.status.done:
         raise GencliError(f"job {job.id} is {job.status.value}: its results come when it ends (gencli tail {job.id})")
     for r in job.result():
@@ -237,7 +249,7 @@ def results(job_id, fmt):
 @click.argument("job_id")
 def cancel(job_id):
     """Cancel a job: a queued one never runs, a running one stops within a few tokens."""
-    job = Client().job(job_id)
+    job = _client().job(job_id)
     status = job.cancel()
     if status is JobStatus.RUNNING:
         click.echo(f"job {job.id}: asked to stop; it keeps its partial output")
@@ -249,6 +261,6 @@ def cancel(job_id):
 @click.argument("job_id")
 def retry(job_id):
     """Run a finished job's failed or cancelled lines again."""
-    job = Client().job(job_id)
+    job = _client().job(job_id)
     n = job.retry()
     click.echo(f"job {job.id}: {n} line(s) queued again" if n else f"job {job.id}: nothing to retry")

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import click
 
-from gencli.cli.queue import _tail
+from gencli.cli.queue import _client, _tail
 from gencli.model.errors import GencliError
-from gencli.worker.client import Client
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,7 +85,7 @@ def regen(ctx, config, only, force, follow):
         if missing:
             raise GencliError(f"{config}: no dataset named {', '.join(sorted(missing))}")
         datasets = [(name, spec) for name, spec in datasets if name in only]
-    client = Client()
+    client = _client()
     jobs = []
     for name, spec in datasets:
         job = client.submit_prep(spec, force=force)

@@ -128,11 +128,24 @@ def _torch_load(path: Path) -> object:
                 f"refused {path}: it holds pickled objects that could run code; only tensors and "
                 "plain containers are loaded (weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path} is corrupt: {_first_line(e)}") from None
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_torch_reason(e)}); {ACCEPTED}") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, AttributeError) as e:
         raise CheckpointError(
-            f"{path} is truncated or corrupt, or not a PyTorch checkpoint at all ({_first_line(e)})"
+            f"{path} is truncated or corrupt, or not a PyTorch checkpoint at all ({_torch_reason(e)}); {ACCEPTED}"
         ) from None
+
+
+ACCEPTED = ("gencli reads a gencli model directory, a Hugging Face GPT-2 directory (config.json + model.safetensors "
+            "or pytorch_model.bin), or a nanoGPT ckpt.pt")
+
+
+def _torch_reason(e: BaseException) -> str:
+    """torch.load's reason, without its advice to load with weights_only=False (gencli never does)."""
+    text = str(e)
+    for marker in ("Please file an issue", "(1) In PyTorch 2.6", "Re-running `torch.load`", "In PyTorch 2.6"):
+        text = text.split(marker)[0]
+    text = text.replace("Weights only load failed.", "").strip(" .\n") or type(e).__name__
+    return _first_line(Exception(text))
 
 
 def _first_line(e: BaseException) -> str:
@@ -233,11 +246,19 @@ def save_model(model: GPT, path: str | os.PathLike, *, tokenizer: str, chat_form
     }
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state, tmp)
+    os.chmod(tmp, _file_mode())  # safetensors writes 0600: readable by whoever may read gencli.json
     os.replace(tmp, path / WEIGHTS_FILE)
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path / META_FILE)
     return path
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 PRESETS = {

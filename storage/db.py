@@ -7,7 +7,6 @@ without "database is locked"; reads never wait for writers. `postgresql://` URLs
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,24 +34,10 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.sql.expression import FunctionElement, literal
 
+from gencli.storage.status import ItemStatus, JobStatus
 
-class JobStatus(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def done(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class ItemStatus(str, enum.Enum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+__all__ = ["Base", "Deployment", "Item", "ItemStatus", "Job", "JobStatus", "db_now", "make_engine",
+           "make_sessionmaker", "normalize_url", "utcnow"]
 
 
 def utcnow() -> datetime:

@@ -354,3 +354,34 @@ def test_malformed_checkpoint_contents_are_checkpoint_errors(tmp_path, make_gpt,
     with pytest.raises(CheckpointError) as e:
         load_model(path, tokenizer="cl100k_base")
     assert_one_line_refusal(e)
+
+
+@pytest.mark.parametrize("make_file", ["random", "renamed_safetensors"])
+def test_a_file_that_is_no_checkpoint_says_what_gencli_reads_without_torchs_unsafe_advice(tmp_path, make_file,
+                                                                                         make_gpt, tok_chatml):
+    f = tmp_path / "ckpt.pt"
+    if make_file == "random":
+        f.write_bytes(bytes(range(256)) * 64)
+    else:
+        path = save_model(make_gpt(vocab_for(tok_chatml)), tmp_path / "m", tokenizer="cl100k_base",
+                          chat_format="chatml")
+        (path / WEIGHTS_FILE).rename(f)
+    with pytest.raises(CheckpointError) as e:
+        load_model(f, tokenizer="cl100k_base")
+    msg = assert_one_line_refusal(e)
+    assert "weights_only" not in msg and "Re-running" not in msg
+    assert "gencli reads a gencli model directory" in msg and "nanoGPT ckpt.pt" in msg
+
+
+def test_saved_weights_are_as_readable_as_the_metadata(tmp_path, make_gpt, tok_chatml):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_model(make_gpt(vocab_for(tok_chatml)), tmp_path / "m", tokenizer="cl100k_base",
+                          chat_format="chatml")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes == {WEIGHTS_FILE: 0o644, "gencli.json": 0o644}

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 import redis
-from celery import Celery
 
 from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 from gencli.worker.keys import PRIORITY_SEP, PRIORITY_STEPS, Keys
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 GENERATE_TASK = "gencli.generate"
 PREP_TASK = "gencli.prep"
@@ -46,6 +49,8 @@ def broker_priority(priority: int) -> int:
 
 
 def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
+    from celery import Celery  # here, not at import: `gencli submit --help` needs no Celery
+
     app = Celery("gencli", broker=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
