@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gencli.model.params import SamplingParams
+from gencli.model.params import DEFAULTS, SamplingParams
 
 
 def _apply(options):
@@ -52,9 +52,10 @@ sampling_options = _apply(
     [
         click.option("--max_tokens", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=None,
                      help="New tokens per sample (default: 256, or half the model's context if smaller)."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
-                     help="0 is greedy."),
-        click.option("--top_k", "--top-k", "top_k", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=DEFAULTS["temperature"],
+                     show_default=True, help="0 is greedy."),
+        click.option("--top_k", "--top-k", "top_k", type=click.IntRange(min=0), default=DEFAULTS["top_k"],
+                     show_default=True, help="Sample from the k likeliest ids; 0: no top-k cut."),
         click.option("--top_p", "--top-p", "top_p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
                      show_default=True),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
@@ -66,4 +67,4 @@ sampling_options = _apply(
 
 
 def sampling_params(max_tokens: int, temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)

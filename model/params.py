@@ -52,7 +52,10 @@ def _max_tokens(value, where: str = "", *, none: bool = True) -> int | None:
 
 
 def _top_k(value, where: str = "") -> int | None:
-    return _whole(value, "top_k", "e.g. 200, or null for no top-k cut", where, none=True)
+    """top_k as the sampler takes it: 0 (as in transformers) and null both mean no top-k cut."""
+    if value == 0 and type(value) is int:
+        return None
+    return _whole(value, "top_k", "e.g. 200, or 0 or null for no top-k cut", where, none=True)
 
 
 def _temperature(value, where: str = "") -> float:

@@ -135,7 +135,7 @@ def test_verbose_reports_load_device_and_speed(model_dir):
         (["--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["--prompt", "x", "--top_p", "0"], "--top_p"),
         (["--prompt", "x", "--top_p", "1.5"], "--top_p"),
-        (["--prompt", "x", "--top_k", "0"], "--top_k"),
+        (["--prompt", "x", "--top_k", "-1"], "--top_k"),
         (["--prompt", "x", "--device", "cuda:3"], "device cuda:3 is not available"),
         (["--prompt", "x", "--device", "tpu"], "unknown device"),
         (["--prompt", "x", "--max_tokens", "300"], "leaves no room for a prompt"),

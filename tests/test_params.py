@@ -33,7 +33,7 @@ BAD = [
     ("max_tokens", [5]),
     ("top_k", 200.0),
     ("top_k", True),
-    ("top_k", 0),
+    ("top_k", False),
     ("top_k", -2),
     ("top_k", 1.5),
     ("top_k", "200"),
@@ -124,6 +124,7 @@ def test_defaults_complete_a_fresh_copy():
         (dict(top_p=1), dict(top_p=1.0)),
         (dict(top_p=1e-9), dict(top_p=1e-9)),
         (dict(top_k=None), dict(top_k=None)),
+        (dict(top_k=0), dict(top_k=None)),  # 0 is off, as in transformers
         (dict(top_k=10**9), dict(top_k=10**9)),
         (dict(max_tokens=None), dict(max_tokens=None)),
         (dict(max_tokens=7), dict(max_tokens=7)),
@@ -175,6 +176,7 @@ ACCEPTED = [
     dict(top_k=VOCAB + 1),  # larger than the vocabulary: no cut
     dict(top_k=10**30),
     dict(top_k=None),
+    dict(top_k=0),
     dict(top_p=1e-9),
     dict(top_p=0.5, top_k=5, temperature=1.7),
     dict(max_tokens=1),

@@ -139,7 +139,7 @@ def test_context_overflow_is_refused_at_submit_and_nothing_is_recorded(client, w
         (["--prompt", "x", "--temperature", "-0.5"], "--temperature"),
         (["--prompt", "x", "--top_p", "0"], "--top_p"),
         (["--prompt", "x", "--top_p", "2"], "--top_p"),
-        (["--prompt", "x", "--top_k", "0"], "--top_k"),
+        (["--prompt", "x", "--top_k", "-1"], "--top_k"),
         (["--prompt", "x", "--seed", "abc"], "--seed"),
         (["--prompt", "x", "--priority", "10"], "--priority"),
         (["--prompt", "x", "--each-line"], "--each-line goes with --prompt_file"),
