@@ -144,3 +144,27 @@ def test_workers_restarts_a_worker_that_exited_70_after_a_hard_time_limit(env, t
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(0.1)
+
+
+def test_an_idempotency_key_reused_for_a_different_request_is_refused(client, worker):
+    first = cli("submit", "--model", "tiny", "--prompt", "same", "--max_tokens", "3", "--idempotency-key", "k-reuse")
+    assert first.exit_code == 0, first.output
+    again = cli("submit", "--model", "tiny", "--prompt", "same", "--max_tokens", "3", "--idempotency-key", "k-reuse")
+    assert again.exit_code == 0 and again.stdout == first.stdout  # the same request: the same job
+    before = len(client.store.list_jobs(limit=1000))
+    for change in (["--prompt", "other"], ["--prompt", "same", "--max_tokens", "4"]):
+        r = cli("submit", "--model", "tiny", *change, "--idempotency-key", "k-reuse")
+        assert r.exit_code == 1 and "was used for a different request" in r.output, r.output
+    assert len(client.store.list_jobs(limit=1000)) == before
+
+
+def test_a_custom_id_used_twice_is_refused_by_submit_and_generate(client, tiny, tmp_path):
+    f = tmp_path / "dup.jsonl"
+    f.write_text('{"custom_id": "a", "prompt": "one"}\n{"custom_id": "b", "prompt": "two"}\n'
+                 '{"custom_id": "a", "prompt": "three"}\n')
+    before = len(client.store.list_jobs(limit=1000))
+    for args in (["submit", "--model", "tiny"], ["generate", "--model", tiny, "--device", "cpu"]):
+        r = cli(*args, "--prompt_file", str(f))
+        assert r.exit_code == 1, r.output
+        assert "dup.jsonl:3: custom_id 'a' is used again (first on line 1)" in r.output
+    assert len(client.store.list_jobs(limit=1000)) == before

@@ -104,6 +104,9 @@ class Client:
         """Record the job and put it on its queue; if it cannot be queued, remove it again (nothing
         half-recorded). An idempotency key already recorded returns that job."""
         record, created = self.store.create_job(**job)
+        if not created and not self._same_request(record, job):
+            raise GencliError(f"idempotency key {job['idempotency_key']!r} was used for a different request "
+                              f"(job {record.id}): use a new key for a new request")
         if created:
             try:
                 self._enqueue(record.id, record.model, record.priority, record.kind)
@@ -111,6 +114,14 @@ class Client:
                 self.store.delete_job(record.id)
                 raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
         return Job(self, record.id)
+
+    def _same_request(self, record, job: dict) -> bool:
+        """Whether a job recorded under an idempotency key is the one asked for again."""
+        if (record.kind, record.model, record.params, record.priority) != (
+                job.get("kind", "generate"), job["model"], job["params"], job.get("priority", 0)):
+            return False
+        ask = [(it["prompt"], it.get("params"), it.get("custom_id")) for it in job["items"]]
+        return ask == [(it.prompt, it.params, it.custom_id) for it in self.store.items(record.id)]
 
     def _item(self, p, n: int) -> dict:
         if isinstance(p, PromptItem):

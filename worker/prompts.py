@@ -72,6 +72,7 @@ def read_prompt_file(path: str, *, each_line: bool) -> list[PromptItem]:
 
 def parse_jsonl(name: str, text: str) -> list[PromptItem]:
     items = []
+    first_line: dict[str, int] = {}  # custom_id -> the line that has it
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -96,7 +97,13 @@ def parse_jsonl(name: str, text: str) -> list[PromptItem]:
         custom_id = obj.pop("custom_id", None)
         if custom_id is not None and not isinstance(custom_id, str | int):
             raise GencliError(f"{name}:{n}: custom_id must be a string")
-        items.append(PromptItem(prompt, n, None if custom_id is None else str(custom_id), obj or None))
+        custom_id = None if custom_id is None else str(custom_id)
+        if custom_id is not None and custom_id in first_line:
+            raise GencliError(f"{name}:{n}: custom_id {custom_id!r} is used again (first on line "
+                              f"{first_line[custom_id]}): give each line its own")
+        if custom_id is not None:
+            first_line[custom_id] = n
+        items.append(PromptItem(prompt, n, custom_id, obj or None))
     if not items:
         raise GencliError(f"{name} holds no prompts")
     return items
