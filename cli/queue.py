@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import click
@@ -43,11 +44,13 @@ def _label(item) -> str:
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat format.")
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True, help="Higher runs first.")
 @click.option("--idempotency-key", "--idempotency_key", "idempotency_key",
-              help="Submitting the same key again returns the same job.")
+              help="Submitting the same request with the same key again returns the same job.")
 @click.option("--follow", "-f", is_flag=True, help="Tail the job right away.")
+@click.option("--wait-for-worker", "--wait_for_worker", "wait_for_worker", type=click.FloatRange(min=0),
+              default=None, help="Fail, queueing nothing, unless a live worker serves the model within SECONDS.")
 @click.pass_context
 def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, truncate, prompts, prompt_file, each_line,
-           chat, priority, idempotency_key, follow):
+           chat, priority, idempotency_key, follow, wait_for_worker):
     """Queue a generation job; print its id at once."""
     from gencli.worker.prompts import PromptItem, read_prompt_file
 
@@ -62,13 +65,21 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
             if not p.strip():
                 raise GencliError("empty --prompt: give some text")
         items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
-    if os.sep in model and os.path.exists(model):  # a checkpoint path: the name workers serve it under
+    if os.sep in model:  # a checkpoint path: the name workers serve it under
+        if not os.path.exists(model):
+            raise GencliError(f"{model}: no such checkpoint (give a served model's name, or an existing path)")
         model = model_name_for(model)
     client = _client()
+    if wait_for_worker is not None and not _wait_for_worker(client, queue_for(model), wait_for_worker):
+        raise GencliError(f"no live worker serves model {model} after {wait_for_worker:g} s: nothing was submitted"
+                          f"{_served_note(client)}")
     job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
     click.echo(job.id)
+    if wait_for_worker is None and not live_workers(client, queue_for(model)):
+        click.secho(f"[no live worker serves model {model} yet: the job waits for one{_served_note(client)}]",
+                    err=True, fg="yellow")
     if follow:
         ctx.exit(_tail(client, job.id, line=None, after=0, cancel_on_interrupt=False))
 
@@ -157,6 +168,20 @@ def live_workers(client: Client, queue: str | None = None) -> list[dict]:
     r = client.redis
     found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(client.keys.worker("*"))) if v]
     return [w for w in found if queue is None or queue in w["queues"]]
+
+
+def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not live_workers(client, queue):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _served_note(client: Client) -> str:
+    served = sorted({w["model"] for w in live_workers(client) if w.get("model")})
+    return f"; models served now: {', '.join(served)}" if served else "; no model is served now"
 
 
 def job_queue(job) -> str:

@@ -150,7 +150,8 @@ def test_context_overflow_is_refused_at_submit_and_nothing_is_recorded(client, w
         (["--prompt_file", "BAD.jsonl"], "BAD.jsonl:2: not valid JSON"),
         (["--prompt_file", "BADPARAM.jsonl"], "line 1: top_p must be in (0, 1]"),
         (["--prompt_file", "UNKNOWN.jsonl"], "line 1: unknown parameter(s) colour"),
-        (["--prompt", "x", "--model", "no/slash"], "bad model name"),
+        (["--prompt", "x", "--model", "no/slash"], "no/slash: no such checkpoint"),
+        (["--prompt", "x", "--model", "bad name"], "bad model name"),
     ],
 )
 def test_bad_submit_input_enqueues_nothing(env, client, tmp_path, args, message):

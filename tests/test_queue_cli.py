@@ -168,3 +168,16 @@ def test_a_custom_id_used_twice_is_refused_by_submit_and_generate(client, tiny, 
         assert r.exit_code == 1, r.output
         assert "dup.jsonl:3: custom_id 'a' is used again (first on line 1)" in r.output
     assert len(client.store.list_jobs(limit=1000)) == before
+
+
+def test_submit_to_a_model_no_worker_serves_warns_or_with_wait_for_worker_fails(client, worker):
+    r = cli("submit", "--model", "tiny-typo", "--prompt", "hello")
+    assert r.exit_code == 0 and len(r.stdout.strip()) == 32  # queued all the same: a worker may start later
+    assert "no live worker serves model tiny-typo yet" in r.stderr and "models served now: tiny" in r.stderr
+    client.job(r.stdout.strip()).cancel()
+    before = len(client.store.list_jobs(limit=1000))
+    r = cli("submit", "--model", "tiny-typo", "--prompt", "hello", "--wait-for-worker", "0.5")
+    assert r.exit_code == 1 and "no live worker serves model tiny-typo after 0.5 s: nothing was submitted" in r.output
+    assert len(client.store.list_jobs(limit=1000)) == before
+    r = cli("submit", "--model", "tiny", "--prompt", "hello", "--max_tokens", "2", "--wait-for-worker", "5")
+    assert r.exit_code == 0 and "no live worker" not in r.stderr
