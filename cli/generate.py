@@ -82,7 +82,8 @@ class DirectRunner:
         if self.verbose and first is not None:
             click.echo(
                 f"[{len(seqs)} sequence(s): first token after {(first - t0) * 1000:.0f} ms, "
-                f"{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s]",
+                f"{tokens} token{'s' * (tokens != 1)} in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; "
+                f"finished: {', '.join(sorted({st.finish_reason or '-' for st in tg.streams}))}]",
                 err=True,
             )
         if self.writer:

@@ -235,11 +235,11 @@ def show(job_id):
     job = client.job(job_id)
     j = job.record()
     click.echo(f"job {j.id}  {j.kind}  {j.status}  model {j.model}  priority {j.priority}")
-    click.echo(f"created {j.created_at}  started {j.started_at or '-'}  finished {j.finished_at or '-'}")
+    click.echo(f"created {_utc(j.created_at)}  started {_utc(j.started_at)}  finished {_utc(j.finished_at)}")
     click.echo(f"worker {j.worker or '-'}  device {j.device or '-'}  attempts {j.attempts}")
     click.echo(f"out-of-memory retries {j.oom_retries}  final batch size {j.final_batch_size or '-'}  "
                f"final device {j.final_device or '-'}")
-    click.echo(f"tokens {j.completion_tokens}  tokens/s {j.tokens_per_s or '-'}")
+    click.echo(f"tokens {j.completion_tokens}  tokens/s {f'{j.tokens_per_s:.1f}' if j.tokens_per_s else '-'}")
     click.echo(f"params {json.dumps(j.params)}")
     if j.error_class:
         click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
@@ -262,12 +262,21 @@ def results(job_id, fmt):
     job = _client().job(job_id)
     if not job.status.done:
         raise GencliError(f"job {job.id} is {job.status.value}: its results come when it ends (gencli tail {job.id})")
-    for r in job.result():
+    rows = job.result()
+    for r in rows:
         if fmt == "jsonl":
             click.echo(json.dumps({k: r[k] for k in ("custom_id", "prompt", "output", "finish_reason", "usage")},
                                   ensure_ascii=False))
-        else:
+        else:  # each output whole, under its label when there are several (as tail shows them)
+            if len(rows) > 1:
+                click.secho(f"=== {'id ' + r['custom_id'] if r['custom_id'] else 'line ' + str(r['line'])} ===",
+                            bold=True)
             click.echo(r["output"] or "")
+
+
+def _utc(t) -> str:
+    """A stored time (naive UTC) as shown: to the second, zone named."""
+    return f"{t:%Y-%m-%d %H:%M:%S} UTC" if t else "-"
 
 
 @click.command()

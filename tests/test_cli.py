@@ -124,6 +124,9 @@ def test_verbose_reports_load_device_and_speed(model_dir):
     assert r.exit_code == 0, r.output
     assert "loaded gencli model" in r.output and "cpu" in r.output
     assert "first token after" in r.output and "tokens/s" in r.output
+    assert "4 tokens in" in r.output and "finished: length" in r.output
+    one = gen(model_dir, "--prompt", "hi", "--max_tokens", "1", "--verbose")
+    assert "1 token in" in one.output
 
 
 @pytest.mark.parametrize(

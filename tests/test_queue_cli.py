@@ -181,3 +181,18 @@ def test_submit_to_a_model_no_worker_serves_warns_or_with_wait_for_worker_fails(
     assert len(client.store.list_jobs(limit=1000)) == before
     r = cli("submit", "--model", "tiny", "--prompt", "hello", "--max_tokens", "2", "--wait-for-worker", "5")
     assert r.exit_code == 0 and "no live worker" not in r.stderr
+
+
+def test_show_and_results_read_well(client, worker, tiny):
+    job = client.submit(["first line", "second line"], model="tiny", max_tokens=6, temperature=0)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    s = cli("show", job.id)
+    assert s.exit_code == 0
+    import re
+
+    assert re.search(r"created \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC  started .+ UTC  finished .+ UTC", s.output)
+    assert re.search(r"tokens/s \d+\.\d\b", s.output), s.output
+    t = cli("results", job.id, "--format", "text")
+    expected = reference(tiny, ["first line", "second line"], 6)
+    assert t.stdout == f"=== line 1 ===\n{expected[0]}\n=== line 2 ===\n{expected[1]}\n"
+    assert "concurrency: 1 (solo)" in worker.log.read_text()  # the banner tells the truth: one job at a time

@@ -126,7 +126,7 @@ def serve(
     threading.Thread(target=_heartbeat, args=(ctx, quick, app, tuple(queues), info), daemon=True,
                      name="gencli-heartbeat").start()
     try:
-        app.worker_main(["worker", "--pool=solo", "--queues", ",".join(queues), "--hostname", name,
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--queues", ",".join(queues), "--hostname", name,
                          f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
