@@ -98,7 +98,7 @@ class SamplingParams:
     def __post_init__(self):
         _max_tokens(self.max_tokens, none=False)
         _temperature(self.temperature)
-        _top_k(self.top_k)
+        _whole(self.top_k, "top_k", "e.g. 200, or None for no top-k cut", none=True)  # 0 is the callers' to map
         _top_p(self.top_p)
 
 
