@@ -56,10 +56,9 @@ class Group(click.Group):
         limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
         rows = []
         for name in self.list_commands(ctx):
-            if name in COMMANDS and name not in self.commands:
-                rows.append((name, click.utils.make_default_short_help(COMMANDS[name][1], limit)))
-            else:
-                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit)))
+            loaded = name not in COMMANDS or name in self.commands
+            cmd = self.get_command(ctx, name) if loaded else click.Command(name, help=COMMANDS[name][1])
+            rows.append((name, cmd.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

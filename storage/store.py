@@ -198,10 +198,7 @@ class Store:
                 .returning(Job.status)
             ).first()
             if row is None:
-                status = s.scalar(select(Job.status).where(Job.id == job_id))
-                if status is None:
-                    raise StoreError(f"no job {job_id}")
-                return status
+                return self._status_of(s, job_id)
             if row.status == JobStatus.CANCELLED.value:
                 self._end_items(s, job_id, JobStatus.CANCELLED)
             return row.status
@@ -221,9 +218,7 @@ class Store:
                 .returning(Job.kind)
             ).first()
             if row is None:
-                status = s.scalar(select(Job.status).where(Job.id == job_id))
-                if status is None:
-                    raise StoreError(f"no job {job_id}")
+                status = self._status_of(s, job_id)
                 if not JobStatus(status).done:
                     raise StoreError(f"job {job_id} is {status}: only a finished job can be retried")
                 return 0
@@ -364,6 +359,14 @@ class Store:
                 .returning(Job.id, Job.kind, Job.model, Job.priority, Job.worker)
             ).all()
         return [Job(id=r.id, kind=r.kind, model=r.model, priority=r.priority, worker=r.worker) for r in rows]
+
+    @staticmethod
+    def _status_of(s, job_id: str) -> str:
+        """The job's status, within a transaction; StoreError when there is no such job."""
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        if status is None:
+            raise StoreError(f"no job {job_id}")
+        return status
 
     @staticmethod
     def _lock_lease(s, job_id: str, owner: str, *, run_seconds: float = 0.0) -> bool:

@@ -8,6 +8,7 @@ import time
 from gencli.model.checkpoint import load_model
 from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
+from gencli.worker.fold import texts_of
 
 
 class Tailer(threading.Thread):
@@ -28,10 +29,8 @@ class Tailer(threading.Thread):
 
     def texts(self, n: int) -> list[str]:
         """Each item's text as a reader shows it: a restart delta replaces what came before."""
-        out = [""] * n
-        for d in self.deltas:
-            out[d.item] = d.text if d.restart else out[d.item] + d.text
-        return out
+        texts = texts_of(self.deltas)
+        return [texts.get(i, "") for i in range(n)]
 
     def tokens(self) -> int:
         return sum(1 for d in self.deltas if not d.restart)

@@ -1,5 +1,6 @@
 """The repo root installs as one package, `gencli`, and the wheel holds every subpackage."""
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -62,23 +63,34 @@ def test_queue_and_prep_commands_load_without_torch():
     assert out.stdout.strip() == "True"  # the check itself sees an import of torch
 
 
-def test_the_command_list_loads_no_command_and_its_summaries_are_the_commands_own():
-    """`gencli --help` lists commands from cli/main.py's table, importing none of them (so not
-    torch); each summary there is the first line of that command's own help."""
+def _loaded_after(invocations: list[list[str]], modules: tuple[str, ...]) -> list[str]:
+    """Which of modules a fresh interpreter has imported after running each `gencli ARGS` (each must
+    exit 0)."""
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from gencli.cli.main import main\n"
-        "r = CliRunner().invoke(main, ['--help'])\n"
-        "assert r.exit_code == 0 and 'generate' in r.output and 'workers' in r.output, r.output\n"
-        "print(sorted(m for m in ('torch', 'celery', 'sqlalchemy', 'gencli.cli.generate') if m in sys.modules))\n"
+        f"for args in {invocations!r}:\n"
+        "    r = CliRunner().invoke(main, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        f"print(sorted(m for m in {modules!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    return ast.literal_eval(out.stdout)
+
+
+def test_the_command_list_loads_no_command_and_its_summaries_are_the_commands_own():
+    """`gencli --help` lists commands from cli/main.py's table, importing none of them (so not
+    torch); each summary there is the first line of that command's own help."""
+    assert _loaded_after([["--help"]], ("torch", "celery", "sqlalchemy", "gencli.cli.generate")) == []
     import click
+    from click.testing import CliRunner
 
     from gencli.cli.main import COMMANDS, main
+
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and "generate" in r.output and "workers" in r.output, r.output
 
     for name, (_, summary) in COMMANDS.items():
         assert main.get_command(click.Context(main), name).help.strip().splitlines()[0] == summary, name
@@ -87,16 +99,5 @@ def test_the_command_list_loads_no_command_and_its_summaries_are_the_commands_ow
 def test_queue_commands_help_loads_no_store_or_celery():
     """`gencli submit --help` and the other queue commands' help start in a fraction of a second:
     their modules import the submit client (SQLAlchemy, Celery) only when they run."""
-    code = (
-        "import sys\n"
-        "from click.testing import CliRunner\n"
-        "from gencli.cli.main import main\n"
-        "for name in ['submit', 'tail', 'status', 'list', 'show', 'results', 'cancel', 'retry', 'prep', 'regen',"
-        " 'demo']:\n"
-        "    r = CliRunner().invoke(main, [name, '--help'])\n"
-        "    assert r.exit_code == 0, (name, r.output)\n"
-        "print(sorted(m for m in ('torch', 'celery', 'sqlalchemy') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "prep", "regen", "demo"]
+    assert _loaded_after([[name, "--help"] for name in light], ("torch", "celery", "sqlalchemy")) == []

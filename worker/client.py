@@ -28,7 +28,7 @@ from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
 from gencli.worker.app import check_model_name, make_app, send_job
-from gencli.worker.fold import StreamDelta, StreamFold
+from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url
@@ -229,10 +229,7 @@ class Job:
 
     def texts(self, after: int = 0) -> dict[int, str]:
         """Follow to the end; each item's text as the stream showed it (restarts applied)."""
-        out: dict[int, str] = {}
-        for d in self.stream(after):
-            out[d.item] = (d.text if d.restart else out.get(d.item, "") + d.text)
-        return out
+        return texts_of(self.stream(after))
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> JobStatus:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -11,7 +11,7 @@ with a hole as complete.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -94,3 +94,11 @@ class StreamFold:
     def _restart(self, seq: int, i: int, text: str, note: str) -> StreamDelta:
         self.texts[i], self.finish[i] = text, None
         return StreamDelta(seq, i, text, None, restart=True, note=note)
+
+
+def texts_of(deltas: Iterable[StreamDelta]) -> dict[int, str]:
+    """Each item's text as the deltas show it: a restart replaces what came before."""
+    out: dict[int, str] = {}
+    for d in deltas:
+        out[d.item] = d.text if d.restart else out.get(d.item, "") + d.text
+    return out

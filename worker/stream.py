@@ -88,7 +88,6 @@ class Publisher:
         self.ttl = ttl
         self.max_events = max_events
         self.seq = 0  # the last number this publisher wrote
-        self.log_lost = False  # the log had lost events this publisher wrote (Redis restarted empty)
         self._script = r.register_script(_PUBLISH)
 
     def claim(self, event: dict) -> int:
@@ -113,8 +112,6 @@ class Publisher:
             raise StreamRefused(f"job {self.job_id}: another worker owns its stream now")
         if first == -2:
             raise StreamRefused(f"job {self.job_id}: seq {self.seq + 1} is already in its log (up to {last})")
-        if mode == "owner" and last < self.seq:
-            self.log_lost = True
         for n, e in enumerate(events):
             e["seq"] = first + n
         self.seq = first + len(events) - 1
