@@ -147,10 +147,10 @@ class BenchEnv:
         return p
 
     def start_worker(self, model_dir: Path, name: str, *, model_name: str, batch_size: int,
-                     threads: int | None = None, timeout: float = 120) -> Proc:
-        """`gencli worker` as a user starts it; returns once it is ready to take jobs."""
+                     threads: int | None = None, timeout: float = 120, args: tuple[str, ...] = ()) -> Proc:
+        """`gencli worker` as a user starts it (args: more of its options); returns once it is ready."""
         cmd = [sys.executable, "-m", "gencli.cli", "worker", "--model", str(model_dir), "--device", "cpu",
-               "--name", name, "--model-name", model_name, "--batch_size", str(batch_size)]
+               "--name", name, "--model-name", model_name, "--batch_size", str(batch_size), *args]
         if threads:
             cmd += ["--threads", str(threads)]
         p = self.start(cmd, f"worker-{name}")

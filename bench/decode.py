@@ -72,9 +72,10 @@ def make_prompts(seed: int) -> list[list[int]]:
 
 
 def gencli_decoder(model: GPT, tokens: int):
-    """prompts -> new ids, through the engine as users get it."""
+    """prompts -> new ids, through the engine as `gencli generate --batch_size N` runs it: in its
+    invariant mode for a batch, with the one-row kernel for one prompt (see model/engine.py)."""
     params = SamplingParams(max_tokens=tokens, temperature=0)
-    return lambda prompts: generate(model, prompts, params)
+    return lambda prompts: generate(model, prompts, params, invariant=len(prompts) > 1)
 
 
 def to_transformers(model: GPT):

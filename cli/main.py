@@ -17,7 +17,7 @@ COMMANDS = {
     "submit": ("gencli.cli.queue:submit", "Queue a generation job; print its id at once."),
     "tail": ("gencli.cli.queue:tail", "Follow a job's tokens live, from its first token, to its final status."),
     "status": ("gencli.cli.queue:status",
-               "Live workers (device, model, current job), queue depths, and queues nobody serves."),
+               "Live workers (device, model, running jobs), queue depths, and queues nobody serves."),
     "list": ("gencli.cli.queue:list_jobs", "Recent jobs with status, model, worker/device, tokens and tokens/s."),
     "show": ("gencli.cli.queue:show", "A job's parameters, each prompt and output, and its error."),
     "results": ("gencli.cli.queue:results",

@@ -190,14 +190,14 @@ def job_queue(job) -> str:
 
 @click.command()
 def status():
-    """Live workers (device, model, current job), queue depths, and queues nobody serves."""
+    """Live workers (device, model, running jobs), queue depths, and queues nobody serves."""
     client = _client()
     r = client.redis
     workers = live_workers(client)
     served = {q for w in workers for q in w["queues"]}
     click.echo(f"workers ({len(workers)}):")
     for w in sorted(workers, key=lambda w: w["name"]):
-        job = w["job"] or "idle"
+        job = ", ".join(w.get("jobs") or []) or "idle"
         click.echo(f"  {w['name']:<24} {w['device']:<8} model {w['model'] or '-':<20} {job}")
     waiting: dict[str, int] = {}
     for (kind, model), n in client.store.queued_counts().items():

@@ -21,7 +21,13 @@ _model_optional = click.option("--model", "model_path", envvar="GENCLI_MODEL", d
 _name = click.option("--model-name", "--model_name", "model_name", default=None,
                      help="Name jobs use for this model (default: the checkpoint's file or dir name).")
 _batch = click.option("--batch_size", "--batch-size", "batch_size", type=click.IntRange(min=1), default=8,
-                      show_default=True, help="Micro-batch of a job's prompts.")
+                      show_default=True, help="Sequences decoded together, over all jobs (the engine's slots).")
+_max_jobs = click.option("--max-jobs", "--max_jobs", "max_jobs", type=click.IntRange(min=1), default=None,
+                         help="Jobs held at once, decoded in one batch [default: --batch_size; 1 for --prep alone].")
+_per_job = click.option("--max-slots-per-job", "--max_slots_per_job", "max_slots_per_job",
+                        type=click.IntRange(min=1), default=None,
+                        help="Slots one job may hold, so others find room [default: 3/4 of --batch_size "
+                             "from 4 slots up, else all].")
 _tok = click.option("--tokenizer", default=None, help="Override the model's tokenizer.")
 _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.Choice(["chatml", "legacy"]),
                     default=None)
@@ -37,12 +43,15 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @click.option("--name", default=None,
               help="Worker name, unique among live workers (default: device.pid@host, e.g. gpu0.4242@host).")
 @_batch
+@_max_jobs
+@_per_job
 @_tok
 @_fmt
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's, usually one per core).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model_path, model_name, prep, device, queues, name, batch_size, tokenizer, chat_format, threads, loglevel):
+def worker(model_path, model_name, prep, device, queues, name, batch_size, max_jobs, max_slots_per_job, tokenizer,
+           chat_format, threads, loglevel):
     """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."""
     from gencli.worker.serve import serve
 
@@ -52,8 +61,8 @@ def worker(model_path, model_name, prep, device, queues, name, batch_size, token
         torch.set_num_threads(threads)
     extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
     serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
-          batch_size=batch_size, tokenizer=tokenizer, chat_format=chat_format, prep=prep, extra_queues=extra,
-          loglevel=loglevel)
+          batch_size=batch_size, max_jobs=max_jobs, max_slots_per_job=max_slots_per_job, tokenizer=tokenizer,
+          chat_format=chat_format, prep=prep, extra_queues=extra, loglevel=loglevel)
 
 
 @click.command()
@@ -62,9 +71,11 @@ def worker(model_path, model_name, prep, device, queues, name, batch_size, token
 @click.option("--gpus", default=None, help="all, or GPU indices like 0,1: one worker per GPU.")
 @click.option("--cpus", type=click.IntRange(min=1), default=None, help="N CPU workers.")
 @_batch
+@_max_jobs
+@_per_job
 @_tok
 @_fmt
-def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_format):
+def workers(model_path, model_name, gpus, cpus, batch_size, max_jobs, max_slots_per_job, tokenizer, chat_format):
     """Start one pinned worker per GPU (or N CPU workers) and restart any that dies."""
     if (gpus is None) == (cpus is None):
         raise click.UsageError("give --gpus or --cpus")
@@ -72,9 +83,10 @@ def workers(model_path, model_name, gpus, cpus, batch_size, tokenizer, chat_form
     host = os.uname().nodename
     tag = os.getpid()  # names unique per supervisor: two on one host never collide
     base = [sys.executable, "-m", "gencli.cli", "worker", "--model", model_path, "--batch_size", str(batch_size)]
-    for flag, value in (("--model-name", model_name), ("--tokenizer", tokenizer), ("--chat-format", chat_format)):
+    for flag, value in (("--model-name", model_name), ("--tokenizer", tokenizer), ("--chat-format", chat_format),
+                        ("--max-jobs", max_jobs), ("--max-slots-per-job", max_slots_per_job)):
         if value:
-            base += [flag, value]
+            base += [flag, str(value)]
     specs = []
     for n, dev in enumerate(devices):
         label = f"cpu{n}" if dev == "cpu" else dev.replace("cuda:", "gpu")

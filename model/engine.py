@@ -1,186 +1,334 @@
-"""The generation engine: token ids in, token ids out, a step at a time.
+"""The generation engine: sequences of token ids in, one new id per sequence per step out.
 
-It knows nothing about text or chat formats (see textgen.py for that). `generate_stream`
-returns a `Generation`: iterate it to get, per decoding step, the new id of every sequence
-(None for a sequence already finished); call `finish(i)` to end sequence i early (a stop
-string was seen, the user cancelled). `generate` is the batch wrapper.
+Continuous (iteration-level) batching: sequences join the running batch between steps as slots
+free up, and leave it as they finish, whoever they belong to. The pieces:
+- `SlotCache` (cache.py): the preallocated KV cache, one slot per running sequence;
+- `Scheduler` (scheduler.py): which waiting sequence takes the next slot;
+- `Sampler` (sampler.py): per-row temperature, top_k, top_p and seeded generator;
+- `Engine.step` (here): the step runner. It admits waiting sequences, runs one prefill pass over
+  the sequences whose prompts are not cached yet (several together, up to a token budget, a long
+  prompt in chunks over several steps so that decoding rows never wait for a whole long prefill),
+  then one decode pass over every other running sequence, and samples.
 
-Prompts of different lengths share one batch by left padding: each row's positions start at
-its first real token and pad keys are masked, so greedy output for a prompt is the same token
-for token as running it alone. Each row need only fit the context alone: when rows finish, the
-padding every remaining row starts with is dropped, so the batch is as wide as its longest row.
-Each row samples from its own seeded generator, so a seeded prompt's output does not depend on
-what else is in its batch.
+A row computes what it computes alone: its positions count from its own first token, it attends
+only to its own slot's keys, and it samples from its own generator, so greedy output is that of
+the prompt alone and a seeded sequence's output does not depend on its company.
+
+Admission reserves prompt + budget positions, within the cache's length, so no running sequence
+ever waits for cache space. Out of memory in a pass preempts the newest sequences (their slots
+freed, their ids kept; they are prefilled again when readmitted, as vLLM's recompute preemption
+does) and lowers the number of rows run at once; after a quiet spell it is raised again. At one
+row there is nothing left to shrink, and the error goes to the caller (the worker moves the
+sequence to its CPU copy of the model). Every such rung is recorded in `Engine.rungs`.
+
+The engine knows nothing of text, jobs or Redis (textgen.py adds text; the worker adds jobs).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
+from gencli.model.cache import SlotBatch
 from gencli.model.errors import InvalidParameterError
 from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams, fit_prompt
+from gencli.model.sampler import Sampler, seeded_generator
+from gencli.model.scheduler import Scheduler
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
 # over N or more rows raise torch.OutOfMemoryError, as a GPU short of memory would.
 INJECT_OOM_ENV = "GENCLI_INJECT_OOM"
+# GENCLI_INJECT_STALL=PATH makes every forward pass wait while the file PATH exists: a decoding
+# step stuck on its device, for the hard time limit's last resort (tests/faults/test_workers.py).
+INJECT_STALL_ENV = "GENCLI_INJECT_STALL"
+PREFILL_TOKENS = 512  # prompt tokens prefilled in one step, over all admitted sequences
+GROW_AFTER = 64  # steps without running out of memory before the row limit is doubled again
 
 
-class Generation:
-    """One batch being decoded. Iterate for steps; `finish(i)` ends sequence i."""
+@dataclass(eq=False)
+class Sequence:
+    """One sequence: its prompt, the ids it made before (`done`: a resumed sequence's, fed again one
+    a step as they were first made, not sampled again), the new ids it may still make (budget), how
+    it samples. `group` and `priority` are the scheduler's (the worker: the job); `index` (the
+    caller's number for it) and `stream` (textgen's text stream) are its owner's."""
 
-    def __init__(
-        self,
-        model: GPT,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        *,
-        seeds: list[int | None] | None = None,
-        stop_ids: frozenset[int] = frozenset(),
-        allowed_ids: torch.Tensor | None = None,
-        budgets: list[int] | None = None,
-        skip_draws: list[int] | None = None,
-    ):
-        """budgets: new tokens per sequence (default params.max_tokens each). skip_draws: random
-        draws each sequence's generator has already made, so a sequence resumed from its
-        partial output (prompt + ids so far, budget reduced) samples what it would have."""
-        if not prompts:
-            raise InvalidParameterError("no prompts to generate from")
-        block = model.config.block_size
-        self.remaining = list(budgets) if budgets is not None else [params.max_tokens] * len(prompts)
-        if len(self.remaining) != len(prompts) or min(self.remaining) < 1:
-            raise InvalidParameterError("one positive token budget per prompt")
-        for ids, budget in zip(prompts, self.remaining):
-            if not ids:
-                raise InvalidParameterError("empty prompt: give at least one token")
-            fit_prompt(ids, budget, block, truncate=False)
+    prompt: list[int]
+    params: SamplingParams
+    budget: int | None = None  # None: params.max_tokens
+    seed: int | None = None
+    skip_draws: int = 0  # draws its generator made before (a resumed sequence's sampled ids)
+    stop_ids: frozenset[int] = frozenset()
+    group: Hashable = None
+    priority: int = 0
+    index: int = 0
+    stream: object = None
+    done: list[int] = field(default_factory=list)
+    # the engine's
+    out: list[int] = field(default_factory=list)  # new ids, a stop id included
+    finished: bool = False
+    slot: int | None = None
+    cached: int = 0  # of prompt + done + out, how many are in the cache
+    arrival: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.budget is None:
+            self.budget = self.params.max_tokens
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.done) + len(self.out)
+
+    def chunk(self, size: int) -> int:
+        """Ids to feed in its next pass: the prompt in chunks that start at multiples of size (the
+        same chunks whatever else runs), then one id a pass, as decoding makes them."""
+        p = len(self.prompt)
+        if self.cached < p:
+            return min(size - self.cached % size, p - self.cached)
+        return 1 if self.cached < self.length else 0
+
+    def feed(self, n: int) -> list[int]:
+        """The next n uncached ids."""
+        p, c = len(self.prompt), self.cached
+        if c + n <= p:
+            return self.prompt[c : c + n]
+        rest = self.done + self.out
+        return rest[c - p : c - p + n]
+
+
+@dataclass
+class Rung:
+    """One step down the out-of-memory ladder: a pass over `rows` rows ran out of memory; the engine
+    now runs at most `limit` rows and put `preempted` back in the queue."""
+
+    rows: int
+    limit: int
+    preempted: list[Sequence]
+    running: list[Sequence]  # the sequences that held slots when it happened
+
+
+class Engine:
+    def __init__(self, model: GPT, slots: int, *, max_len: int | None = None, allowed_ids: torch.Tensor | None = None,
+                 prefill_tokens: int = PREFILL_TOKENS, max_per_group: int | None = None, invariant: bool = True):
+        if slots < 1:
+            raise InvalidParameterError("the engine needs at least one slot")
         self.model = model
-        self.prompts = prompts
-        self.params = params
-        self.stop_ids = stop_ids
-        self.allowed = allowed_ids  # (V,) bool, or None for every id
-        seeds = seeds if seeds is not None else [None] * len(prompts)
-        if len(seeds) != len(prompts):
-            raise InvalidParameterError("one seed per prompt")
-        skips = skip_draws if skip_draws is not None else [0] * len(prompts)
-        self._gens = [self._generator(s, k) for s, k in zip(seeds, skips)]
-        self._finished = [False] * len(prompts)
+        self.device = model.lm_head.weight.device
+        self.cache = model.make_cache(slots, max_len)
+        self.sampler = Sampler(model.config.vocab_size, allowed_ids, self.device)
+        self.scheduler = Scheduler(max_per_group)
+        self.prefill_tokens = prefill_tokens
+        self.invariant = invariant
+        self.limit = slots  # rows run at once: lowered by running out of memory
+        self.running: list[Sequence] = []  # in admission order
+        self.rungs: list[Rung] = []
+        self._quiet = 0
 
-    @staticmethod
-    def _generator(seed: int | None, skip: int = 0) -> torch.Generator:
-        g = torch.Generator()  # CPU: the same draws on every device
-        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        for _ in range(skip):
-            torch.rand((), generator=g)
-        return g
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
 
-    def finish(self, i: int) -> None:
-        self._finished[i] = True
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
 
-    def cancel(self) -> None:
-        self._finished = [True] * len(self._finished)
+    def __bool__(self) -> bool:
+        return bool(self.running) or len(self.scheduler) > 0
 
-    def __iter__(self) -> Iterator[list[int | None]]:
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler)
+
+    def add(self, seq: Sequence) -> None:
+        if not seq.prompt:
+            raise InvalidParameterError("empty prompt: give at least one token")
+        if seq.budget < 1:
+            raise InvalidParameterError("a sequence needs a token budget of at least 1")
+        fit_prompt(seq.prompt + seq.done, seq.budget, self.max_len, truncate=False)
+        if seq.generator is None:
+            seq.generator = seeded_generator(seq.seed, seq.skip_draws)
+        seq.finished, seq.slot, seq.cached = False, None, 0
+        self.scheduler.add(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """End a sequence now (a stop string was seen, it was cancelled), running or waiting."""
+        seq.finished = True
+        if seq.slot is not None:
+            self._release(seq)
+        else:
+            self.scheduler.drop(seq)
+
+    def take_out(self, seq: Sequence) -> Sequence:
+        """Remove an unfinished sequence to carry on elsewhere (another engine): the same sequence
+        there, its ids so far fed again one a step (same generator, budget reduced)."""
+        self.finish(seq)
+        return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, group=seq.group,
+                        priority=seq.priority, index=seq.index, stream=seq.stream, done=seq.done + seq.out,
+                        generator=seq.generator)
+
+    def _release(self, seq: Sequence) -> None:
+        self.cache.give_back(seq.slot)
+        seq.slot = None
+        self.running.remove(seq)
+        self.scheduler.released(seq)
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Admit, prefill, decode one step: (sequence, new id) for each sequence that made one.
+        A sequence that made its last id (a stop id, or its budget) is finished and out."""
+        self._admit()
+        self._compact()
+        made: list[tuple[Sequence, int]] = []
         with torch.inference_mode():
-            yield from self._decode()
+            prefill = self._prefill_rows()
+            if prefill and not self._pass(prefill, made):
+                return made
+            prefilled = {s for s, _ in prefill}
+            decode = [s for s in self.running if s not in prefilled and s.cached >= len(s.prompt)]
+            if decode:
+                self._pass([(s, 1) for s in decode], made)
+        return made
 
-    def _forward(self, idx, cache, pad):
-        limit = os.environ.get(INJECT_OOM_ENV)
-        if limit and idx.size(0) >= int(limit):
-            raise torch.OutOfMemoryError(
-                f"injected by {INJECT_OOM_ENV}={limit}: forward pass over {idx.size(0)} rows"
-            )
-        logits, _ = self.model(idx, cache=cache, pad=pad, last_only=True)
-        return logits[:, -1, :]  # (B, V)
-
-    def _decode(self) -> Iterator[list[int | None]]:
-        device = self.model.lm_head.weight.device
-        lens = [len(p) for p in self.prompts]
-        T = max(lens)
-        idx = torch.zeros((len(lens), T), dtype=torch.long)
-        for r, ids in enumerate(self.prompts):
-            idx[r, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        idx = idx.to(device)
-        pads = [T - n for n in lens]  # one row has none: the batch is as wide as its longest row
-        pad = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
-        cache = self.model.make_cache(len(lens), T + max(self.remaining))
-        logits = self._forward(idx, cache, pad)
-        active = list(range(len(lens)))  # batch row -> sequence index
-        # -inf on the ids generation must never yield, added to each step's logits
-        bias = None
-        if self.allowed is not None:
-            bias = torch.zeros(self.allowed.shape, dtype=torch.float32, device=device)
-            bias.masked_fill_(~self.allowed.to(device), float("-inf"))
-        while True:
-            next_ids = self._sample(logits, active, bias)  # (b,)
-            ids = next_ids.tolist()
-            out: list[int | None] = [None] * len(self.prompts)
-            for r, i in enumerate(active):
-                out[i] = ids[r]
-                self.remaining[i] -= 1
-                if ids[r] in self.stop_ids or self.remaining[i] == 0:
-                    self._finished[i] = True
-            yield out
-            keep = [r for r, i in enumerate(active) if not self._finished[i]]
-            if not keep:
+    def _admit(self) -> None:
+        while self.cache.free and len(self.running) < self.limit:
+            seq = self.scheduler.next()
+            if seq is None:
                 return
-            if len(keep) < len(active):  # drop finished rows from the batch
-                rows = torch.tensor(keep, device=device)
-                pads = [pads[r] for r in keep]
-                front = min(pads)  # padding every kept row starts with: dropped from the cache too
-                pads = [n - front for n in pads]
-                cache.keep_rows(rows, front)
-                next_ids = next_ids[rows]
-                pad = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
-                active = [active[r] for r in keep]
-            logits = self._forward(next_ids.view(-1, 1), cache, pad)
+            seq.slot = self.cache.take()
+            seq.cached = 0
+            self.running.append(seq)
 
-    def _sample(self, logits: torch.Tensor, active: list[int], bias: torch.Tensor | None) -> torch.Tensor:
-        logits = logits.float()
-        if bias is not None:
-            logits = logits + bias
-        p = self.params
-        if p.temperature == 0:
-            return logits.argmax(dim=-1)
-        # Shifted so each row's top logit is 0, and the temperature held to float32's range: no
-        # finite temperature, however tiny or large, makes an inf or a NaN here.
-        f = torch.finfo(logits.dtype)
-        logits = (logits - logits.max(dim=-1, keepdim=True).values) / min(max(p.temperature, f.tiny), f.max)
-        if p.top_k is not None and p.top_k < logits.size(-1):
-            kth = torch.topk(logits, p.top_k, dim=-1).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-            cum = sorted_p.cumsum(dim=-1)
-            sorted_p = sorted_p.masked_fill(cum - sorted_p > p.top_p, 0.0)  # keep the nucleus
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        # One uniform draw per row from that sequence's own generator, then inverse CDF.
-        u = torch.tensor([torch.rand((), generator=self._gens[i]).item() for i in active])
-        cdf = probs.cumsum(dim=-1)
-        u = u.to(cdf.device) * cdf[:, -1]
-        picked = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp(max=probs.size(-1) - 1)
-        # Rounding can land u on the flat tail of the CDF: fall back to the likeliest id there.
-        dead = probs.gather(-1, picked).squeeze(1) <= 0
-        picked = picked.squeeze(1)
-        if dead.any():
-            picked[dead] = probs[dead].argmax(dim=-1)
-        return picked
+    def _compact(self) -> None:
+        """Move the sequences in the highest slots down into free lower ones: the rows stay a
+        contiguous range of slots, which attention reads as a view."""
+        while self.running:
+            low = self.cache.lowest_free()
+            top = max(self.running, key=lambda s: s.slot)
+            if low is None or low > top.slot:
+                return
+            self.cache.move(top.slot, low)
+            top.slot = low
+
+    def _prefill_rows(self) -> list[tuple[Sequence, int]]:
+        """(sequence, ids to feed) for the sequences whose prompt is not all cached, in admission
+        order, a chunk each within the step's prompt token budget (the first always gets one)."""
+        rows, budget = [], self.prefill_tokens
+        for s in self.running:
+            if s.cached < len(s.prompt):
+                n = s.chunk(self.prefill_tokens)
+                if rows and n > budget:
+                    break
+                rows.append((s, n))
+                budget -= n
+        return rows
+
+    def _pass(self, rows: list[tuple[Sequence, int]], made: list) -> bool:
+        """One forward pass; sample for each row whose ids are now all cached. False: it ran out
+        of memory (the ladder took a rung; nothing was made)."""
+        rows = sorted(rows, key=lambda r: r[0].slot)
+        seqs = [s for s, _ in rows]
+        counts = [n for _, n in rows]
+        slots, starts = [s.slot for s in seqs], [s.cached for s in seqs]
+        if self.invariant and len(rows) == 1 and counts[0] == 1:
+            # A product over one row takes another kernel than over two or more, which rounds
+            # differently: a lone one-id row goes twice, so it computes what it would in company.
+            slots, starts, counts = slots * 2, starts * 2, counts * 2
+        at = SlotBatch(slots, starts, counts, self.device)
+        idx = torch.zeros((len(slots), at.T), dtype=torch.long)
+        for b, (s, n) in enumerate(rows):
+            idx[b, :n] = torch.tensor(s.feed(n), dtype=torch.long)
+        if len(slots) > len(rows):
+            idx[1:] = idx[0]
+        ready = [b for b, s in enumerate(seqs) if s.cached + counts[b] == s.length]
+        try:
+            logits = self._forward(idx.to(self.device), at, ready, len(rows))
+        except torch.OutOfMemoryError:
+            self._shrink(len(rows))
+            return False
+        for s, n in rows:
+            s.cached += n
+            self.cache.lengths[s.slot] = s.cached
+        if ready:
+            picked = self.sampler.sample(logits, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
+            for b, token in zip(ready, picked):
+                s = seqs[b]
+                s.out.append(token)
+                made.append((s, token))
+                if token in s.stop_ids or len(s.out) >= s.budget:
+                    s.finished = True
+                    self._release(s)
+        self._quiet += 1
+        if self._quiet >= GROW_AFTER and self.limit < self.slots:
+            self.limit = min(self.slots, self.limit * 2)
+            self._quiet = 0
+        return True
+
+    def _forward(self, idx: torch.Tensor, at: SlotBatch, ready: list[int], rows: int) -> torch.Tensor | None:
+        """The logits of the ready rows' last ids (None when no row is ready); rows: sequences in it."""
+        stall = os.environ.get(INJECT_STALL_ENV)
+        while stall and os.path.exists(stall):
+            time.sleep(0.05)
+        limit = os.environ.get(INJECT_OOM_ENV)
+        if limit and rows >= int(limit):
+            raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={limit}: forward pass over {rows} rows")
+        return self.model.forward_cached(idx, self.cache, at, ready, min_rows=2 if self.invariant else 1)
+
+    def _shrink(self, rows: int) -> None:
+        """Out of memory in a pass over `rows` rows: halve the sequences run at once, preempting
+        the newest running ones beyond that; with one running, raise."""
+        running = list(self.running)
+        if len(running) <= 1:
+            raise torch.OutOfMemoryError(f"out of memory at 1 row on {self.device}")
+        limit = max(1, len(running) // 2)
+        preempted = []
+        while len(self.running) > limit:
+            seq = self.running[-1]  # the newest
+            self._release(seq)
+            seq.cached = 0
+            self.scheduler.put_back(seq)
+            preempted.append(seq)
+        self.limit = limit
+        self._quiet = 0
+        self.rungs.append(Rung(rows, limit, preempted, running))
+        _free_memory()
 
 
-def generate_stream(model: GPT, prompts: list[list[int]], params: SamplingParams, **kw) -> Generation:
-    return Generation(model, prompts, params, **kw)
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, **kw) -> list[list[int]]:
-    """Batch wrapper: every sequence's new ids, stop id included when one ended it."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, params, **kw):
-        for i, t in enumerate(step):
-            if t is not None:
-                out[i].append(t)
-    return out
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int | None = None,
+             seeds: list[int | None] | None = None, budgets: list[int] | None = None,
+             skip_draws: list[int] | None = None, stop_ids: frozenset[int] = frozenset(),
+             allowed_ids: torch.Tensor | None = None, invariant: bool = True) -> list[list[int]]:
+    """Every prompt's new ids (a stop id included where one ended it), decoded together on an engine
+    of `slots` slots (default: one per prompt), its cache as long as the longest prompt needs."""
+    if not prompts:
+        raise InvalidParameterError("no prompts to generate from")
+    n = len(prompts)
+    seeds = seeds if seeds is not None else [None] * n
+    budgets = budgets if budgets is not None else [params.max_tokens] * n
+    skips = skip_draws if skip_draws is not None else [0] * n
+    if not len(seeds) == len(budgets) == len(skips) == n:
+        raise InvalidParameterError("one seed, budget and skip count per prompt")
+    for ids, budget in zip(prompts, budgets):
+        if not ids:
+            raise InvalidParameterError("empty prompt: give at least one token")
+        fit_prompt(ids, budget, model.config.block_size, truncate=False)
+    max_len = max(len(p) + b for p, b in zip(prompts, budgets))
+    engine = Engine(model, slots or n, max_len=max_len, allowed_ids=allowed_ids, invariant=invariant)
+    seqs = [Sequence(list(p), params, b, seed=s, skip_draws=k, stop_ids=stop_ids)
+            for p, b, s, k in zip(prompts, budgets, seeds, skips)]
+    for s in seqs:
+        engine.add(s)
+    while engine:
+        engine.step()
+    return [s.out for s in seqs]

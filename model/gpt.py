@@ -1,21 +1,26 @@
-"""A GPT-2-architecture model in nanoGPT's shape, with a KV cache for decoding.
+"""A GPT-2-architecture model in nanoGPT's shape, with a cached pass for decoding.
 
 Learned positions, pre-LayerNorm (bias optional), GELU MLP, tied token embedding and LM head.
-Batched decoding of prompts with different lengths uses left padding: each row carries how many
-pad slots it starts with, its positions count from its first real token, and pad keys are masked,
-so a row computes what it would compute alone.
+`forward` is the whole-sequence pass (training, scoring). `forward_cached` continues sequences
+held in the engine's slot cache (model/cache.py): each row is one sequence at its own position,
+taking one token (a decode step) or a chunk of its prompt (prefill); its positions count from
+its own first token and it attends only to its own keys, so a row computes what it would alone.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from gencli.model.loss import IGNORE, linear_cross_entropy
+
+if TYPE_CHECKING:
+    from gencli.model.cache import SlotBatch, SlotCache
 
 
 @dataclass
@@ -35,24 +40,6 @@ class GPTConfig:
     def from_dict(cls, d: dict) -> GPTConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-class KVCache:
-    """Preallocated keys and values of every layer: (n_layer, B, n_head, max_len, head_dim)."""
-
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, *, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch, config.n_head, max_len, hs)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # how many positions are filled
-
-    def keep_rows(self, rows: torch.Tensor, front: int = 0) -> None:
-        """Drop the batch rows not in `rows` (finished sequences) and the first `front`
-        positions (padding in every kept row), keeping the filled part."""
-        self.k = self.k[:, rows, :, front:].contiguous()
-        self.v = self.v[:, rows, :, front:].contiguous()
-        self.pos -= front
 
 
 class Linear(nn.Linear):
@@ -109,24 +96,18 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None):
+    def forward(self, x, cache: SlotCache | None = None, at: SlotBatch | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            start, end = cache.pos, cache.pos + T
-            cache.k[self.layer_idx, :, :, start:end] = k
-            cache.v[self.layer_idx, :, :, start:end] = v
-            k = cache.k[self.layer_idx, :, :, :end]  # (B, nh, L, hs)
-            v = cache.v[self.layer_idx, :, :, :end]
         dropout = self.attn_dropout if self.training else 0.0
-        if attn_mask is None:
-            # No padding: plain causal attention (a single query attends to every cached key).
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            cache.write(self.layer_idx, k, v, at)
+            y = cache.attend(self.layer_idx, q, at)  # each row over its own keys so far
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -151,8 +132,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+    def forward(self, x, cache=None, at=None):
+        x = x + self.attn(self.ln_1(x), cache, at)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -220,72 +201,53 @@ class GPT(nn.Module):
             return x @ self._head_t
         return self.lm_head(x)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        cache: KVCache | None = None,
-        pad: torch.Tensor | None = None,
-        last_only: bool = False,
-    ):
-        """idx (B, T) token ids; pad (B,) left-pad slots per row (None: no padding).
-
-        With a cache, idx continues the cached sequence at cache.pos. Each row must fit
-        block_size on its own, its pad slots not counted. Returns (logits, loss); logits are
-        (B, 1, V) with last_only, else (B, T, V).
-        """
-        x = self._hidden(idx, cache, pad)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids, each row one whole sequence from its first token. Returns
+        (logits (B, T, V), loss or None)."""
+        x = self._hidden(idx)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
             return logits, loss
-        if last_only:
-            x = x[:, [-1], :]
         return self._head(x), None
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """forward(idx, targets)'s loss without its (B, T, vocab) logits: what training uses (see loss.py)."""
-        x = self._hidden(idx, None, None)
+        x = self._hidden(idx)
         return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None, pad: torch.Tensor | None) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, n_embd); advances the cache."""
-        B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        end = start + T
-        if end > self.config.block_size:
-            # Positions count from each row's first real token: only the least padded row must
-            # fit (read only past block_size, so a batch with an unpadded row costs no sync).
-            longest = end - (int(pad.min()) if pad is not None else 0)
-            if longest > self.config.block_size:
-                raise ValueError(f"sequence of {longest} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
-        attn_mask = None
-        if pad is not None:
-            pos = (pos.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, T)
-            attn_mask = self._padding_mask(pad, start, end, idx.device)
+    def _hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd) of whole sequences."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, cache, attn_mask)
-        if cache is not None:
-            cache.pos = end
+            x = block(x)
         return self.transformer.ln_f(x)
 
-    @staticmethod
-    def _padding_mask(pad: torch.Tensor, start: int, end: int, device) -> torch.Tensor:
-        """Boolean mask (B, 1, T, end): query t sees real keys up to itself.
+    def forward_cached(self, idx: torch.Tensor, cache: SlotCache, at: SlotBatch, rows: list[int] | None = None,
+                       *, min_rows: int = 1) -> torch.Tensor | None:
+        """Continue cached sequences: idx (B, T) holds row b's at.counts[b] new tokens (right-padded),
+        placed at positions at.starts[b].. of slot at.slots[b]. Returns the logits (len(rows), V) of
+        the last new token of each of rows (default: every row; none: None). min_rows: the LM head
+        runs over at least this many rows (the first repeated), as a one-row product rounds apart."""
+        if at.length > min(self.config.block_size, cache.max_len):
+            raise ValueError(f"sequence of {at.length} tokens exceeds the context of {cache.max_len}")
+        pos = at.positions.clamp(max=self.config.block_size - 1)  # a pad query's position is never read
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x, cache, at)
+        rows = list(range(at.n)) if rows is None else rows
+        if not rows:
+            return None
+        take = rows + rows[:1] * (min_rows - len(rows))
+        last = x[torch.tensor(take, device=x.device), at.last[take]]  # (b, C)
+        return self._head(self.transformer.ln_f(last))[: len(rows)]
 
-        Pad queries see only themselves, so no row of the softmax is empty (their output is
-        never used).
-        """
-        q = torch.arange(start, end, device=device).view(1, -1, 1)  # (1, T, 1)
-        k = torch.arange(end, device=device).view(1, 1, -1)  # (1, 1, L)
-        real_key = k >= pad.view(-1, 1, 1)  # (B, 1, L)
-        mask = (k <= q) & real_key  # (B, T, L)
-        mask = mask | (k == q)
-        return mask.unsqueeze(1)
+    def make_cache(self, slots: int, max_len: int | None = None) -> SlotCache:
+        from gencli.model.cache import SlotCache
 
-    def make_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
+        return SlotCache(self.config, slots, max_len or self.config.block_size, device=p.device, dtype=p.dtype)

@@ -1,21 +1,24 @@
 """Text in, text deltas out: the engine joined to a tokenizer and a chat format.
 
-This is the one loop that both consumers share: `gencli generate` prints the deltas, the
-worker publishes them. `TextGenerator.stream(...)` returns a `TextGeneration`; iterate it for
-lists of `Delta` (one per sequence that took a token in that step, its text possibly empty); each
-sequence's `TextStream` keeps its full text, ids and finish reason, also after an interrupt.
+`TextGenerator.sequence(...)` makes an engine `Sequence` with a `TextStream` on it, and
+`TextGenerator.step(engine)` runs one engine step and turns its ids into `Delta`s (one per
+sequence that took a token, its text possibly empty), ending a sequence at a stop string. The
+worker drives its long-lived engine this way; `TextGenerator.stream(...)` is the batch wrapper
+that `gencli generate`, the tests and the benchmarks use: a fixed set of prompts on an engine of
+`slots` slots, each prompt joining as another finishes. Each sequence's `TextStream` keeps its
+full text, ids and finish reason, also after an interrupt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from gencli.model.chat import ChatFormat, encode_prompt, stop_strings
 from gencli.model.checkpoint import LoadedModel
-from gencli.model.engine import Generation
+from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import InvalidParameterError
 from gencli.model.params import SamplingParams, fit_prompt
 from gencli.model.textstream import TextStream
@@ -25,37 +28,37 @@ Prompt = str | list[dict]  # plain text, or chat messages [{"role", "content"}]
 
 @dataclass
 class Delta:
-    index: int  # which sequence
+    index: int  # which sequence (its Sequence.index)
     text: str  # new text, possibly empty when only finishing
     finish_reason: str | None = None  # set on the sequence's last delta
     token: int | None = None  # the id this step fed to the sequence (None: a cancel's flush)
+    seq: Sequence | None = None
 
 
-class TextGeneration:
-    def __init__(self, gen: Generation, streams: list[TextStream]):
+class TextBatch:
+    """A fixed set of sequences decoded on their own engine: iterate for each step's deltas."""
+
+    def __init__(self, gen: TextGenerator, engine: Engine, seqs: list[Sequence]):
         self._gen = gen
-        self.streams = streams
+        self.engine = engine
+        self.seqs = seqs
+        self.streams: list[TextStream] = [s.stream for s in seqs]
 
     def __iter__(self) -> Iterator[list[Delta]]:
-        for step in self._gen:
-            deltas = []
-            for i, token in enumerate(step):
-                if token is None:
-                    continue
-                s = self.streams[i]
-                text = s.feed(token)
-                if s.finished:
-                    self._gen.finish(i)
-                elif self._gen.remaining[i] == 0:
-                    text += s.finish("length")
-                deltas.append(Delta(i, text, s.finish_reason, token))
+        while self.engine:
+            deltas = self._gen.step(self.engine)
             if deltas:
                 yield deltas
 
-    def cancel(self) -> list[Delta]:
-        """Stop every unfinished sequence; return their last held-back text."""
-        self._gen.cancel()
-        return [Delta(i, s.finish("cancelled"), "cancelled") for i, s in enumerate(self.streams) if not s.finished]
+    def cancel(self, *, running_only: bool = False) -> list[Delta]:
+        """Stop every unfinished sequence (with running_only, those decoding now, and the rest
+        go on); return their last held-back text."""
+        out = []
+        for seq in self.seqs:
+            if not seq.stream.finished and (seq.slot is not None or not running_only):
+                self.engine.finish(seq)
+                out.append(Delta(seq.index, seq.stream.finish("cancelled"), "cancelled", None, seq))
+        return out
 
 
 class TextGenerator:
@@ -80,36 +83,76 @@ class TextGenerator:
     def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
         return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)
 
+    def engine(self, slots: int, *, max_len: int | None = None, max_per_group: int | None = None,
+               prefill_tokens: int | None = None, invariant: bool = True) -> Engine:
+        kw = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens}
+        return Engine(self.model, slots, max_len=max_len, allowed_ids=self.allowed, max_per_group=max_per_group,
+                      invariant=invariant, **kw)
+
+    def sequence(self, prompt: list[int], params: SamplingParams, *, seed: int | None = None,
+                 stop: tuple[str, ...] = (), resume: TextStream | None = None, index: int = 0,
+                 group: Hashable = None, priority: int = 0) -> Sequence:
+        """A sequence for an engine; with resume, the continuation of that unfinished stream.
+
+        A resumed sequence feeds its prompt, then the ids it already made, one a step as they were
+        made (so its keys are the very ones an uninterrupted run computed), with the rest of its
+        budget and its random generator advanced past the draws already made: it yields what an
+        uninterrupted run would have (token for token when greedy).
+        """
+        stream = resume or self.new_stream(stop)
+        if stream.finished:
+            raise InvalidParameterError("cannot resume a finished sequence")
+        done = len(stream.ids)
+        return Sequence(list(prompt), params, params.max_tokens - done, seed=seed, skip_draws=done,
+                        stop_ids=self.tokenizer.stop_ids, group=group, priority=priority, index=index,
+                        stream=stream, done=list(stream.ids))
+
+    def step(self, engine: Engine) -> list[Delta]:
+        """One engine step as text: a delta per sequence that took a token."""
+        deltas = []
+        for seq, token in engine.step():
+            s: TextStream = seq.stream
+            text = s.feed(token)
+            if s.finished:  # a stop id or a stop string
+                if not seq.finished:
+                    engine.finish(seq)
+            elif seq.finished:  # its budget
+                text += s.finish("length")
+            deltas.append(Delta(seq.index, text, s.finish_reason, token, seq))
+        return deltas
+
     def stream(
         self,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: SamplingParams | list[SamplingParams],
         *,
         seeds: list[int | None] | None = None,
         stop: tuple[str, ...] = (),
         resume: list[TextStream] | None = None,
-    ) -> TextGeneration:
-        """Start decoding prompts; with resume, continue unfinished streams from where they are.
-
-        A resumed sequence decodes from its prompt plus the ids it already made, with the rest
-        of its budget and its random generator advanced past the draws already made, so it
-        yields what an uninterrupted run would have (token for token when greedy).
-        """
-        streams = resume or [self.new_stream(stop) for _ in prompts]
-        if any(s.finished for s in streams):
-            raise InvalidParameterError("cannot resume a finished sequence")
-        done = [len(s.ids) for s in streams]
-        gen = Generation(
-            self.model,
-            [p + s.ids for p, s in zip(prompts, streams)],
-            params,
-            seeds=seeds,
-            stop_ids=self.tokenizer.stop_ids,
-            allowed_ids=self.allowed,
-            budgets=[params.max_tokens - n for n in done],
-            skip_draws=done,
-        )
-        return TextGeneration(gen, streams)
+        slots: int | None = None,
+        invariant: bool = True,
+    ) -> TextBatch:
+        """Decode prompts (each with its own params, where a list is given) on an engine of
+        `slots` slots (default: one per prompt); with resume, continue unfinished streams.
+        invariant: as the worker decodes (see Engine), a lone row too computes what it would in company."""
+        if not prompts:
+            raise InvalidParameterError("no prompts to generate from")
+        n = len(prompts)
+        per_row = params if isinstance(params, list) else [params] * n
+        seeds = seeds if seeds is not None else [None] * n
+        if len(seeds) != n or len(per_row) != n:
+            raise InvalidParameterError("one seed and one set of parameters per prompt")
+        seqs = [self.sequence(p, sp, seed=sd, stop=stop, resume=resume[i] if resume else None, index=i)
+                for i, (p, sp, sd) in enumerate(zip(prompts, per_row, seeds))]
+        for s in seqs:
+            if not s.prompt:
+                raise InvalidParameterError("empty prompt: give at least one token")
+            fit_prompt(s.prompt + s.done, s.budget, self.block_size, truncate=False)
+        engine = self.engine(min(slots or n, n), max_len=max(len(s.prompt) + len(s.done) + s.budget for s in seqs),
+                             invariant=invariant)
+        for s in seqs:
+            engine.add(s)
+        return TextBatch(self, engine, seqs)
 
     def new_stream(self, stop: tuple[str, ...] = ()) -> TextStream:
         return TextStream(
@@ -124,4 +167,4 @@ class TextGenerator:
         return tg.streams
 
 
-__all__ = ["ChatFormat", "Delta", "Prompt", "TextGeneration", "TextGenerator"]
+__all__ = ["ChatFormat", "Delta", "Prompt", "TextBatch", "TextGenerator"]

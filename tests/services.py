@@ -208,7 +208,8 @@ class Worker:
 
     def current_job(self, r: redis.Redis) -> str | None:
         raw = r.get(self.key)
-        return json.loads(raw)["job"] if raw else None
+        jobs = json.loads(raw)["jobs"] if raw else []
+        return jobs[0] if jobs else None
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -197,13 +197,22 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert r.exit_code == 1 and "no model at" in r.output
 
 
-def test_out_of_memory_names_the_batch_and_suggests_a_smaller_one(model_dir, tmp_path):
+def test_out_of_memory_runs_fewer_sequences_at_once_and_changes_no_output(model_dir, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("a\nb\nc\nd\n")
-    r = gen(model_dir, "--prompt_file", str(f), "--each-line", "--batch_size", "4", "--max_tokens", "3",
-            env={"GENCLI_INJECT_OOM": "2"})
+    args = ("--prompt_file", str(f), "--each-line", "--batch_size", "4", "--max_tokens", "3", "--temperature", "0")
+    clean = gen(model_dir, *args)
+    r = gen(model_dir, *args, env={"GENCLI_INJECT_OOM": "2"})
+    assert r.exit_code == 0, r.output
+    assert "[out of memory on cpu at 4 sequences: going on with 2]" in r.stderr
+    assert "[out of memory on cpu at 2 sequences: going on with 1]" in r.stderr
+    assert r.stdout == clean.stdout and "=== prompt 4, sample 1 ===" in r.stdout
+
+
+def test_out_of_memory_at_one_sequence_is_a_clear_error(model_dir):
+    r = gen(model_dir, "--prompt", "a", "--max_tokens", "3", env={"GENCLI_INJECT_OOM": "1"})
     assert r.exit_code == 1
-    assert "out of memory on cpu generating a batch of 4 sequences: rerun with --batch_size 2" in r.output
+    assert "out of memory on cpu generating 1 sequence" in r.output and "Traceback" not in r.output
 
 
 def test_interactive_chat_keeps_history_and_saves_exchanges(model_dir, home, tmp_path):
@@ -256,7 +265,7 @@ def test_ctrl_c_keeps_partial_output_and_second_ctrl_c_exits_130(tmp_path, home)
     finally:
         p.kill()
     err = p.stderr.read().decode()
-    assert "[interrupted: kept what was generated; Ctrl-C again to quit]" in err
+    assert "[interrupted: kept what was generated; the next prompts go on, Ctrl-C again to quit]" in err
     assert "Traceback" not in err
     records = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
     assert 1 <= len(records) < 50

@@ -228,7 +228,7 @@ def test_two_workers_share_a_queue(env, tiny, worker, client):
 
 def test_out_of_memory_ladder_halves_then_matches_an_unfailed_run(env, tiny, client):
     w = start_worker(env, tiny, "oom@test", "--model-name", "tiny-oom", "--batch_size", "4",
-                     extra_env={"GENCLI_INJECT_OOM": "2"})
+                     "--max-slots-per-job", "4", extra_env={"GENCLI_INJECT_OOM": "2"})
     try:
         prompts = ["one", "two two", "three three three", "four", "five"]
         job = client.submit(prompts, model="tiny-oom", max_tokens=8, temperature=0)
@@ -237,10 +237,10 @@ def test_out_of_memory_ladder_halves_then_matches_an_unfailed_run(env, tiny, cli
         assert rec.oom_retries == 2 and rec.final_batch_size == 1
         ladder = [line.split("gencli.worker] ")[1] for line in w.log.read_text().splitlines()
                   if "out of memory" in line]
-        # 4 -> 2 -> 1 on this CPU worker; the rung after 1 (go on on the CPU) is a GPU worker's, and
-        # tests/test_gpu.py takes it where a GPU exists
-        assert ladder == [f"job {job.id}: out of memory on cpu; retrying at batch size 2",
-                          f"job {job.id}: out of memory on cpu; retrying at batch size 1"]
+        # 4 -> 2 -> 1 rows on this CPU worker, the newest sequences preempted (prefilled again later);
+        # the rung after 1 (go on on the CPU) is a GPU worker's, and tests/test_gpu.py takes it
+        assert ladder == [f"job {job.id}: out of memory on cpu at 4 rows; going on at 2 rows, 2 preempted",
+                          f"job {job.id}: out of memory on cpu at 2 rows; going on at 1 rows, 1 preempted"]
         assert [r["output"] for r in job.result()] == alone(tiny, prompts, 8)
         texts = ["" for _ in prompts]
         for d in job.stream():
@@ -283,7 +283,7 @@ def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(env, client, w
 def test_higher_priority_runs_first(env, tiny, client):
     low = [client.submit([f"low {n}"], model="tiny-prio", max_tokens=4, priority=0) for n in range(3)]
     high = client.submit(["high"], model="tiny-prio", max_tokens=4, priority=9)
-    w = start_worker(env, tiny, "prio@test", "--model-name", "tiny-prio")
+    w = start_worker(env, tiny, "prio@test", "--model-name", "tiny-prio", "--max-jobs", "1")  # the queue's order
     try:
         for j in [*low, high]:
             assert j.wait(60) is JobStatus.SUCCEEDED

@@ -123,21 +123,26 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_the_delivery_limit(env,
 def test_workers_restarts_a_worker_that_exited_70_after_a_hard_time_limit(env, tiny, client):
     model = f"tiny-pool70-{env['id']}"
     log = env["tmp"] / f"pool70-{env['id']}.log"
+    stall = env["tmp"] / f"pool70-stall-{env['id']}"  # while it exists, decoding steps do not return
     proc = subprocess.Popen(
         [sys.executable, "-m", "gencli.cli", "workers", "--model", tiny, "--model-name", model, "--cpus", "1",
          "--batch_size", "1"],
-        env=child_env(env["vars"], {"GENCLI_HARD_TIME_LIMIT": "1"}), stdout=open(log, "w"),
-        stderr=subprocess.STDOUT, start_new_session=True)
+        env=child_env(env["vars"], {"GENCLI_HARD_TIME_LIMIT": "1", "GENCLI_INJECT_STALL": str(stall)}),
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_for(lambda: "ready" in log.read_text(), 60, "the worker")
+        stall.touch()
         stuck = client.submit(["long"] * 30, model=model, max_tokens=240, temperature=0)
         assert stuck.wait(90) is JobStatus.FAILED and stuck.record().error_class == "HardTimeLimitExceeded"
         wait_for(lambda: "exited with 70; restarting" in log.read_text(), 60, "the supervisor's restart")
+        stall.unlink()
         after = client.submit(["short"], model=model, max_tokens=3)
         assert after.wait(90) is JobStatus.SUCCEEDED  # served by the restarted worker
         beats = [json.loads(env["redis"].client().get(k)) for k in
                  env["redis"].client().scan_iter(env["keys"].worker("*"))]
         assert any(b["model"] == model for b in beats)
     finally:
+        stall.unlink(missing_ok=True)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
@@ -195,4 +200,5 @@ def test_show_and_results_read_well(client, worker, tiny):
     t = cli("results", job.id, "--format", "text")
     expected = reference(tiny, ["first line", "second line"], 6)
     assert t.stdout == f"=== line 1 ===\n{expected[0]}\n=== line 2 ===\n{expected[1]}\n"
-    assert "concurrency: 1 (solo)" in worker.log.read_text()  # the banner tells the truth: one job at a time
+    log = worker.log.read_text()  # the banner tells the truth: up to 8 jobs at once, on 8 slots
+    assert "concurrency: 8 (thread)" in log and "up to 8 jobs at once, 8 slots, at most 6 per job" in log

@@ -1,9 +1,10 @@
-"""What a worker process holds for its whole life, and the job it is running now.
+"""What a worker process holds for its whole life, and the jobs it is running now.
 
-`WorkerContext` is the process: settings, store, Redis, the model. `RunningJob` is one claimed
-job: its lease owner, its guarded stream publisher, its running time over all attempts, and what
-the lease thread (serve._keep_lease) learnt about it since (the lease was lost, a cancel was
-recorded in the store). The job runners ask it `check()` between steps.
+`WorkerContext` is the process: settings, store, Redis, the model and the batcher that decodes
+every running job's sequences together. `RunningJob` is one claimed job: its lease owner, its
+guarded stream publisher, its running time over all attempts, and what the lease thread
+(serve._keep_lease) learnt about it since (the lease was lost, a cancel was recorded in the store,
+the hard time limit passed). The job runners ask it `check()` while the job runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -24,6 +26,9 @@ from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
 from gencli.worker.keys import Keys
 from gencli.worker.stream import Publisher, StreamRefused
+
+if TYPE_CHECKING:
+    from gencli.worker.batcher import Batcher
 
 log = logging.getLogger("gencli.worker")
 
@@ -40,6 +45,10 @@ class TimeLimitExceeded(Exception):
     pass
 
 
+class HardTimeLimitExceeded(Exception):
+    pass
+
+
 @dataclass
 class RunningJob:
     job_id: str
@@ -52,6 +61,8 @@ class RunningJob:
     started: float = field(default_factory=time.monotonic)
     lease_lost: bool = False  # set by the lease thread: another worker may own the job now
     cancel_seen: bool = False  # set by the lease thread: the store records a cancel
+    hard_limited: bool = False  # set by the lease thread: past GENCLI_HARD_TIME_LIMIT
+    stoppable: bool = False  # its runner stops it at a hard time limit (else the process is ended)
     _last_check: float = 0.0
     _last_saved: float = field(default_factory=time.monotonic)
 
@@ -76,6 +87,8 @@ class RunningJob:
         """Raise LeaseLost or JobCancelled when the job must stop (at most one Redis read per `every`)."""
         if self.lease_lost:
             raise LeaseLost(f"job {self.job_id}: lease lost")
+        if self.hard_limited:
+            raise HardTimeLimitExceeded()
         now = time.monotonic()
         if now - self._last_check < every:
             return
@@ -91,7 +104,8 @@ class RunningJob:
 
 @dataclass
 class WorkerContext:
-    """The model (loaded once; None on a worker that only preps datasets) and the clients."""
+    """The model (loaded once; None on a worker that only preps datasets), the clients, and the
+    jobs running now (several at once: see worker/batcher.py)."""
 
     settings: Settings
     store: Store
@@ -100,14 +114,20 @@ class WorkerContext:
     worker_name: str
     model_name: str | None = None
     loaded: LoadedModel | None = None
-    batch_size: int = 8
-    current: RunningJob | None = None  # the job running now
+    slots: int = 8  # sequences decoded together, over all jobs
+    max_jobs: int = 8  # jobs held at once
+    max_slots_per_job: int | None = None  # None: no cap
+    running: dict[str, RunningJob] = field(default_factory=dict)  # job id -> the job, running now
     generator: TextGenerator | None = field(init=False, default=None)
+    batcher: Batcher | None = field(init=False, default=None)
     _cpu: TextGenerator | None = field(init=False, default=None)
 
     def __post_init__(self):
         if self.loaded is not None:
+            from gencli.worker.batcher import Batcher
+
             self.generator = TextGenerator(self.loaded)
+            self.batcher = Batcher(self)
 
     @property
     def device(self) -> str:
@@ -129,8 +149,8 @@ class WorkerContext:
         return Publisher(self.redis, self.keys, job_id, owner=owner, ttl=s.stream_ttl, max_events=s.stream_max_events)
 
     def run_job(self, job_id: str, body: Callable[[RunningJob], str]) -> str:
-        """Claim the job under a fresh lease owner and run body(run) while it is the current job;
-        or return why it was not claimed."""
+        """Claim the job under a fresh lease owner and run body(run) while it is one of the running
+        jobs; or return why it was not claimed."""
         owner = uuid.uuid4().hex
         s = self.settings
         claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
@@ -140,7 +160,7 @@ class WorkerContext:
             return claim.reason
         run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
                          run_seconds_before=claim.run_seconds)
-        self.current = run
+        self.running[job_id] = run
         try:
             self.redis.delete(self.keys.sent(job_id))
             return body(run)
@@ -153,7 +173,7 @@ class WorkerContext:
                       "given back to the queue" if given_back else "its lease was already lost")
             return "released"
         finally:
-            self.current = None
+            self.running.pop(job_id, None)
 
     def _not_run(self, job_id: str, claim: Claim) -> None:
         """Say why a delivery was not run; a job ended by the claim gets its "end" event."""

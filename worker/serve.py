@@ -1,10 +1,13 @@
 """A worker process: pin a device, load the model once, warm it up, serve jobs until stopped.
 
-The Celery worker runs with the solo pool: the task runs in this process, which holds the
-model, so nothing forks after CUDA is initialised. Two background threads:
-- the lease keeper renews the running job's lease in the store, and only that, so a Redis that
-  is away never costs a live worker its job; it also passes on a cancel the store records, and
-  ends a job past GENCLI_HARD_TIME_LIMIT;
+The Celery worker runs with the threads pool, one thread per job held (--max-jobs): the tasks
+run in this process, which holds the model, so nothing forks after CUDA is initialised, and one
+thread decodes every job's sequences together (worker/batcher.py says why this pool). Two
+background threads besides:
+- the lease keeper renews every running job's lease in the store, and only that, so a Redis
+  that is away never costs a live worker its jobs; it also passes on a cancel the store records,
+  and stops a job past GENCLI_HARD_TIME_LIMIT (ending the process only when a decoding step
+  itself is stuck that long, or for a dataset job, which cannot be stopped any gentler);
 - the heartbeat keeps the worker's entry in Redis (for `gencli status`, with short timeouts),
   takes over jobs whose worker died (their lease ran out) by putting them back on their queue,
   and sends again queued jobs whose message a restarted Redis lost.
@@ -71,6 +74,8 @@ def serve(
     device: str,
     name: str | None,
     batch_size: int,
+    max_jobs: int | None = None,
+    max_slots_per_job: int | None = None,
     tokenizer: str | None = None,
     chat_format: str | None = None,
     prep: bool = False,
@@ -97,7 +102,8 @@ def serve(
         log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
                  loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
         ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name,
-                            model_name=model_name, loaded=loaded, batch_size=batch_size)
+                            model_name=model_name, loaded=loaded, slots=batch_size,
+                            max_jobs=max_jobs or batch_size, max_slots_per_job=_per_job(batch_size, max_slots_per_job))
         _warm_up(ctx)
         info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
                 "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
@@ -108,7 +114,8 @@ def serve(
             return run_generation_job(ctx, job_id)
     else:
         name = name or default_name("prep")
-        ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name)
+        ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name,
+                            max_jobs=max_jobs or 1)
     if prep:
         from gencli.worker.prep_runner import run_prep_job
 
@@ -126,13 +133,24 @@ def serve(
     threading.Thread(target=_heartbeat, args=(ctx, quick, app, tuple(queues), info), daemon=True,
                      name="gencli-heartbeat").start()
     try:
-        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--queues", ",".join(queues), "--hostname", name,
+        log.info("worker %s: up to %d jobs at once, %d slots%s", name, ctx.max_jobs, ctx.slots,
+                 f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
+        app.worker_main(["worker", "--pool=threads", f"--concurrency={ctx.max_jobs}", "--queues", ",".join(queues),
+                         "--hostname", name,
                          f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
             quick.delete(keys.worker(name))
         except redis.RedisError:
             pass
+
+
+def _per_job(slots: int, given: int | None) -> int | None:
+    """Slots one job may hold: given, else three quarters of them (at least 1), so that a job
+    arriving beside a big one finds a free slot at once."""
+    if given is not None:
+        return min(given, slots)
+    return None if slots < 4 else max(1, slots * 3 // 4)
 
 
 def _warm_up(ctx: WorkerContext) -> None:
@@ -147,9 +165,8 @@ def _warm_up(ctx: WorkerContext) -> None:
 
 
 def _beat(ctx: WorkerContext, queues: tuple[str, ...]) -> str:
-    run = ctx.current
     return json.dumps({"name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
-                       "pid": os.getpid(), "host": socket.gethostname(), "job": run.job_id if run else None})
+                       "pid": os.getpid(), "host": socket.gethostname(), "jobs": list(ctx.running.copy())})
 
 
 def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...]) -> None:
@@ -188,24 +205,24 @@ def _pid_alive(pid) -> bool:
     return True
 
 
-def _hard_limit(ctx: WorkerContext, run) -> None:
-    """The job outran GENCLI_HARD_TIME_LIMIT (over all its attempts): fail it, then end this
-    process (a job stuck in a step cannot be stopped any gentler); a supervisor (`gencli workers`)
-    restarts it."""
+def _hard_limit(ctx: WorkerContext, runs: list) -> None:
+    """Jobs past GENCLI_HARD_TIME_LIMIT (over all their attempts) that cannot be stopped any gentler
+    (a dataset job, or a decoding step stuck that long): fail them, then end this process; a
+    supervisor (`gencli workers`) restarts it. The process's other jobs are taken over elsewhere."""
     limit = ctx.settings.hard_time_limit
     msg = f"hard time limit of {limit:g} s exceeded: worker {ctx.worker_name} was ended"
-    log.error("job %s: %s", run.job_id, msg)
-    try:
-        if ctx.store.finish(run.job_id, run.owner, JobStatus.FAILED, run_seconds=run.unsaved_seconds(),
-                            error_class="HardTimeLimitExceeded", error_message=msg,
-                            error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
-            # best effort: the job's own thread may publish the same sequence number first (then
-            # this one is refused); tailers then learn the end from the store
-            run.pub.publish([end_event(JobStatus.FAILED.value, msg)])
-    except Exception as e:
-        log.warning("hard time limit: %s: %s", type(e).__name__, e)
-    finally:
-        os._exit(EXIT_HARD_LIMIT)
+    for run in runs:
+        log.error("job %s: %s", run.job_id, msg)
+        try:
+            if ctx.store.finish(run.job_id, run.owner, JobStatus.FAILED, run_seconds=run.unsaved_seconds(),
+                                error_class="HardTimeLimitExceeded", error_message=msg,
+                                error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
+                # best effort: the job's own thread may publish the same sequence number first (then
+                # this one is refused); tailers then learn the end from the store
+                run.pub.publish([end_event(JobStatus.FAILED.value, msg)])
+        except Exception as e:
+            log.warning("hard time limit: %s: %s", type(e).__name__, e)
+    os._exit(EXIT_HARD_LIMIT)
 
 
 def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
@@ -239,22 +256,29 @@ def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
 
 
 def _keep_lease(ctx: WorkerContext) -> None:
-    """Renew the running job's lease in the store, on its own: Redis being away never delays it."""
+    """Renew the running jobs' leases in the store, on its own: Redis being away never delays it."""
     s = ctx.settings
     every = min(HEARTBEAT_SECONDS, s.lease_seconds / 3)
     while True:
-        run = ctx.current
-        try:
-            if run is not None:
+        over = []
+        for run in list(ctx.running.copy().values()):
+            try:
                 ours, cancel = ctx.store.renew(run.job_id, run.owner, s.lease_seconds)
                 if not ours:
                     run.lease_lost = True
                 elif cancel:
                     run.cancel_seen = True
                 if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
-                    _hard_limit(ctx, run)
-        except Exception as e:  # the store away for a moment: try again soon
-            log.warning("lease renewal: %s: %s", type(e).__name__, e)
+                    run.hard_limited = True  # a generation job's thread takes its rows out of the batch
+                    over.append(run)
+            except Exception as e:  # the store away for a moment: try again soon
+                log.warning("lease renewal: %s: %s", type(e).__name__, e)
+        if over:
+            began = ctx.batcher.step_started if ctx.batcher else None
+            stuck = began is not None and time.monotonic() - began > s.hard_time_limit
+            ended = [run for run in over if stuck or not run.stoppable]
+            if ended:
+                _hard_limit(ctx, ended)
         time.sleep(every)
 
 

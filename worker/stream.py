@@ -100,14 +100,19 @@ class Publisher:
             self._run("owner" if self.owner else "any", events)
 
     def _run(self, mode: str, events: list[dict]) -> None:
+        self._accept(self._script(**self._call(mode, events)), events)
+
+    def _call(self, mode: str, events: list[dict]) -> dict:
         ttl = 0  # the log's TTL is set at a job's start and end only: the log outlives the job by ttl
         if mode == "claim" or any(e["t"] in ("start", "end") for e in events):
             ttl = self.ttl + (0 if events[-1]["t"] == "end" else RUNNING_TTL)
         payload = [json.dumps(e, ensure_ascii=False) for e in events]
-        first, last = self._script(
-            keys=[self.keys.log(self.job_id), self.keys.channel(self.job_id), self.keys.owner(self.job_id)],
-            args=[mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL, *payload],
-        )
+        return {"keys": [self.keys.log(self.job_id), self.keys.channel(self.job_id), self.keys.owner(self.job_id)],
+                "args": [mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL,
+                         *payload]}
+
+    def _accept(self, result, events: list[dict]) -> None:
+        first, last = result
         if first == -1:
             raise StreamRefused(f"job {self.job_id}: another worker owns its stream now")
         if first == -2:
@@ -115,6 +120,26 @@ class Publisher:
         for n, e in enumerate(events):
             e["seq"] = first + n
         self.seq = first + len(events) - 1
+
+
+def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]]) -> list[StreamRefused | None]:
+    """Publish several jobs' events in one Redis round trip (a pipeline of each job's guarded
+    script), each with at least one event; per job, the refusal, or None. Redis errors other than
+    a refusal are raised."""
+    if not batch:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for pub, events in batch:
+        pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)
+    results = pipe.execute()
+    out: list[StreamRefused | None] = []
+    for (pub, events), result in zip(batch, results, strict=True):
+        try:
+            pub._accept(result, events)
+            out.append(None)
+        except StreamRefused as e:
+            out.append(e)
+    return out
 
 
 def read_log(r: redis.Redis, keys: Keys, job_id: str, after: int = 0, upto: int | None = None,

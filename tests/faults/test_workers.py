@@ -107,16 +107,37 @@ def test_workers_supervisor_starts_named_cpu_workers_and_stops_them(env, tiny):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_hard_time_limit_fails_the_job_once_and_ends_the_worker(env, tiny, client):
-    w = start_worker(env, tiny, "hard@test", "--model-name", "tiny-hard", "--batch_size", "1",
+def test_hard_time_limit_fails_the_job_once_and_the_worker_goes_on(env, tiny, client):
+    """Past its hard limit a job's rows leave the batch and the job fails; the worker, whose steps
+    still run, lives on and serves the next job."""
+    w = start_worker(env, tiny, "hard@test", "--model-name", "tiny-hard", "--batch_size", "2",
                      extra_env={"GENCLI_HARD_TIME_LIMIT": "1"})
     try:
         job = client.submit(PROMPTS * 20, model="tiny-hard", max_tokens=240, temperature=0)
         assert job.wait(60) is JobStatus.FAILED
         rec = job.record()
-        assert rec.error_class == "HardTimeLimitExceeded" and "hard time limit of 1 s" in rec.error_message
-        assert w.proc.wait(30) == 70
+        assert rec.error_class == "HardTimeLimitExceeded" and rec.error_message == "hard time limit of 1 s exceeded"
         statuses = {x["status"] for x in job.result()}
-        assert "pending" not in statuses and "failed" in statuses  # gencli retry can run them
+        assert "pending" not in statuses and "cancelled" in statuses  # gencli retry can run them
+        after = client.submit(["short"], model="tiny-hard", max_tokens=3)
+        assert after.wait(60) is JobStatus.SUCCEEDED and w.alive()
     finally:
+        w.stop()
+
+
+def test_a_step_stuck_past_the_hard_time_limit_ends_the_worker(env, tiny, client):
+    """A decoding step that does not return (injected: it waits while a file exists) cannot be
+    stopped gently: the job fails and the process ends with 70, for a supervisor to restart."""
+    stall = env["tmp"] / f"stall-{env['id']}"
+    w = start_worker(env, tiny, f"stuck-{env['id']}@test", "--model-name", "tiny-stuck", "--batch_size", "2",
+                     extra_env={"GENCLI_HARD_TIME_LIMIT": "1", "GENCLI_INJECT_STALL": str(stall)})
+    try:
+        stall.touch()
+        job = client.submit(PROMPTS, model="tiny-stuck", max_tokens=240, temperature=0)
+        assert w.proc.wait(60) == 70
+        rec = job.record()
+        assert rec.status == "failed" and rec.error_class == "HardTimeLimitExceeded"
+        assert "was ended" in rec.error_message
+    finally:
+        stall.unlink(missing_ok=True)
         w.stop()

@@ -1,0 +1,88 @@
+"""Picking each row's next id from its logits, with that row's own parameters and generator.
+
+Rows of one decoding step may belong to different jobs, so temperature, top_k and top_p are
+per row, and each row draws from its own seeded generator: a seeded sequence samples the same
+ids whoever shares its step. A row's path through here depends only on its own parameters (a
+row with top_p 1 never goes through the nucleus sort because another row did), so its result is
+the same bit for bit as when it runs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Rows
+
+import torch
+from torch.nn import functional as F
+
+from gencli.model.params import SamplingParams
+
+
+def seeded_generator(seed: int | None, skip: int = 0) -> torch.Generator:
+    """A CPU generator (the same draws on every device) seeded with seed (None: a random seed),
+    advanced past `skip` draws: a sequence resumed after `skip` sampled ids draws what it would have."""
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    for _ in range(skip):
+        torch.rand((), generator=g)
+    return g
+
+
+class Sampler:
+    """Next ids for a batch of rows: greedy where temperature is 0, else temperature, top_k, top_p
+    and one uniform draw per row through the inverse CDF. `allowed` (V,) bool: the only ids any row
+    may take (None: every id)."""
+
+    def __init__(self, vocab_size: int, allowed: torch.Tensor | None, device):
+        self.bias = None  # -inf on the ids generation must never yield, added to the logits
+        if allowed is not None:
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.bias.masked_fill_(~allowed.to(device), float("-inf"))
+
+    def sample(self, logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator]) -> list[int]:
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        picked = logits.argmax(dim=-1)
+        sampled = [r for r, p in enumerate(params) if p.temperature != 0]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            picked[rows] = self._draw(logits[rows], [params[r] for r in sampled], [generators[r] for r in sampled])
+        return picked.tolist()
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> torch.Tensor:
+        dev = logits.device
+        # Shifted so each row's top logit is 0, and the temperature held to float32's range: no
+        # finite temperature, however tiny or large, makes an inf or a NaN here.
+        f = torch.finfo(logits.dtype)
+        temps = torch.tensor([min(max(p.temperature, f.tiny), f.max) for p in params], device=dev).unsqueeze(1)
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps
+        V = logits.size(-1)
+        ks = [p.top_k if p.top_k is not None and p.top_k < V else None for p in params]
+        cut = [r for r, k in enumerate(ks) if k is not None]
+        if cut:
+            kmax = max(ks[r] for r in cut)
+            rows = torch.tensor(cut, device=dev)
+            top = torch.topk(logits[rows], kmax, dim=-1).values
+            kth = top.gather(1, torch.tensor([[ks[r] - 1] for r in cut], device=dev))
+            logits[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        nucleus = [r for r, p in enumerate(params) if p.top_p < 1.0]
+        if nucleus:
+            rows = torch.tensor(nucleus, device=dev)
+            top_p = torch.tensor([params[r].top_p for r in nucleus], device=dev).unsqueeze(1)
+            sorted_p, order = torch.sort(probs[rows], dim=-1, descending=True)
+            cum = sorted_p.cumsum(dim=-1)
+            sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)  # keep the nucleus
+            probs[rows] = torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p)
+        # One uniform draw per row from that sequence's own generator, then inverse CDF.
+        u = torch.tensor([torch.rand((), generator=g).item() for g in gens])
+        cdf = probs.cumsum(dim=-1)
+        u = u.to(dev) * cdf[:, -1]
+        picked = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp(max=V - 1)
+        # Rounding can land u on the flat tail of the CDF: fall back to the likeliest id there.
+        dead = probs.gather(-1, picked).squeeze(1) <= 0
+        picked = picked.squeeze(1)
+        if dead.any():
+            picked[dead] = probs[dead].argmax(dim=-1)
+        return picked

@@ -1,0 +1,242 @@
+"""One thread owns the model and decodes every running job's sequences in one batch.
+
+A worker holds up to --max-jobs jobs at once, each a Celery task on its own thread of Celery's
+threads pool. Why that pool: a task returns (and its message is acked) only when its job has
+ended, as with one job at a time, and since prefetch is one message per pool thread a worker
+with every thread busy takes no more messages (back-pressure). The other way, the solo pool with
+several prefetched messages, runs one task at a time, so a task could only hand its job over and
+return at once, acking its message long before the job ends. The pool threads only wait and
+write to the store; the model is this module's thread's alone.
+
+Three kinds of thread:
+- the batcher (`Batcher`): admits the jobs' sequences into the engine (priority, then age, a
+  cap of slots per job), steps it, turns ids into text and stream events, and hands each step's
+  events to the outbox; it never waits on Redis or the store;
+- the outbox (`Outbox`): publishes the events of every job of a step in one Redis round trip
+  (several steps' worth when Redis was slow), then tells each job what was published;
+- each job's thread (runner.GenerationJob): checkpoints what was published, saves finished
+  items, watches cancel, lease and time limits, and ends the job.
+
+Out of memory: the engine preempts its newest sequences and runs fewer rows (each rung is
+recorded on the jobs that had rows running); with one row left on a GPU, that job's sequences go
+on on a CPU copy of the model, stepped by this thread too; on the CPU the job fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import redis
+import torch
+
+from gencli.model.engine import Engine
+from gencli.model.textgen import Delta, TextGenerator
+from gencli.worker.stream import publish_many
+
+if TYPE_CHECKING:
+    from gencli.worker.context import WorkerContext
+    from gencli.worker.runner import GenerationJob, ItemRun
+
+log = logging.getLogger("gencli.worker")
+
+
+class Batcher:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.gen = ctx.generator
+        self.engine = self.gen.engine(ctx.slots, max_per_group=ctx.max_slots_per_job)
+        self._cpu: tuple[TextGenerator, Engine] | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox = Outbox(ctx.redis)
+        self.step_started: float | None = None  # when the step running now began (None: between steps)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def add(self, job: GenerationJob, runs: list[ItemRun]) -> None:
+        """Decode these items of a job, beside whatever else is running."""
+        self._start()
+        self._inbox.put(("add", job, runs))
+
+    def stop(self, job: GenerationJob, reason: str) -> None:
+        """Take a job's rows out: "cancelled" ends each unfinished item with its held-back text (a
+        cancel, a time limit), "drop" just forgets them (the lease is lost). Either way the job
+        then gets ("stopped",) through the outbox, after every event of its rows."""
+        self._inbox.put(("stop", job, reason))
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self.outbox.start()
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-batcher")
+                self._thread.start()
+
+    def _engines(self) -> list[tuple[TextGenerator, Engine]]:
+        return [(self.gen, self.engine)] + ([self._cpu] if self._cpu else [])
+
+    def _loop(self) -> None:
+        while True:
+            self._take_inbox(block=not any(e for _, e in self._engines()))
+            for gen, engine in self._engines():
+                if not engine:
+                    continue
+                self.step_started = time.monotonic()
+                try:
+                    deltas = gen.step(engine)
+                except torch.OutOfMemoryError:
+                    deltas = []
+                    self._out_of_memory_at_one_row(engine)
+                except Exception as e:  # a bug or a broken device: fail the jobs in the step, not the worker
+                    log.exception("decoding step failed")
+                    deltas = []
+                    for job in {s.group for s in engine.running}:
+                        self._fail(job, e)
+                finally:
+                    self.step_started = None
+                self._record_rungs(engine)
+                if deltas:
+                    self._emit(deltas)
+
+    def _take_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                msg = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return
+            block = False
+            kind, job, arg = msg
+            if kind == "add":
+                for r in arg:
+                    r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream, index=r.idx,
+                                              group=job, priority=job.priority)
+                    r.engine = self.engine
+                    self.engine.add(r.seq)
+            else:
+                self._stop(job, arg)
+
+    def _stop(self, job: GenerationJob, reason: str) -> None:
+        events, ended = [], []
+        for r in job.runs.values():
+            if r.seq is None or r.stream.finished:
+                continue
+            r.engine.finish(r.seq)
+            if reason == "cancelled":
+                events.append(_tok(r, None, r.stream.finish("cancelled"), "cancelled"))
+                ended.append(r)
+        self.outbox.put([(job, events, ended)])
+        self.outbox.put([(job, None, None)])  # ("stopped",) after them
+
+    def _fail(self, job: GenerationJob, error: BaseException) -> None:
+        job.inbox.put(("failed", error))
+        self._stop(job, "drop")
+
+    def _emit(self, deltas: list[Delta]) -> None:
+        per_job: dict[GenerationJob, tuple[list[dict], list[ItemRun]]] = {}
+        for d in deltas:
+            job = d.seq.group
+            r = job.runs[d.seq.index]
+            events, ended = per_job.setdefault(job, ([], []))
+            events.append(_tok(r, d.token, d.text, d.finish_reason))
+            if d.finish_reason:
+                ended.append(r)
+        self.outbox.put([(job, events, ended) for job, (events, ended) in per_job.items()])
+
+    def _record_rungs(self, engine: Engine) -> None:
+        for rung in engine.rungs:
+            for job in dict.fromkeys(s.group for s in rung.running):
+                job.stats["oom_retries"] += 1
+                job.stats["final_batch_size"] = rung.limit
+                log.warning("job %s: out of memory on %s at %d rows; going on at %d rows, %d preempted",
+                            job.run.job_id, engine.device, len(rung.running), rung.limit, len(rung.preempted))
+        engine.rungs.clear()
+
+    def _out_of_memory_at_one_row(self, engine: Engine) -> None:
+        """One row and still out of memory: on a GPU the job goes on on the CPU copy; on the CPU it fails."""
+        job = engine.running[0].group
+        job.stats["oom_retries"] += 1
+        job.stats["final_batch_size"] = 1
+        if engine.device.type == "cpu":
+            self._fail(job, MemoryError(
+                f"out of memory even on the CPU at batch size 1 ({job.stats['oom_retries']} out-of-memory retries)"))
+            return
+        log.warning("job %s: out of memory on %s at batch size 1; going on on the CPU", job.run.job_id,
+                    engine.device)
+        if self._cpu is None:
+            gen = self.ctx.cpu_generator()
+            self._cpu = (gen, gen.engine(self.ctx.slots, max_per_group=self.ctx.max_slots_per_job))
+        cpu = self._cpu[1]
+        job.stats["final_device"] = "cpu"
+        for r in job.runs.values():
+            if r.seq is not None and not r.stream.finished and r.engine is engine:
+                r.seq = engine.take_out(r.seq)
+                r.engine = cpu
+                cpu.add(r.seq)
+
+
+def _tok(r: ItemRun, token: int | None, text: str, finish: str | None) -> dict:
+    return {"t": "tok", "i": r.idx, "e": r.epoch, "id": token, "text": text, "finish": finish}
+
+
+class Outbox:
+    """Publishes steps' events off the decoding thread, all jobs of a step in one round trip."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-outbox")
+        self._thread.start()
+
+    def put(self, step: list[tuple[GenerationJob, list[dict] | None, list[ItemRun] | None]]) -> None:
+        """(job, events, items ended) per job; events None: tell the job it is stopped, after the rest."""
+        self._q.put(step)
+
+    def _loop(self) -> None:
+        while True:
+            steps = [self._q.get()]
+            while True:  # what piled up while Redis was slow goes out together
+                try:
+                    steps.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            batch: list[tuple[GenerationJob, list[dict], list[ItemRun], bool]] = []
+            for step in steps:
+                for job, events, ended in step:
+                    if events is None:  # a stop marker: flush what came before, then say so
+                        self._send(batch)
+                        batch = []
+                        job.inbox.put(("stopped",))
+                        continue
+                    for entry in batch:
+                        if entry[0] is job:
+                            entry[1].extend(events)
+                            entry[2].extend(ended)
+                            break
+                    else:
+                        batch.append((job, list(events), list(ended), True))
+            self._send(batch)
+
+    def _send(self, batch) -> None:
+        live = [(job, events, ended) for job, events, ended, _ in batch if events]
+        if not live:
+            for job, _, ended, _ in batch:
+                if ended:
+                    job.inbox.put(("published", [], ended))
+            return
+        try:
+            refusals = publish_many(self.r, [(job.run.pub, events) for job, events, _ in live])
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            for job, _, _ in live:
+                job.inbox.put(("redis", e))
+            return
+        except redis.RedisError as e:
+            for job, _, _ in live:
+                job.inbox.put(("failed", e))
+            return
+        for (job, events, ended), refused in zip(live, refusals, strict=True):
+            job.inbox.put(("refused", refused) if refused else ("published", events, ended))
