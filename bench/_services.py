@@ -1,4 +1,4 @@
-"""Shared set-up for the queue benchmarks (bench.queue, bench.batch): not a benchmark itself.
+"""Shared set-up for the queue benchmarks (bench.queue, bench.concurrent, bench.faults): not a benchmark itself.
 
 - BenchEnv: a Redis database of the benchmark's own (flushed at start and end; a private
   redis-server on a free port when nothing answers at 127.0.0.1:6379), a temporary GENCLI_HOME

@@ -88,12 +88,18 @@ def _stop(value, where: str = "") -> list[str]:
     return list(stop)
 
 
+DEFAULT_MAX_TOKENS = 256  # new tokens when none are asked for, within half the model's context
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None  # None: no top-k cut
-    top_p: float = 1.0
+    """What the engine samples with. Its defaults are DEFAULTS, the one home of them (the CLI's
+    options, submit and the worker read them there too)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULTS["temperature"]  # 0: greedy
+    top_k: int | None = DEFAULTS["top_k"]  # None: no top-k cut
+    top_p: float = DEFAULTS["top_p"]
 
     def __post_init__(self):
         _max_tokens(self.max_tokens, none=False)
@@ -143,7 +149,7 @@ def resolve_sampling(
 
 def default_max_tokens(block_size: int) -> int:
     """New tokens when none are asked for: 256, or half the context of a smaller model."""
-    return min(256, block_size // 2)
+    return min(DEFAULT_MAX_TOKENS, block_size // 2)
 
 
 def fit_prompt(ids: list[int], max_tokens: int, block_size: int, *, truncate: bool) -> list[int]:

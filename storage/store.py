@@ -279,32 +279,59 @@ class Store:
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> tuple[bool, bool]:
         """Extend the lease; (still ours, cancel requested)."""
+        cancel = self.renew_many([(job_id, owner)], lease_seconds)
+        return job_id in cancel, bool(cancel.get(job_id))
+
+    def renew_many(self, leases: list[tuple[str, str]], lease_seconds: float) -> dict[str, bool]:
+        """Extend several leases, (job id, owner) each, in one statement: for each that was still
+        ours, whether a cancel is requested (the others are missing)."""
+        if not leases:
+            return {}
+        owners = dict(leases)
         with self.Write.begin() as s:
-            row = s.execute(
+            rows = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+                .where(Job.id.in_(list(owners)), Job.status == _RUNNING,
+                       Job.lease_owner == case(owners, value=Job.id))
                 .values(lease_expires=db_now(lease_seconds))
-                .returning(Job.cancel_requested)
-            ).first()
-        return row is not None, bool(row and row.cancel_requested)
+                .returning(Job.id, Job.cancel_requested)
+            ).all()
+        return {r.id: bool(r.cancel_requested) for r in rows}
 
     def checkpoint(self, job_id: str, owner: str, progress: list[tuple[int, int, list[int]]],
                    run_seconds: float = 0.0) -> bool:
         """Record each running item's (idx, epoch, ids generated so far) and add run_seconds to the
         job's running time, only while the lease is ours. A resume starts from here when the
         replay log cannot be trusted."""
+        return self.checkpoint_many([(job_id, owner, progress, run_seconds)]) == [True]
+
+    def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float]]) -> list[bool]:
+        """checkpoint() for several jobs, (job id, owner, progress, run_seconds) each, in one
+        transaction of two statements (a worker holding many jobs writes once, not once per job);
+        per job, whether its lease was ours (a job whose lease was not gets nothing written)."""
+        if not jobs:
+            return []
+        owners = {job_id: owner for job_id, owner, _, _ in jobs}
         with self.Write.begin() as s:
-            if not self._lock_lease(s, job_id, owner, run_seconds=run_seconds):
-                return False
-            if progress:
+            ours = set(s.scalars(
+                update(Job)
+                .where(Job.id.in_(list(owners)), Job.status == _RUNNING,
+                       Job.lease_owner == case(owners, value=Job.id))
+                .values(run_seconds=Job.run_seconds + case({j: float(r) for j, _, _, r in jobs}, value=Job.id,
+                                                           else_=0.0))
+                .returning(Job.id)
+            ).all())
+            rows = [{"j": job_id, "i": i, "e": e, "v": list(ids)}
+                    for job_id, _, progress, _ in jobs if job_id in ours for i, e, ids in progress]
+            if rows:
                 s.execute(
                     update(Item.__table__)
                     .where(Item.job_id == bindparam("j"), Item.idx == bindparam("i"), Item.epoch == bindparam("e"),
                            Item.status == ItemStatus.PENDING.value)
                     .values(ids=bindparam("v")),
-                    [{"j": job_id, "i": i, "e": e, "v": list(ids)} for i, e, ids in progress],
+                    rows,
                 )
-            return True
+        return [job_id in ours for job_id, _, _, _ in jobs]
 
     def save_item(self, job_id: str, owner: str, idx: int, *, epoch: int, status: ItemStatus, output: str | None,
                   finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,

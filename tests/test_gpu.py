@@ -25,18 +25,17 @@ pytestmark = [
 def test_real_cuda_out_of_memory_goes_down_the_ladder(env, tmp_path):
     path = create_model(tmp_path / "m", preset="small", tokenizer="cl100k_base", chat_format="chatml")
     loaded = load_model(path, device="cuda:0")
+    settings = get_settings()
+    client = Client(settings)
+    job = client.submit(["word " * 300] * 32, model="gpu-oom", max_tokens=150, temperature=0)
+    ctx = WorkerContext(settings=settings, store=Store(settings.db_url), redis=redis.Redis.from_url(client.redis_url),
+                        keys=client.keys, model_name="gpu-oom", loaded=loaded, worker_name="gpu-test", slots=32)
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info(0)
-    # Cap this process a little above what the model takes: a 32-row batch's KV cache and
-    # logits do not fit, a single row does.
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(0) + 48 * 2**20) / total, 0)
+    # Cap this process a little above what the model and its 32-slot KV cache take: 32 rows'
+    # prefill activations and logits do not fit, a single row's do.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(0) + 8 * 2**20) / total, 0)
     try:
-        settings = get_settings()
-        client = Client(settings)
-        job = client.submit(["word " * 300] * 32, model="gpu-oom", max_tokens=150, temperature=0)
-        ctx = WorkerContext(settings=settings, store=Store(settings.db_url),
-                            redis=redis.Redis.from_url(client.redis_url), model_name="gpu-oom", loaded=loaded,
-                            worker_name="gpu-test", batch_size=32)
         assert run_generation_job(ctx, job.id) == "succeeded"
         rec = job.record()
         assert job.status is JobStatus.SUCCEEDED

@@ -229,6 +229,23 @@ def test_claim_lease_save_and_finish(store):
     assert claim(store, "0" * 32, "o1").reason == "missing"
 
 
+def test_checkpoints_and_renewals_of_several_jobs_in_one_write_touch_only_leases_still_held(store):
+    """What a worker holding many jobs does every few hundred milliseconds: one transaction for
+    all of them, and a job whose lease another owner holds gets nothing written."""
+    a, b, c = new_job(store), new_job(store), new_job(store)
+    for job, owner in ((a, "oa"), (b, "ob"), (c, "oc")):
+        assert claim(store, job.id, owner).ok
+    progress = [(0, 0, [5, 6]), (1, 0, [7])]
+    assert store.checkpoint_many([(a.id, "oa", progress, 1.5), (b.id, "thief", progress, 2.0),
+                                  (c.id, "oc", [], 0.25)]) == [True, False, True]
+    assert [it.ids for it in store.items(a.id)] == [[5, 6], [7]]
+    assert [it.ids for it in store.items(b.id)] == [None, None]
+    assert [store.get_job(j.id).run_seconds for j in (a, b, c)] == [1.5, 0.0, 0.25]
+    store.request_cancel(c.id)
+    assert store.renew_many([(a.id, "oa"), (b.id, "thief"), (c.id, "oc")], 30) == {a.id: False, c.id: True}
+    assert store.checkpoint_many([]) == [] and store.renew_many([], 30) == {}
+
+
 def test_too_many_deliveries_fail_the_job(store):
     job = new_job(store)
     for n in (1, 2):  # each worker dies holding the job: the lease runs out

@@ -13,7 +13,8 @@ Three kinds of thread:
   cap of slots per job), steps it, turns ids into text and stream events, and hands each step's
   events to the outbox; it never waits on Redis or the store;
 - the outbox (`Outbox`): publishes the events of every job of a step in one Redis round trip
-  (several steps' worth when Redis was slow), then tells each job what was published;
+  (several steps' worth when Redis was slow), reading the jobs' cancel flags in the same trip,
+  counts what each item has published, and tells a job when its items ended;
 - each job's thread (runner.GenerationJob): checkpoints what was published, saves finished
   items, watches cancel, lease and time limits, and ends the job.
 
@@ -109,11 +110,15 @@ class Batcher:
             block = False
             kind, job, arg = msg
             if kind == "add":
-                for r in arg:
-                    r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream, index=r.idx,
-                                              group=job, priority=job.priority)
-                    r.engine = self.engine
-                    self.engine.add(r.seq)
+                try:
+                    for r in arg:
+                        r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream,
+                                                  index=r.idx, group=job, priority=job.priority)
+                        r.engine = self.engine
+                        self.engine.add(r.seq)
+                except Exception as e:  # an item the engine refuses fails its job, not the batcher
+                    log.exception("job %s: its items could not join the batch", job.run.job_id)
+                    self._fail(job, e)
             else:
                 self._stop(job, arg)
 
@@ -223,13 +228,14 @@ class Outbox:
 
     def _send(self, batch) -> None:
         live = [(job, events, ended) for job, events, ended, _ in batch if events]
+        for job, events, ended, _ in batch:
+            if ended and not events:
+                job.inbox.put(("ended", ended))
         if not live:
-            for job, _, ended, _ in batch:
-                if ended:
-                    job.inbox.put(("published", [], ended))
             return
-        try:
-            refusals = publish_many(self.r, [(job.run.pub, events) for job, events, _ in live])
+        cancels = tuple(job.run.keys.cancel(job.run.job_id) for job, _, _ in live)
+        try:  # the jobs' cancel flags ride along: no job thread polls Redis for its own
+            refusals, cancelled = publish_many(self.r, [(job.run.pub, events) for job, events, _ in live], cancels)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             for job, _, _ in live:
                 job.inbox.put(("redis", e))
@@ -238,5 +244,15 @@ class Outbox:
             for job, _, _ in live:
                 job.inbox.put(("failed", e))
             return
-        for (job, events, ended), refused in zip(live, refusals, strict=True):
-            job.inbox.put(("refused", refused) if refused else ("published", events, ended))
+        for (job, events, ended), refused, cancel in zip(live, refusals, cancelled, strict=True):
+            if refused:
+                job.inbox.put(("refused", refused))
+            else:  # counted here: the job's thread wakes only when items end
+                for e in events:
+                    if e["id"] is not None:
+                        job.runs[e["i"]].published += 1
+                if ended:
+                    job.inbox.put(("ended", ended))
+            if cancel and not job.run.cancel_seen:
+                job.run.cancel_seen = True
+                job.run.wake()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 import traceback
 import uuid
@@ -60,21 +62,31 @@ class RunningJob:
     run_seconds_before: float = 0.0  # running time of the job's earlier attempts
     started: float = field(default_factory=time.monotonic)
     lease_lost: bool = False  # set by the lease thread: another worker may own the job now
-    cancel_seen: bool = False  # set by the lease thread: the store records a cancel
+    cancel_seen: bool = False  # set by the lease thread (the store records a cancel) or the outbox (Redis does)
     hard_limited: bool = False  # set by the lease thread: past GENCLI_HARD_TIME_LIMIT
     stoppable: bool = False  # its runner stops it at a hard time limit (else the process is ended)
+    inbox: queue.SimpleQueue | None = None  # the job thread's, where it waits (runner.GenerationJob)
+    progress: Callable[[], list[tuple[int, int, list[int]]]] | None = None  # for the lease thread's checkpoints
     _last_check: float = 0.0
     _last_saved: float = field(default_factory=time.monotonic)
+    _saved_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def elapsed(self) -> float:
         """The job's running time over all its attempts, this one included."""
         return self.run_seconds_before + time.monotonic() - self.started
 
     def unsaved_seconds(self) -> float:
-        """Running time since the last store write that recorded it; resets the count."""
-        now = time.monotonic()
-        seconds, self._last_saved = now - self._last_saved, now
-        return seconds
+        """Running time since the last store write that recorded it; resets the count (the job's
+        thread and the lease thread both write it)."""
+        with self._saved_lock:
+            now = time.monotonic()
+            seconds, self._last_saved = now - self._last_saved, now
+            return seconds
+
+    def wake(self) -> None:
+        """Another thread changed a flag: the job's own thread looks at once (if it waits on an inbox)."""
+        if self.inbox is not None:
+            self.inbox.put(("check",))
 
     def publish(self, events: list[dict]) -> None:
         try:
@@ -83,18 +95,20 @@ class RunningJob:
             self.lease_lost = True
             raise LeaseLost(str(e)) from None
 
-    def check(self, every: float = 0.05) -> None:
-        """Raise LeaseLost or JobCancelled when the job must stop (at most one Redis read per `every`)."""
+    def check(self, every: float = 0.05, *, poll_redis: bool = True) -> None:
+        """Raise LeaseLost, HardTimeLimitExceeded or JobCancelled when the job must stop; with
+        poll_redis, at most one Redis read of its cancel key per `every` (a generation job's cancel
+        key is read by the outbox instead, in its publishing round trips)."""
         if self.lease_lost:
             raise LeaseLost(f"job {self.job_id}: lease lost")
         if self.hard_limited:
             raise HardTimeLimitExceeded()
-        now = time.monotonic()
-        if now - self._last_check < every:
-            return
-        self._last_check = now
         if self.cancel_seen:
             raise JobCancelled()
+        now = time.monotonic()
+        if not poll_redis or now - self._last_check < every:
+            return
+        self._last_check = now
         try:
             if self.redis.exists(self.keys.cancel(self.job_id)):
                 raise JobCancelled()

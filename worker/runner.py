@@ -42,8 +42,7 @@ from gencli.worker.context import (
 from gencli.worker.stream import read_log, whole
 
 log = logging.getLogger("gencli.worker")
-CHECKPOINT_EVERY = 0.3  # seconds between checkpoints of the running items' ids
-WATCH_EVERY = 0.05  # seconds between a job's checks of its cancel, lease and time limits
+WATCH_EVERY = 0.25  # seconds between a job's looks at its soft time limit (flags set elsewhere wake it at once)
 
 
 @dataclass(eq=False)
@@ -56,7 +55,7 @@ class ItemRun:
     params: SamplingParams
     seq: Sequence | None = None  # the batcher's, once it took the item
     engine: Engine | None = None  # which engine holds seq
-    published: int = 0  # this attempt's tok events of the item that the outbox published
+    published: int = 0  # tok events with an id of the item in the log (counted by the outbox)
 
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
@@ -130,66 +129,58 @@ class GenerationJob:
 
     def _decode(self, runs: list[ItemRun]) -> None:
         """Hand the items to the batcher and look after them until each has ended; raise what
-        stopped the job early (JobCancelled, a time limit, LeaseLost, a failure)."""
+        stopped the job early (JobCancelled, a time limit, LeaseLost, a failure). The lease
+        thread checkpoints them meanwhile (`progress`), every job's in one store write."""
         if not runs:
             return
         run, batcher = self.run, self.ctx.batcher
         self.runs = {r.idx: r for r in runs}
         pending = set(self.runs)
         limit = self.ctx.settings.soft_time_limit
+        run.inbox = self.inbox  # other threads wake this one when they set one of run's flags
+        run.progress = lambda: [(r.idx, r.epoch, r.stream.ids[: r.published])
+                                for r in list(self.runs.values()) if r.idx in pending]
         batcher.add(self, runs)
         stopping: BaseException | None = None  # raised once the batcher has let go of the job's rows
-        last_checkpoint = time.monotonic()
-        while pending or stopping is not None:
-            try:
-                msg = self.inbox.get(timeout=WATCH_EVERY)
-            except queue.Empty:
-                msg = ("idle",)
-            kind = msg[0]
-            if kind == "published":
-                for e in msg[1]:
-                    if e["id"] is not None:
-                        self.runs[e["i"]].published += 1
-                for r in msg[2]:
-                    self._save(r)
-                    pending.discard(r.idx)
-            elif kind == "stopped":
-                if stopping is not None:
-                    raise stopping
-            elif kind == "refused":
-                run.lease_lost = True
-            elif kind == "redis":
-                batcher.stop(self, "drop")
-                raise msg[1]
-            elif kind == "failed":
-                stopping = stopping or msg[1]  # the batcher took the rows out already
-            if stopping is None:
+        try:
+            while pending or stopping is not None:
+                wait = WATCH_EVERY if not limit else max(0.0, min(WATCH_EVERY, limit - run.elapsed()))
                 try:
-                    run.check(WATCH_EVERY)
-                    if limit and run.elapsed() > limit:
-                        raise TimeLimitExceeded(f"soft time limit of {limit:g} s exceeded")
-                except LeaseLost:
+                    msg = self.inbox.get(timeout=wait)
+                except queue.Empty:
+                    msg = ("idle",)
+                kind = msg[0]
+                if kind == "ended":  # published, to the last event
+                    for r in msg[1]:
+                        self._save(r)
+                        pending.discard(r.idx)
+                elif kind == "stopped":
+                    if stopping is not None:
+                        raise stopping
+                elif kind == "refused":
+                    run.lease_lost = True
+                elif kind == "redis":
                     batcher.stop(self, "drop")
-                    raise
-                except HardTimeLimitExceeded:
-                    stopping = HardTimeLimitExceeded(
-                        f"hard time limit of {self.ctx.settings.hard_time_limit:g} s exceeded")
-                    batcher.stop(self, "cancelled")
-                except (JobCancelled, TimeLimitExceeded) as e:
-                    stopping = e
-                    batcher.stop(self, "cancelled")
-            if pending and time.monotonic() - last_checkpoint > CHECKPOINT_EVERY:
-                last_checkpoint = time.monotonic()
-                self._checkpoint([self.runs[i] for i in pending])
-        self._checkpoint([])  # the running time, at least
-
-    def _checkpoint(self, running: list[ItemRun]) -> None:
-        """The ids of each running item that its stream has published (never ahead of the log)."""
-        progress = [(r.idx, r.epoch, r.stream.ids[: r.published]) for r in running]
-        if not self.ctx.store.checkpoint(self.run.job_id, self.run.owner, progress,
-                                         run_seconds=self.run.unsaved_seconds()):
-            self.ctx.batcher.stop(self, "drop")
-            raise LeaseLost(f"job {self.run.job_id}: lease lost")
+                    raise msg[1]
+                elif kind == "failed":
+                    stopping = stopping or msg[1]  # the batcher took the rows out already
+                if stopping is None:
+                    try:
+                        run.check(poll_redis=False)
+                        if limit and run.elapsed() > limit:
+                            raise TimeLimitExceeded(f"soft time limit of {limit:g} s exceeded")
+                    except LeaseLost:
+                        batcher.stop(self, "drop")
+                        raise
+                    except HardTimeLimitExceeded:
+                        stopping = HardTimeLimitExceeded(
+                            f"hard time limit of {self.ctx.settings.hard_time_limit:g} s exceeded")
+                        batcher.stop(self, "cancelled")
+                    except (JobCancelled, TimeLimitExceeded) as e:
+                        stopping = e
+                        batcher.stop(self, "cancelled")
+        finally:
+            run.progress = None  # no checkpoint after this: the items are saved, or the job is stopped
 
     def _save(self, r: ItemRun) -> None:
         status = ItemStatus.CANCELLED if r.stream.finish_reason == "cancelled" else ItemStatus.SUCCEEDED

@@ -255,31 +255,67 @@ def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
             r.delete(lock)
 
 
+CHECKPOINT_EVERY = 0.3  # seconds between checkpoints of the running items' ids
+
+
 def _keep_lease(ctx: WorkerContext) -> None:
-    """Renew the running jobs' leases in the store, on its own: Redis being away never delays it."""
+    """Renew the running jobs' leases and checkpoint their items, in the store and only there:
+    Redis being away never delays it. The checkpoints of every running job go in one write."""
     s = ctx.settings
     every = min(HEARTBEAT_SECONDS, s.lease_seconds / 3)
+    last_renew = 0.0
     while True:
-        over = []
-        for run in list(ctx.running.copy().values()):
-            try:
-                ours, cancel = ctx.store.renew(run.job_id, run.owner, s.lease_seconds)
-                if not ours:
-                    run.lease_lost = True
-                elif cancel:
-                    run.cancel_seen = True
-                if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
-                    run.hard_limited = True  # a generation job's thread takes its rows out of the batch
-                    over.append(run)
-            except Exception as e:  # the store away for a moment: try again soon
-                log.warning("lease renewal: %s: %s", type(e).__name__, e)
-        if over:
-            began = ctx.batcher.step_started if ctx.batcher else None
-            stuck = began is not None and time.monotonic() - began > s.hard_time_limit
-            ended = [run for run in over if stuck or not run.stoppable]
-            if ended:
-                _hard_limit(ctx, ended)
-        time.sleep(every)
+        runs = list(ctx.running.copy().values())
+        try:
+            _checkpoint(ctx, runs)
+        except Exception as e:  # the store away for a moment: try again soon
+            log.warning("checkpoint: %s: %s", type(e).__name__, e)
+        if time.monotonic() - last_renew >= every:
+            last_renew = time.monotonic()
+            _renew(ctx, runs)
+        time.sleep(min(CHECKPOINT_EVERY, every))
+
+
+def _checkpoint(ctx: WorkerContext, runs: list) -> None:
+    entries, which = [], []
+    for run in runs:
+        progress = run.progress
+        if progress is not None and not run.lease_lost:
+            entries.append((run.job_id, run.owner, progress(), run.unsaved_seconds()))
+            which.append(run)
+    if entries:
+        for run, ours in zip(which, ctx.store.checkpoint_many(entries), strict=True):
+            if not ours and run.progress is not None:  # (a job that ended meanwhile is not lost)
+                run.lease_lost = True
+                run.wake()
+
+
+def _renew(ctx: WorkerContext, runs: list) -> None:
+    s = ctx.settings
+    try:
+        cancels = ctx.store.renew_many([(run.job_id, run.owner) for run in runs], s.lease_seconds)
+    except Exception as e:  # the store away for a moment: try again soon
+        log.warning("lease renewal: %s: %s", type(e).__name__, e)
+        return
+    over = []
+    for run in runs:
+        ours = run.job_id in cancels
+        if not ours:
+            run.lease_lost = True
+            run.wake()
+        elif cancels[run.job_id] and not run.cancel_seen:
+            run.cancel_seen = True
+            run.wake()
+        if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
+            run.hard_limited = True  # a generation job's thread takes its rows out of the batch
+            run.wake()
+            over.append(run)
+    if over:
+        began = ctx.batcher.step_started if ctx.batcher else None
+        stuck = began is not None and time.monotonic() - began > s.hard_time_limit
+        ended = [run for run in over if stuck or not run.stoppable]
+        if ended:
+            _hard_limit(ctx, ended)
 
 
 def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...], info: dict | None) -> None:

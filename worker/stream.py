@@ -122,24 +122,26 @@ class Publisher:
         self.seq = first + len(events) - 1
 
 
-def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]]) -> list[StreamRefused | None]:
+def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
+                 exists: tuple[str, ...] = ()) -> tuple[list[StreamRefused | None], list[bool]]:
     """Publish several jobs' events in one Redis round trip (a pipeline of each job's guarded
-    script), each with at least one event; per job, the refusal, or None. Redis errors other than
-    a refusal are raised."""
-    if not batch:
-        return []
+    script), each with at least one event, and in the same trip ask whether the keys `exists`
+    exist (the jobs' cancel flags). Per job, the refusal or None; per key, whether it exists.
+    Redis errors other than a refusal are raised."""
     pipe = r.pipeline(transaction=False)
     for pub, events in batch:
         pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)
-    results = pipe.execute()
+    for key in exists:
+        pipe.exists(key)
+    results = pipe.execute() if batch or exists else []
     out: list[StreamRefused | None] = []
-    for (pub, events), result in zip(batch, results, strict=True):
+    for (pub, events), result in zip(batch, results[: len(batch)], strict=True):
         try:
             pub._accept(result, events)
             out.append(None)
         except StreamRefused as e:
             out.append(e)
-    return out
+    return out, [bool(x) for x in results[len(batch):]]
 
 
 def read_log(r: redis.Redis, keys: Keys, job_id: str, after: int = 0, upto: int | None = None,
