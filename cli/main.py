@@ -26,7 +26,7 @@ COMMANDS = {
                "Cancel a job: a queued one never runs, a running one stops within a few tokens."),
     "retry": ("gencli.cli.queue:retry", "Run a finished job's failed or cancelled lines again."),
     "worker": ("gencli.cli.workers:worker",
-               "Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."),
+               "Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the running jobs)."),
     "workers": ("gencli.cli.workers:workers",
                 "Start one pinned worker per GPU (or N CPU workers) and restart any that dies."),
     "prep": ("gencli.cli.prep:prep",

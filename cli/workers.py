@@ -52,7 +52,7 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model_path, model_name, prep, device, queues, name, batch_size, max_jobs, max_slots_per_job, tokenizer,
            chat_format, threads, loglevel):
-    """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the job)."""
+    """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the running jobs)."""
     from gencli.worker.serve import serve
 
     if threads:

@@ -68,8 +68,9 @@ class Sampler:
             logits[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
         probs = F.softmax(logits, dim=-1)
         nucleus = [r for r, p in enumerate(params) if p.top_p < 1.0]
-        for r in nucleus:
-            probs[r] = _nucleus(probs[r], params[r].top_p)
+        if nucleus:
+            rows = torch.tensor(nucleus, device=dev)
+            probs[rows] = _nucleus(probs[rows], torch.tensor([params[r].top_p for r in nucleus], device=dev))
         # One uniform draw per row from that sequence's own generator, then inverse CDF.
         u = torch.tensor([torch.rand((), generator=g).item() for g in gens])
         cdf = probs.cumsum(dim=-1)
@@ -83,21 +84,29 @@ class Sampler:
         return picked
 
 
-NUCLEUS_FIRST = 256  # candidates the nucleus is first looked for among (doubled until it fits)
+NUCLEUS_FIRST = 256  # candidates the nucleus is first looked for among
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs (V,) with every id outside the top_p nucleus zeroed: the likeliest ids whose
-    probabilities before them sum to at most top_p. It sorts only the top k candidates, k doubled
-    until the nucleus ends inside them: the same ids as sorting the whole vocabulary, in a
-    fraction of the time for the peaked distributions of real models."""
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs (b, V) with every id outside each row's top_p nucleus zeroed: the likeliest ids whose
+    probabilities before them sum to at most top_p. Rows whose nucleus ends within their top
+    NUCLEUS_FIRST ids sort only those (the peaked distributions of trained models); the others
+    sort their whole vocabulary. Either way each row keeps the ids a full sort would keep."""
     V = probs.size(-1)
+    out = torch.zeros_like(probs)
+    top_p = top_p.unsqueeze(1)
     k = min(NUCLEUS_FIRST, V)
-    while True:
-        top, order = torch.topk(probs, k)  # sorted, descending
-        cum = top.cumsum(-1)
-        if k == V or bool(cum[-1] > top_p):  # every id past these has more than top_p before it
-            break
-        k = min(2 * k, V)
-    kept = top.masked_fill(cum - top > top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, kept)
+    top, order = torch.topk(probs, k, dim=-1)  # sorted, descending
+    cum = top.cumsum(-1)
+    # every id past the top k has more than top_p before it: the top k hold the whole nucleus
+    fits = (cum[:, -1:] > top_p).squeeze(1) if k < V else torch.ones(probs.size(0), dtype=torch.bool)
+    if fits.any():
+        kept = top[fits].masked_fill(cum[fits] - top[fits] > top_p[fits], 0.0)
+        out[fits] = out[fits].scatter(-1, order[fits], kept)
+    rest = ~fits
+    if rest.any():
+        sorted_p, order = torch.sort(probs[rest], dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        kept = sorted_p.masked_fill(cum - sorted_p > top_p[rest], 0.0)
+        out[rest] = torch.zeros_like(sorted_p).scatter(-1, order, kept)
+    return out

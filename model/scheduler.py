@@ -41,8 +41,7 @@ class Scheduler:
         self._queues.setdefault(seq.group, deque()).append(seq)
 
     def put_back(self, seq: Waiting) -> None:
-        """A preempted sequence: first of its group again, its arrival kept."""
-        self.released(seq)
+        """A preempted sequence (released already): first of its group again, its arrival kept."""
         q = self._queues.setdefault(seq.group, deque())
         k = 0
         while k < len(q) and q[k].arrival < seq.arrival:

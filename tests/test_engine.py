@@ -502,3 +502,22 @@ def test_greedy_and_seeded_outputs_do_not_depend_on_company(make_gpt):
             if more is not None:
                 engine.add(more)
         assert [s.out for s in seqs] == alone, (slots, prefill)
+
+
+def test_a_preempted_sequence_goes_back_first_and_its_group_keeps_its_cap():
+    from gencli.model.scheduler import Scheduler
+
+    class S:
+        def __init__(self, group, priority=0):
+            self.group, self.priority, self.arrival = group, priority, 0
+
+    sched = Scheduler(max_per_group=2)
+    a1, a2, a3 = S("a"), S("a"), S("a")
+    for s in (a1, a2, a3):
+        sched.add(s)
+    assert [sched.next(), sched.next(), sched.next()] == [a1, a2, None]  # the cap
+    sched.released(a2)  # preempted: out of its slot, back in the queue before a3
+    sched.put_back(a2)
+    assert sched.next() is a2 and sched.next() is None  # still at most 2 of group a running
+    sched.released(a1)
+    assert sched.next() is a3 and len(sched) == 0
