@@ -59,7 +59,7 @@ class DirectRunner:
         """Decode seqs on `slots` slots, each joining as another finishes; print them in order."""
         printer = OrderedPrinter([s.label for s in seqs] if labelled else None)
         # Sequences in company compute exactly what each computes alone (Engine's invariant mode);
-        # one at a time there is no company, and the one-row kernel is about 1.5x faster.
+        # one at a time there is no company, and the one-row kernel is about 1.3-1.4x faster.
         tg = self.gen.stream([s.ids for s in seqs], self.params, seeds=[s.seed for s in seqs], stop=self.stop,
                              slots=slots, invariant=slots > 1 and len(seqs) > 1)
         t0 = time.perf_counter()
