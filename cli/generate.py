@@ -16,6 +16,7 @@ import click
 import torch
 
 from gencli.cli.display import OrderedPrinter
+from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.cli.options import model_options, sampling_options, sampling_params
 from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
@@ -25,8 +26,6 @@ from gencli.model.params import SamplingParams, default_max_tokens
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
 from gencli.worker.prompts import PromptItem, read_prompt_file
-
-EXIT_INTERRUPTED = 130
 
 
 @dataclass

@@ -39,8 +39,12 @@ COMMANDS = {
 }
 
 
+EXIT_INTERRUPTED = 130
+
+
 class Group(click.Group):
-    """Imports subcommands on first use (click's lazy-loading pattern); GencliError -> one line."""
+    """Imports subcommands on first use (click's lazy-loading pattern); GencliError -> one line;
+    Ctrl-C -> exit status 130 (click's own says "Aborted!" with 1)."""
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *COMMANDS])
@@ -67,6 +71,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except GencliError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C where a command has no handling of its own: 130, as shells expect
+            click.echo("\n[interrupted]", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=Group)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from gencli.cli.display import OrderedPrinter
+from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.cli.options import sampling_options
 from gencli.model.errors import GencliError
 from gencli.storage.status import JobStatus
@@ -27,7 +28,7 @@ def _client() -> Client:
 
     return Client()
 
-EXIT_FAILED, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 3, 130
+EXIT_FAILED, EXIT_CANCELLED = 1, 3
 
 
 def _label(item) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import click
 import torch
 
+from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.model.checkpoint import PRESETS
 from gencli.model.errors import GencliError
 from gencli.model.train import TrainConfig, reuse_freed_memory, saved_config
 from gencli.model.train import train as run_training
-
-EXIT_INTERRUPTED = 130
 
 
 def _opt(name: str, help: str = "", **kw):

@@ -188,6 +188,22 @@ def test_submit_to_a_model_no_worker_serves_warns_or_with_wait_for_worker_fails(
     assert r.exit_code == 0 and "no live worker" not in r.stderr
 
 
+def test_ctrl_c_during_submit_exits_130_without_a_traceback_and_queues_nothing(env, client):
+    before = len(client.store.list_jobs(limit=1000))
+    p = subprocess.Popen([sys.executable, "-m", "gencli.cli", "submit", "--model", "tiny-nobody", "--prompt", "hi",
+                          "--wait-for-worker", "60"], env=child_env(env["vars"]), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        time.sleep(2.0)  # waiting for a worker that never comes
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 130
+    finally:
+        p.kill()
+    err = p.stderr.read().decode()
+    assert "[interrupted]" in err and "Traceback" not in err and "Aborted" not in err
+    assert len(client.store.list_jobs(limit=1000)) == before
+
+
 def test_show_and_results_read_well(client, worker, tiny):
     job = client.submit(["first line", "second line"], model="tiny", max_tokens=6, temperature=0)
     assert job.wait(60) is JobStatus.SUCCEEDED
