@@ -66,9 +66,8 @@ class SlotCache:
         """Store this pass's keys and values, (B, n_head, T, head_dim), at each row's positions."""
         if at.uniform:  # every row writes T positions from one start: slice assignment
             s = at.start_max
-            rows = at.rows_slice if at.rows_slice is not None else at.slots
-            self.k[layer, rows, :, s : s + k.size(2)] = k
-            self.v[layer, rows, :, s : s + v.size(2)] = v
+            self.k[layer, at.rows, :, s : s + k.size(2)] = k
+            self.v[layer, at.rows, :, s : s + v.size(2)] = v
             return
         kk, vv = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, nh, hs)
         self.k[layer][at.w_slot, :, at.w_pos] = kk[at.w_row, at.w_t]
@@ -130,11 +129,10 @@ class SlotBatch:
         self.T = max(counts)
         self.length = max(s + c for s, c in zip(starts, counts))  # positions the pass reaches
         self.start_max = max(starts)
-        self.rows_slice = _index(slots, device) if isinstance(_index(slots, device), slice) else None
+        self.rows = _index(slots, device)  # the rows' slots, as a slice where they are a run
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.uniform = min(starts) == self.start_max and min(counts) == self.T
         self.starts = torch.tensor(starts, dtype=torch.long, device=device)
-        self.counts = counts
         if not self.uniform:  # one (row, t) -> (slot, position) pair per real token
             rows = [b for b, c in enumerate(counts) for _ in range(c)]
             ts = [t for c in counts for t in range(c)]

@@ -140,10 +140,6 @@ class Engine:
     def __bool__(self) -> bool:
         return bool(self.running) or len(self.scheduler) > 0
 
-    @property
-    def waiting(self) -> int:
-        return len(self.scheduler)
-
     def add(self, seq: Sequence) -> None:
         if not seq.prompt:
             raise InvalidParameterError("empty prompt: give at least one token")

@@ -229,10 +229,10 @@ class GPT(nn.Module):
 
     def forward_cached(self, idx: torch.Tensor, cache: SlotCache, at: SlotBatch, rows: list[int] | None = None,
                        *, min_rows: int = 1) -> torch.Tensor | None:
-        """Continue cached sequences: idx (B, T) holds row b's at.counts[b] new tokens (right-padded),
-        placed at positions at.starts[b].. of slot at.slots[b]. Returns the logits (len(rows), V) of
-        the last new token of each of rows (default: every row; none: None). min_rows: the LM head
-        runs over at least this many rows (the first repeated), as a one-row product rounds apart."""
+        """Continue cached sequences: idx (B, T) holds each row's new tokens (right-padded), for
+        positions at.starts[b].. of slot at.slots[b]. Returns the logits (len(rows), V) of the last
+        new token of each of rows (default: every row; none: None). min_rows: the LM head runs
+        over at least this many rows (the first repeated), as a one-row product rounds apart."""
         if at.length > min(self.config.block_size, cache.max_len):
             raise ValueError(f"sequence of {at.length} tokens exceeds the context of {cache.max_len}")
         pos = at.positions.clamp(max=self.config.block_size - 1)  # a pad query's position is never read

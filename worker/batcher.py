@@ -209,7 +209,7 @@ class Outbox:
                     steps.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            batch: list[tuple[GenerationJob, list[dict], list[ItemRun], bool]] = []
+            batch: list[tuple[GenerationJob, list[dict], list[ItemRun]]] = []
             for step in steps:
                 for job, events, ended in step:
                     if events is None:  # a stop marker: flush what came before, then say so
@@ -223,12 +223,12 @@ class Outbox:
                             entry[2].extend(ended)
                             break
                     else:
-                        batch.append((job, list(events), list(ended), True))
+                        batch.append((job, list(events), list(ended)))
             self._send(batch)
 
     def _send(self, batch) -> None:
-        live = [(job, events, ended) for job, events, ended, _ in batch if events]
-        for job, events, ended, _ in batch:
+        live = [(job, events, ended) for job, events, ended in batch if events]
+        for job, events, ended in batch:
             if ended and not events:
                 job.inbox.put(("ended", ended))
         if not live:
