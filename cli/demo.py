@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gencli.cli.queue import _client, _tail, live_workers
+from gencli.cli.queue import _client, _tail
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
 from gencli.worker.app import queue_for
@@ -80,14 +80,14 @@ def train_step(data: Path, model: Path, max_iters: int | None) -> None:
 
 
 def worker_step(client: Client, model: Path, log: Path) -> subprocess.Popen | None:
-    if live_workers(client, queue_for(MODEL_NAME)):
+    if client.live_workers(queue_for(MODEL_NAME)):
         click.echo(f"[3/4] a worker already serves {MODEL_NAME}", err=True)
         return None
     env = dict(os.environ, GENCLI_REDIS_URL=client.redis_url)
     proc = subprocess.Popen([sys.executable, "-m", "gencli.cli", "worker", "--model", str(model), "--device", "auto"],
                             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not live_workers(client, queue_for(MODEL_NAME)):
+    while not client.live_workers(queue_for(MODEL_NAME)):
         if proc.poll() is not None:
             raise GencliError(f"the worker exited with {proc.returncode}: see {log}")
         if time.monotonic() > deadline:

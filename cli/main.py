@@ -34,6 +34,8 @@ COMMANDS = {
     "regen": ("gencli.cli.regen:regen", "Queue one prep job per dataset in the config; print their ids."),
     "train": ("gencli.cli.train:train",
               "Train a GPT on a prep output; the checkpoint in --out is served as it is."),
+    "serve": ("gencli.cli.serve:serve",
+              "Serve the HTTP API: gencli's jobs, OpenAI's completions, chat and Batch API."),
     "demo": ("gencli.cli.demo:demo",
              "Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."),
 }

@@ -78,7 +78,7 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
     click.echo(job.id)
-    if wait_for_worker is None and not live_workers(client, queue_for(model)):
+    if wait_for_worker is None and not client.live_workers(queue_for(model)):
         click.secho(f"[no live worker serves model {model} yet: the job waits for one{_served_note(client)}]",
                     err=True, fg="yellow")
     if follow:
@@ -105,7 +105,7 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         if not items:
             raise GencliError(f"job {job.id} has no prompt at line {line}")
     pos = {it.idx: n for n, it in enumerate(items)}
-    if job.status is JobStatus.QUEUED and not live_workers(client, job_queue(record)):
+    if job.status is JobStatus.QUEUED and not client.live_workers(job_queue(record)):
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
@@ -164,16 +164,9 @@ def prep_summary(result: dict) -> str:
     return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
 
 
-def live_workers(client: Client, queue: str | None = None) -> list[dict]:
-    """The workers whose heartbeat is fresh (those serving queue, when given)."""
-    r = client.redis
-    found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(client.keys.worker("*"))) if v]
-    return [w for w in found if queue is None or queue in w["queues"]]
-
-
 def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while not live_workers(client, queue):
+    while not client.live_workers(queue):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.2)
@@ -181,7 +174,7 @@ def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
 
 
 def _served_note(client: Client) -> str:
-    served = sorted({w["model"] for w in live_workers(client) if w.get("model")})
+    served = sorted({w["model"] for w in client.live_workers() if w.get("model")})
     return f"; models served now: {', '.join(served)}" if served else "; no model is served now"
 
 
@@ -194,7 +187,7 @@ def status():
     """Live workers (device, model, running jobs), queue depths, and queues nobody serves."""
     client = _client()
     r = client.redis
-    workers = live_workers(client)
+    workers = client.live_workers()
     served = {q for w in workers for q in w["queues"]}
     click.echo(f"workers ({len(workers)}):")
     for w in sorted(workers, key=lambda w: w["name"]):

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -36,7 +37,7 @@ from sqlalchemy.sql.expression import FunctionElement, literal
 
 from gencli.storage.status import ItemStatus, JobStatus
 
-__all__ = ["Base", "Deployment", "Item", "ItemStatus", "Job", "JobStatus", "db_now", "make_engine",
+__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobStatus", "db_now", "make_engine",
            "make_sessionmaker", "normalize_url", "utcnow"]
 
 
@@ -131,6 +132,19 @@ class Item(Base):
     ids: Mapped[list | None] = mapped_column(JSON)  # checkpoint: the ids generated so far in this epoch
 
     job: Mapped[Job] = relationship(back_populates="items")
+
+
+class File(Base):
+    """An uploaded file (a Batch API input file), bytes and all."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
 
 
 class Deployment(Base):

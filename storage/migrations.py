@@ -94,10 +94,26 @@ def _0003_leases_checkpoints_deployment(conn: Connection) -> None:
     conn.execute(deployment.insert().values(id=uuid.uuid4().hex, created_at=utcnow()))
 
 
+def _0004_files(conn: Connection) -> None:
+    """Uploaded files (the Batch API's input files): their bytes are in the store, the record."""
+    md = sa.MetaData()
+    sa.Table(
+        "files", md,
+        sa.Column("id", sa.String(40), primary_key=True),
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("filename", sa.String(255), nullable=False),
+        sa.Column("bytes", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("content", sa.LargeBinary, nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_jobs_and_items", _0001_jobs_and_items),
     ("0002_job_result", _0002_job_result),
     ("0003_leases_checkpoints_deployment", _0003_leases_checkpoints_deployment),
+    ("0004_files", _0004_files),
 ]
 
 _log = sa.Table(

@@ -35,6 +35,8 @@ class Settings:
     stream_ttl: int  # GENCLI_STREAM_TTL: seconds a job's token replay log is kept after it ends
     stream_max_events: int  # GENCLI_STREAM_MAX_EVENTS: a replay log's cap (older events are trimmed;
     #                         readers of a trimmed log fall back to the store)
+    max_queued: int | None  # GENCLI_MAX_QUEUED: queued jobs per model beyond which a submit is refused
+    #                        (None: no bound)
     namespace: str | None  # GENCLI_NAMESPACE: this deployment's Redis namespace (default: the
     #                        store's deployment id), for deployments that share one Redis
 
@@ -55,6 +57,7 @@ class Settings:
             visibility_timeout=int(env.get("GENCLI_VISIBILITY_TIMEOUT", str(6 * 3600))),
             stream_ttl=int(env.get("GENCLI_STREAM_TTL", str(24 * 3600))),
             stream_max_events=int(env.get("GENCLI_STREAM_MAX_EVENTS", "200000")),
+            max_queued=_opt_int(env.get("GENCLI_MAX_QUEUED"), "GENCLI_MAX_QUEUED"),
             namespace=_namespace(env.get("GENCLI_NAMESPACE")),
         )
 
@@ -69,6 +72,18 @@ def _namespace(v: str | None) -> str | None:
     if not _NAMESPACE.match(v):
         raise GencliError(f"GENCLI_NAMESPACE={v!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
     return v
+
+
+def _opt_int(v: str | None, name: str) -> int | None:
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise GencliError(f"{name}={v!r}: use a whole number >= 1, or unset it for no bound")
+    return n
 
 
 def _opt_float(v: str | None) -> float | None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import load_only
 from gencli.model.errors import GencliError
 from gencli.storage.db import (
     Deployment,
+    File,
     Item,
     ItemStatus,
     Job,
@@ -141,8 +142,15 @@ class Store:
             return list(s.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.idx)))
 
     def list_jobs(self, *, status: str | None = None, model: str | None = None, kind: str | None = None,
-                  limit: int = 50) -> list[Job]:
-        q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+                  limit: int = 50, after: str | None = None) -> list[Job]:
+        """Newest first; `after` (a job id, the last of a page) gives the page that follows it."""
+        q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        if after:
+            with self.Session() as s:
+                mark = s.get(Job, after)
+            if mark is None:
+                raise StoreError(f"no job {after} to page after")
+            q = q.where(or_(Job.created_at < mark.created_at, and_(Job.created_at == mark.created_at, Job.id < mark.id)))
         if status:
             q = q.where(Job.status == status)
         if model:
@@ -162,6 +170,29 @@ class Store:
                 .order_by(Job.started_at.is_(None), Job.priority.desc(), Job.queued_at)
                 .options(load_only(Job.id, Job.kind, Job.model, Job.priority, Job.started_at))
             ))
+
+    # --- uploaded files (the Batch API's input) -------------------------------------------
+    def create_file(self, *, purpose: str, filename: str, content: bytes) -> File:
+        fields = dict(id=f"file-{uuid.uuid4().hex}", purpose=purpose, filename=filename, bytes=len(content))
+        with self.Write.begin() as s:
+            s.execute(File.__table__.insert().values(created_at=db_now(), content=content, **fields))
+        return self.get_file(fields["id"])
+
+    def get_file(self, file_id: str) -> File | None:
+        """A file's record, without its bytes."""
+        with self.Session() as s:
+            return s.get(File, file_id)
+
+    def file_content(self, file_id: str) -> bytes | None:
+        with self.Session() as s:
+            return s.scalar(select(File.content).where(File.id == file_id))
+
+    def list_files(self, *, purpose: str | None = None, limit: int = 100) -> list[File]:
+        q = select(File).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+        if purpose:
+            q = q.where(File.purpose == purpose)
+        with self.Session() as s:
+            return list(s.scalars(q))
 
     def deployment_id(self) -> str:
         """This store's deployment id (made with the store): the namespace of its Redis keys."""

@@ -83,7 +83,7 @@ def count(store: Store, table) -> int:
 def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_stores):
     engine = open_stores(store_url).engine
     with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment"):
+        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment", "files"):
             c.execute(sa.text(f"DROP TABLE {t}"))
     first_name, first = MIGRATIONS[0]
     with engine.begin() as c:  # a store made by the first release
@@ -105,11 +105,11 @@ def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_store
 def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_stores):
     engine = open_stores(store_url).engine  # Store() migrates on open: start again from nothing
     with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment"):
+        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment", "files"):
             c.execute(sa.text(f"DROP TABLE {t}"))
     assert sa.inspect(engine).get_table_names() == []
 
-    names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment"]
+    names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment", "0004_files"]
     assert migrate(engine) == names == [name for name, _ in MIGRATIONS]
     with engine.connect() as c:
         assert sorted(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == names

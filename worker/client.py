@@ -40,6 +40,24 @@ def _tokenizer(name: str, chat_format: str) -> Tokenizer:
     return Tokenizer(load_encoding(name), chatml=chat_format == ChatFormat.CHATML.value)
 
 
+class RedisUnavailable(GencliError):
+    """Redis does not answer: nothing was submitted (the HTTP API's 503)."""
+
+
+class QueueFull(GencliError):
+    """The model's queue holds GENCLI_MAX_QUEUED jobs already: nothing was submitted (HTTP 429)."""
+
+    retry_after = 5  # seconds a client should wait before it asks again
+
+
+class JobNotFound(GencliError):
+    """No job has that id (HTTP 404)."""
+
+
+class JobStateError(GencliError):
+    """The job's state does not allow it: cancelling a finished job, retrying a running one (HTTP 409)."""
+
+
 def keys_for(settings: Settings, store) -> Keys:
     """This deployment's Redis names: GENCLI_NAMESPACE, else the store's deployment id."""
     return Keys(settings.namespace or store.deployment_id()[:12])
@@ -86,9 +104,11 @@ class Client:
         truncate: bool = False,
         priority: int = 0,
         idempotency_key: str | None = None,
+        meta: dict | None = None,
         **sampling,
     ) -> Job:
-        """Validate, record and enqueue one job of one or more prompts."""
+        """Validate, record and enqueue one job of one or more prompts. `meta` (JSON: the API's
+        route and user, a batch's file) is kept in the job's params as "meta"."""
         check_model_name(model)
         if not 0 <= priority <= 9:
             raise GencliError(f"priority must be 0..9 (higher runs first), got {priority}")
@@ -97,12 +117,16 @@ class Client:
         if not items:
             raise GencliError("no prompts to submit")
         self._check_context(model, items, params, chat=chat, truncate=truncate)
-        return self._record(model=model, params=dict(params, chat=chat, truncate=truncate), items=items,
-                            priority=priority, idempotency_key=idempotency_key)
+        job = dict(params, chat=chat, truncate=truncate) | ({"meta": meta} if meta else {})
+        return self._record(model=model, params=job, items=items, priority=priority,
+                            idempotency_key=idempotency_key)
 
     def _record(self, **job) -> Job:
         """Record the job and put it on its queue; if it cannot be queued, remove it again (nothing
         half-recorded). An idempotency key already recorded returns that job."""
+        if job.get("kind", "generate") == "generate" and not (job.get("idempotency_key") and
+                                                               self.store.job_by_key(job["idempotency_key"])):
+            self._check_bound(job["model"])
         record, created = self.store.create_job(**job)
         if not created and not self._same_request(record, job):
             raise GencliError(f"idempotency key {job['idempotency_key']!r} was used for a different request "
@@ -112,8 +136,17 @@ class Client:
                 self._enqueue(record.id, record.model, record.priority, record.kind)
             except Exception as e:  # kombu wraps connection errors in its own types
                 self.store.delete_job(record.id)
-                raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
+                raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): "
+                                       "nothing was submitted") from None
         return Job(self, record.id)
+
+    def _check_bound(self, model: str) -> None:
+        """GENCLI_MAX_QUEUED: refuse a job for a model that has that many queued already. A soft
+        bound: submits racing each other may pass it by a few."""
+        bound = self.settings.max_queued
+        if bound is not None and self.store.queued_counts().get(("generate", model), 0) >= bound:
+            raise QueueFull(f"model {model} has {bound} queued jobs already (GENCLI_MAX_QUEUED={bound}): "
+                            f"nothing was submitted; try again in a few seconds")
 
     def _same_request(self, record, job: dict) -> bool:
         """Whether a job recorded under an idempotency key is the one asked for again."""
@@ -151,8 +184,26 @@ class Client:
         try:
             raw = self.redis.get(self.keys.model_info(model))
         except (redis.RedisError, OSError) as e:
-            raise GencliError(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): nothing was submitted") from None
+            raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): "
+                                   "nothing was submitted") from None
         return json.loads(raw) if raw else None
+
+    def live_workers(self, queue: str | None = None) -> list[dict]:
+        """The workers whose heartbeat is fresh (those serving queue, when given)."""
+        try:
+            r = self.redis
+            found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(self.keys.worker("*"))) if v]
+        except (redis.RedisError, OSError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__})") from None
+        return [w for w in found if queue is None or queue in w["queues"]]
+
+    def served_models(self) -> dict[str, int]:
+        """Model name -> how many live workers serve it."""
+        served: dict[str, int] = {}
+        for w in self.live_workers():
+            if w.get("model"):
+                served[w["model"]] = served.get(w["model"], 0) + 1
+        return served
 
     def _check_context(self, model: str, items: list[dict], params: dict, *, chat: bool, truncate: bool) -> None:
         """Refuse prompts that do not fit the model's context, when a worker has described it."""
@@ -172,11 +223,35 @@ class Client:
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
         send_job(self.app, self.redis, self.keys, job_id, kind=kind, model=model, priority=priority)
 
+    # --- reading the record (answered by the store: Redis may be down) ----------------------
+    def list_jobs(self, *, status: str | None = None, model: str | None = None, kind: str | None = None,
+                  limit: int = 20, after: str | None = None) -> list:
+        """Newest first; `after`: the last job id of the page before."""
+        try:
+            return self.store.list_jobs(status=status, model=model, kind=kind, limit=limit, after=after)
+        except StoreError as e:
+            raise JobNotFound(str(e)) from None
+
+    def store_time(self):
+        """The store's clock: raises when the store does not answer."""
+        return self.store.db_time()
+
+    # --- uploaded files (the Batch API's input) ------------------------------------------------
+    def upload_file(self, *, purpose: str, filename: str, content: bytes):
+        return self.store.create_file(purpose=purpose, filename=filename, content=content)
+
+    def file(self, file_id: str):
+        """A file's record without its bytes, or None."""
+        return self.store.get_file(file_id)
+
+    def file_content(self, file_id: str) -> bytes | None:
+        return self.store.file_content(file_id)
+
     # --- following and controlling -------------------------------------------------------
     def job(self, job_id: str) -> Job:
         found = self.store.get_job(job_id)
         if found is None:
-            raise GencliError(f"no job {job_id}: see gencli list")
+            raise JobNotFound(f"no job {job_id}: see gencli list")
         return Job(self, found.id)
 
     def publish(self, job_id: str, events: list[dict]) -> None:
@@ -256,7 +331,7 @@ class Job:
         try:
             status = JobStatus(self.client.store.request_cancel(self.id))
         except StoreError as e:
-            raise GencliError(str(e)) from None
+            raise JobStateError(str(e)) from None
         try:
             if status is JobStatus.RUNNING:
                 self.client.redis.set(self.client.keys.cancel(self.id), 1, ex=24 * 3600)
@@ -271,7 +346,7 @@ class Job:
         try:
             n = self.client.store.reset_for_retry(self.id)
         except StoreError as e:
-            raise GencliError(str(e)) from None
+            raise JobStateError(str(e)) from None
         if n:
             job = self.record()
             items = [it for it in self.items() if it.status == "pending"]
@@ -281,7 +356,7 @@ class Job:
                                                "epochs": {str(it.idx): it.epoch for it in items}}])
                 self.client._enqueue(self.id, job.model, job.priority, job.kind)
             except (redis.RedisError, OSError, GencliError) as e:
-                raise GencliError(
+                raise RedisUnavailable(
                     f"the retry of job {self.id} is recorded but Redis at {self.client.redis_url} does not answer "
                     f"({type(e).__name__}): a worker sends it when Redis is back") from None
         return n

@@ -80,30 +80,38 @@ def parse_jsonl(name: str, text: str) -> list[PromptItem]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise GencliError(f"{name}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise GencliError(f'{name}:{n}: each line must be a JSON object with "prompt" or "messages"')
-        if "messages" in obj:
-            try:
-                check_messages(obj["messages"])
-            except GencliError as e:
-                raise GencliError(f"{name}:{n}: {e}") from None
-            prompt = obj.pop("messages")
-        elif isinstance(obj.get("prompt"), str):
-            prompt = obj.pop("prompt")
-            if not prompt.strip():
-                raise GencliError(f"{name}:{n}: empty prompt")
-        else:
-            raise GencliError(f'{name}:{n}: needs a string "prompt" or a "messages" list')
-        custom_id = obj.pop("custom_id", None)
-        if custom_id is not None and not isinstance(custom_id, str | int):
-            raise GencliError(f"{name}:{n}: custom_id must be a string")
-        custom_id = None if custom_id is None else str(custom_id)
-        if custom_id is not None and custom_id in first_line:
-            raise GencliError(f"{name}:{n}: custom_id {custom_id!r} is used again (first on line "
-                              f"{first_line[custom_id]}): give each line its own")
-        if custom_id is not None:
-            first_line[custom_id] = n
-        items.append(PromptItem(prompt, n, custom_id, obj or None))
+        items.append(prompt_line(obj, n, f"{name}:{n}: ", first_line))
     if not items:
         raise GencliError(f"{name} holds no prompts")
     return items
+
+
+def prompt_line(obj, n: int, where: str, first_line: dict[str, int]) -> PromptItem:
+    """One prompt object (a .jsonl line, or an element of the HTTP API's `prompts`): "prompt" or
+    "messages", an optional "custom_id" not used before (first_line: custom_id -> its line, updated),
+    the other keys kept as its sampling overrides."""
+    if not isinstance(obj, dict):
+        raise GencliError(f'{where}each line must be a JSON object with "prompt" or "messages"')
+    obj = dict(obj)
+    if "messages" in obj:
+        try:
+            check_messages(obj["messages"])
+        except GencliError as e:
+            raise GencliError(f"{where}{e}") from None
+        prompt = obj.pop("messages")
+    elif isinstance(obj.get("prompt"), str):
+        prompt = obj.pop("prompt")
+        if not prompt.strip():
+            raise GencliError(f"{where}empty prompt")
+    else:
+        raise GencliError(f'{where}needs a string "prompt" or a "messages" list')
+    custom_id = obj.pop("custom_id", None)
+    if custom_id is not None and (isinstance(custom_id, bool) or not isinstance(custom_id, str | int)):
+        raise GencliError(f"{where}custom_id must be a string")
+    custom_id = None if custom_id is None else str(custom_id)
+    if custom_id is not None and custom_id in first_line:
+        raise GencliError(f"{where}custom_id {custom_id!r} is used again (first on line "
+                          f"{first_line[custom_id]}): give each line its own")
+    if custom_id is not None:
+        first_line[custom_id] = n
+    return PromptItem(prompt, n, custom_id, obj or None)

@@ -1,0 +1,148 @@
+"""The ASGI app: `create_app()` builds it, `gencli serve` runs it under uvicorn.
+
+Before any route runs, two pieces of middleware answer on their own: a bearer token, when one is
+configured, is required everywhere but /healthz (401), and a body over the size limit gets 413
+before it is read whole. Every error, the routes' and the framework's, leaves in OpenAI's shape
+(errors.py); an unexpected one is logged with its traceback and answered 500 without it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gencli import __version__
+from gencli.model.errors import GencliError
+from gencli.worker.api.errors import APIError, from_domain
+from gencli.worker.client import Client
+
+log = logging.getLogger("gencli.api")
+
+DEFAULT_MAX_BODY = 2 * 1024 * 1024
+OPEN_PATHS = ("/healthz",)  # answered without the token
+THREADS = 1024  # blocking calls (the store, following a stream) in flight at once
+
+
+class TokenAuth:
+    """`Authorization: Bearer <token>` on every route but OPEN_PATHS (pure ASGI: nothing is read first)."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                why = "no bearer token" if not given else "a wrong bearer token"
+                err = APIError(401, f"{why}: send the header 'Authorization: Bearer <GENCLI_API_TOKEN>'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes: at once when Content-Length says so, else as soon as the
+    bytes read pass it (the body is held until then, so the route never sees part of one)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body over {self.limit} bytes: send less, or start the server with a larger "
+                             "--max-body", code="body_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large().response()(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large().response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+def _one_line(exc: RequestValidationError) -> tuple[str, str | None]:
+    """pydantic's first error as `param: what is wrong`."""
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return "the body is not valid JSON: send a JSON object", None
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field: remove it (see /docs for the fields this route takes)"
+    if err.get("type") == "missing":
+        msg = "required"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def create_app(client: Client | None = None, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The app over `client` (default: one on this process's settings)."""
+    from gencli.worker.api import batches, completions, jobs
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        yield
+
+    app = FastAPI(title="gencli", version=__version__, lifespan=lifespan,
+                  description="Durable text generation: gencli's jobs, OpenAI's completions, chat and Batch API.")
+    app.state.client = client or Client()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(GencliError)
+    async def _domain_error(request: Request, e: GencliError):
+        return from_domain(e).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        msg, param = _one_line(e)
+        return APIError(422, msg, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        what = {404: f"no route {request.url.path}: see /docs", 405: f"{request.method} is not allowed on "
+                f"{request.url.path}"}.get(e.status_code, str(e.detail))
+        return APIError(e.status_code, what, code={404: "not_found"}.get(e.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return APIError(500, f"internal error ({type(e).__name__}); the server's log has the details",
+                        type="server_error").response()
+
+    app.include_router(jobs.router)
+    app.include_router(completions.router)
+    app.include_router(batches.router)
+    app.add_middleware(BodyLimit, limit=max_body)
+    if token:
+        app.add_middleware(TokenAuth, token=token)  # added last: runs first
+    return app

@@ -1,0 +1,352 @@
+"""OpenAI's completions, chat completions and models, over gencli's durable queue.
+
+A request is one gencli job: its prompts (times `n`) are the job's items, each with a seed of its
+own (the request's `seed` + the choice's index, or a random one), so a worker that dies mid-way is
+taken over and the text goes on exactly where the store's checkpoint left it. The response (or
+stream) is the job's text. A client that disconnects before the end cancels the job, unless it sent
+`X-Gencli-Keep: 1`; every response names its job in `X-Gencli-Job`, whose stream
+(GET /v1/jobs/{id}/stream) and results stay readable.
+
+Defaults are OpenAI's, not gencli's: temperature 1, top_p 1, no top-k cut, and max_tokens 16 for
+completions (the model's default for chat). Parameters gencli does not implement (logprobs, echo,
+best_of, penalties, logit_bias, tools, ...) are refused with 422 unless at their neutral value.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gencli.model.params import SEED_RANGE
+from gencli.worker.api import sse
+from gencli.worker.api.errors import APIError
+from gencli.worker.api.jobs import client_of
+from gencli.worker.client import Client, Job
+from gencli.worker.fold import StreamDelta
+from gencli.worker.prompts import PromptItem
+
+router = APIRouter(tags=["openai"])
+
+MAX_N = 16
+MAX_STOP = 4
+KEEP_HEADER = "x-gencli-keep"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """What both routes take. Unsupported fields are typed loosely so that a neutral value passes
+    and any other gets a 422 that names the field (see request_items)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="gencli's extension, as in vLLM: 0 or null for no cut")
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    logprobs: Any = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+
+NEUTRAL = {  # field -> the values that ask for nothing gencli lacks
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _seeds(seed: int | None, count: int) -> list[int]:
+    """One seed per choice: seed, seed + 1, ... (within the seed range), or random ones."""
+    lo, hi = SEED_RANGE
+    base = secrets.randbelow(2**63) if seed is None else seed
+    return [lo + (base + k - lo) % (hi - lo) for k in range(count)]
+
+
+def prompts_of(body: CompletionRequest | ChatRequest) -> list:
+    """The request's prompts: a completion's texts, or a chat's one conversation (as gencli's messages)."""
+    if isinstance(body, ChatRequest):
+        return [[{"role": "system" if m.role == "developer" else m.role,
+                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                 for m in body.messages]]
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or any(not p.strip() for p in prompts):
+        raise APIError(422, "prompt is empty: give some text", param="prompt")
+    return prompts
+
+
+def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = None,
+                  custom_id: str | None = None) -> list[PromptItem]:
+    """The request as job items: each prompt `n` times, each with the request's sampling and a seed
+    of its own. Refuses what gencli does not implement."""
+    for field, neutral in NEUTRAL.items():
+        if field in type(body).model_fields and getattr(body, field) not in neutral:
+            raise APIError(422, f"{field} is not supported by gencli: leave it out", param=field,
+                           code="unsupported_parameter")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and len(stop) > MAX_STOP:
+        raise APIError(422, f"stop takes up to {MAX_STOP} strings, got {len(stop)}", param="stop")
+    if isinstance(body, ChatRequest):
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    else:
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    sampling = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
+                "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,  # 0: no cut
+                "stop": stop or []}
+    prompts = [p for p in prompts_of(body) for _ in range(body.n)]
+    seeds = _seeds(body.seed, len(prompts))
+    return [PromptItem(p, line=line or k + 1, custom_id=custom_id, extra={**sampling, "seed": seeds[k]})
+            for k, p in enumerate(prompts)]
+
+
+def check_served(client: Client, model: str) -> None:
+    served = client.served_models()
+    if model not in served:
+        listed = ", ".join(sorted(served)) or "none"
+        raise APIError(404, f"model {model!r} is not served by any live worker (served now: {listed}): "
+                            "start one with gencli worker --model-name", param="model", code="model_not_found")
+
+
+def _submit(request: Request, body: CompletionRequest | ChatRequest) -> Job:
+    client = client_of(request)
+    items = request_items(body)
+    check_served(client, body.model)
+    api = "chat.completions" if isinstance(body, ChatRequest) else "completions"
+    meta = {"api": api} | ({"user": body.user} if body.user else {})
+    return client.submit(items, model=body.model, chat=isinstance(body, ChatRequest), meta=meta)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    """OpenAI's completions: `prompt` (one or a list), `n` choices each."""
+    job = await anyio.to_thread.run_sync(_submit, request, body)
+    return await _respond(request, job, body, Shape(chat=False))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    """OpenAI's chat completions: `messages` rendered in the model's chat format (their text stays
+    text: `<|im_end|>` in a message is never the special token)."""
+    job = await anyio.to_thread.run_sync(_submit, request, body)
+    return await _respond(request, job, body, Shape(chat=True))
+
+
+@router.get("/v1/models")
+def models(request: Request):
+    """The models that live workers serve now."""
+    served = client_of(request).served_models()
+    return {"object": "list", "data": [_model(name, n) for name, n in sorted(served.items())]}
+
+
+@router.get("/v1/models/{model}")
+def model(model: str, request: Request):
+    served = client_of(request).served_models()
+    if model not in served:
+        raise APIError(404, f"model {model!r} is not served by any live worker", param="model",
+                       code="model_not_found")
+    return _model(model, served[model])
+
+
+def _model(name: str, workers: int) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "gencli", "workers": workers}
+
+
+# --- answering ------------------------------------------------------------------------------------
+class Shape:
+    """How a job's text is dressed: a completion's or a chat completion's objects and chunks."""
+
+    def __init__(self, *, chat: bool):
+        self.chat = chat
+        self.kind = "chat.completion" if chat else "text_completion"
+        self.prefix = "chatcmpl-" if chat else "cmpl-"
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk_choice(self, index: int, text: str | None, finish: str | None, *, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def envelope(self, id: str, created: int, model: str, *, chunk: bool) -> dict:
+        kind = self.kind + (".chunk" if chunk and self.chat else "")
+        return {"id": self.prefix + id, "object": kind, "created": created, "model": model,
+                "system_fingerprint": None}
+
+    def body(self, id: str, created: int, model: str, items, n: int) -> dict:
+        """The whole response of a request whose items (n choices per prompt, in order) have ended."""
+        return {**self.envelope(id, created, model, chunk=False),
+                "choices": [self.choice(k, it.output or "", it.finish_reason) for k, it in enumerate(items)],
+                "usage": usage(items, n)}
+
+
+def usage(items, n: int) -> dict:
+    prompt = sum(it.prompt_tokens or 0 for k, it in enumerate(items) if k % n == 0)  # a prompt once, not per choice
+    completion = sum(it.completion_tokens or 0 for it in items)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _failure(job: Job, items) -> str | None:
+    """Why the job failed, if it did."""
+    rec = job.record()
+    bad = [it for it in items if it.status == "failed"]
+    if rec.status == "failed" or bad:
+        return rec.error_message or (bad[0].error if bad else "the job failed")
+    return None
+
+
+async def _respond(request: Request, job: Job, body: CompletionRequest | ChatRequest, shape: Shape):
+    keep = request.headers.get(KEEP_HEADER) == "1"
+    headers = {"X-Gencli-Job": job.id}
+    created = int(time.time())
+    if body.stream:
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(job, shape, body, created, with_usage)
+        return StreamingResponse(sse.stream(chunks, on_disconnect=None if keep else job.cancel),
+                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    await _until_end(request, job, keep)
+    items = await anyio.to_thread.run_sync(job.items)
+    why = await anyio.to_thread.run_sync(_failure, job, items)
+    if why:
+        raise APIError(500, f"job {job.id} failed: {why}", type="server_error", code="generation_failed")
+    return JSONResponse(shape.body(job.id, created, body.model, items, body.n), headers=headers)
+
+
+async def _until_end(request: Request, job: Job, keep: bool) -> None:
+    """Wait for the job's end; if the client disconnects first, cancel it (unless keep) and stop."""
+    async with anyio.create_task_group() as tg:
+        async def watch():
+            while True:
+                await anyio.sleep(0.25)
+                if await request.is_disconnected():
+                    if not keep:
+                        await anyio.to_thread.run_sync(job.cancel)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await anyio.to_thread.run_sync(_follow_to_end, job, abandon_on_cancel=True)
+        tg.cancel_scope.cancel()
+
+
+def _follow_to_end(job: Job) -> None:
+    try:
+        for _ in job.events():
+            pass
+    except (redis.RedisError, OSError):
+        job.wait()  # Redis is gone for longer than a follower waits: the store says when it ends
+
+
+def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage: bool) -> Iterator[str]:
+    """The job's text as OpenAI's chunks: per choice, text only ever grows (a worker that resumed
+    from the store's checkpoint replays tokens the client has; they are not sent twice)."""
+    env = shape.envelope(job.id, created, body.model, chunk=True)
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return sse.event({**env, "choices": choices, **extra})
+
+    def error(message: str, type: str = "server_error") -> str:
+        return sse.event({"error": {"message": message, "type": type, "param": None, "code": None}})
+
+    text: dict[int, str] = {}  # the folded text of each choice
+    sent: dict[int, str] = {}  # what the client has of it
+    finished: set[int] = set()
+    if shape.chat:
+        n = job.record().n_items
+        yield chunk([shape.chunk_choice(i, None, None, role=True) for i in range(n)])
+
+    def advance(i: int, finish: str | None) -> Iterator[str]:
+        have, now = sent.get(i, ""), text.get(i, "")
+        if not now.startswith(have):
+            if not have.startswith(now):  # the text went another way: cannot be taken back
+                raise _Diverged(i)
+            return  # replayed tokens the client has already
+        if len(now) > len(have) or (finish and i not in finished):
+            sent[i] = now
+            if finish:
+                finished.add(i)
+            yield chunk([shape.chunk_choice(i, now[len(have):], finish)])
+
+    try:
+        for d in job.watch():
+            if isinstance(d, StreamDelta):
+                text[d.item] = d.text if d.restart else text.get(d.item, "") + d.text
+                yield from advance(d.item, d.finish_reason)
+            elif d["t"] == "item" and d.get("status") == "failed":
+                yield error(f"choice {d['i']} failed: {d.get('error')}")
+                break
+        else:
+            items = job.items()
+            why = _failure(job, items)
+            if why:
+                yield error(f"job {job.id} failed: {why}")
+            else:
+                for it in items:  # the store's text is the record: anything the stream lacked comes now
+                    text[it.idx] = it.output or ""
+                    yield from advance(it.idx, it.finish_reason)
+                if include_usage:
+                    yield chunk([], usage=usage(items, body.n))
+    except _Diverged as e:
+        yield error(f"choice {e.args[0]} restarted with other text after a worker failure: its final text is at "
+                    f"GET /v1/jobs/{job.id}/results")
+    except (redis.RedisError, OSError) as e:
+        yield error(f"lost Redis ({type(e).__name__}): the job goes on; GET /v1/jobs/{job.id}/stream resumes it",
+                    "service_unavailable")
+    yield "data: [DONE]\n\n"
+
+
+class _Diverged(Exception):
+    pass

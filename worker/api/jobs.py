@@ -1,0 +1,203 @@
+"""gencli's own routes: the jobs of `gencli submit`, `list`, `show`, `results`, `cancel`, `retry`
+and `tail`, as JSON (and the stream as server-sent events, `id:` its sequence number). Reads come
+from the store and work with Redis down; the stream needs Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import redis
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gencli.model.errors import GencliError
+from gencli.storage.status import JobStatus
+from gencli.worker.api import sse
+from gencli.worker.api.errors import APIError
+from gencli.worker.client import Client, Job, RedisUnavailable
+from gencli.worker.prompts import PromptItem, prompt_line
+
+router = APIRouter(tags=["jobs"])
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class JobRequest(BaseModel):
+    """A generation job: `prompt` (one) or `prompts` (many: text, a chat conversation, or an object
+    as on a .jsonl line: {"prompt" or "messages", "custom_id", sampling overrides})."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | None = None
+    prompts: list[str | dict] | None = Field(default=None, min_length=1)
+    chat: bool = False
+    truncate: bool = False
+    priority: int = Field(default=0, ge=0, le=9)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+def client_of(request: Request) -> Client:
+    return request.app.state.client
+
+
+def iso(t) -> str | None:
+    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
+
+
+def job_json(job, items=None) -> dict:
+    out = {
+        "id": job.id, "object": "job", "kind": job.kind, "model": job.model, "status": job.status,
+        "priority": job.priority, "params": job.params, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at), "worker": job.worker,
+        "device": job.final_device or job.device, "attempts": job.attempts, "n_items": job.n_items,
+        "completion_tokens": job.completion_tokens, "tokens_per_s": job.tokens_per_s,
+        "oom_retries": job.oom_retries, "result": job.result,
+        "error": None if not job.error_class else {"class": job.error_class, "message": job.error_message},
+    }
+    if items is not None:
+        out["items"] = [item_json(it) for it in items]
+    return out
+
+
+def item_json(it) -> dict:
+    return {"index": it.idx, "line": it.line, "custom_id": it.custom_id, "prompt": it.prompt, "status": it.status,
+            "output": it.output, "finish_reason": it.finish_reason, "error": it.error,
+            "usage": {"prompt_tokens": it.prompt_tokens, "completion_tokens": it.completion_tokens}}
+
+
+@router.post("/v1/jobs", status_code=201)
+def submit(body: JobRequest, request: Request, idempotency_key: str | None = Header(default=None, max_length=200)):
+    """Queue a generation job; its id comes back at once (201), before any worker takes it."""
+    if (body.prompt is None) == (body.prompts is None):
+        raise APIError(422, 'give "prompt" (one) or "prompts" (a list), one of them', param="prompt")
+    raw = [body.prompt] if body.prompt is not None else body.prompts
+    seen: dict[str, int] = {}
+    items = [p if isinstance(p, str) else prompt_line(p, n, f"prompts[{n - 1}]: ", seen)
+             for n, p in enumerate(raw, start=1)]
+    items = [PromptItem(p, n) if isinstance(p, str) else p for n, p in enumerate(items, start=1)]
+    sampling = {k: getattr(body, k) for k in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+                if getattr(body, k) is not None}
+    job = client_of(request).submit(items, model=body.model, chat=body.chat, truncate=body.truncate,
+                                    priority=body.priority, idempotency_key=idempotency_key, **sampling)
+    return job_json(job.record())
+
+
+@router.get("/v1/jobs")
+def list_jobs(request: Request, status: JobStatus | None = None, model: str | None = None,
+              kind: Literal["generate", "prep"] | None = None, limit: int = Query(default=20, ge=1, le=1000),
+              after: str | None = Query(default=None, description="the last id of the page before")):
+    """Jobs, newest first, a page at a time: `after` = the page's `last_id` gives the next."""
+    client = client_of(request)
+    if after is not None:
+        client.job(after)  # 404 for an id that is not there
+    found = client.list_jobs(status=status and status.value, model=model, kind=kind, limit=limit + 1,
+                                   after=after)
+    page = found[:limit]
+    return {"object": "list", "data": [job_json(j) for j in page], "has_more": len(found) > limit,
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+@router.get("/v1/jobs/{job_id}")
+def get_job(job_id: str, request: Request):
+    """A job, each prompt and its output so far."""
+    job = client_of(request).job(job_id)
+    return job_json(job.record(), job.items())
+
+
+@router.delete("/v1/jobs/{job_id}")
+def cancel_job(job_id: str, request: Request):
+    """Cancel: a queued job never runs; a running one stops within a few tokens, keeping its output."""
+    job = client_of(request).job(job_id)
+    status = job.cancel()
+    return {"id": job.id, "object": "job", "status": status.value, "cancel_requested": True}
+
+
+@router.post("/v1/jobs/{job_id}/retry")
+def retry_job(job_id: str, request: Request):
+    """Run a finished job's failed and cancelled prompts again."""
+    job = client_of(request).job(job_id)
+    return {"id": job.id, "object": "job", "retried": job.retry(), "status": job.status.value}
+
+
+@router.get("/v1/jobs/{job_id}/results", response_class=Response,
+            responses={200: {"content": {"application/jsonl": {}}}})
+def results(job_id: str, request: Request):
+    """A finished job's outputs, one JSON line per prompt: custom_id, prompt, output, finish_reason, usage."""
+    job = client_of(request).job(job_id)
+    if not job.status.done:
+        raise APIError(409, f"job {job.id} is {job.status.value}: its results come when it ends "
+                            f"(GET /v1/jobs/{job.id}/stream follows it)", code="not_finished")
+    keep = ("custom_id", "prompt", "output", "finish_reason", "status", "error", "usage")
+    lines = [json.dumps({k: r[k] for k in keep}, ensure_ascii=False) for r in job.result()]
+    return Response("".join(line + "\n" for line in lines), media_type="application/jsonl")
+
+
+@router.get("/v1/jobs/{job_id}/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def stream(job_id: str, request: Request, after: int | None = Query(default=None, ge=0),
+           last_event_id: str | None = Header(default=None)):
+    """The job's events as server-sent events, from its first (or after `Last-Event-ID`, or `after`)
+    to its end; `id:` is each event's sequence number, `event:` its kind (tok, start, item, reset,
+    resync, gap, end; see worker/stream.py). A stream opened after the end replays it all. Leaving
+    early does not cancel the job."""
+    job = client_of(request).job(job_id)
+    start = after if after is not None else _last_id(last_event_id)
+    _check_redis(job.client)
+    return StreamingResponse(sse.stream(_events(job, start)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Gencli-Job": job.id})
+
+
+def _last_id(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not value.strip().isdigit():
+        raise APIError(422, f"Last-Event-ID must be an event's id (a whole number), got {value[:40]!r}",
+                       param="Last-Event-ID")
+    return int(value)
+
+
+def _check_redis(client: Client) -> None:
+    try:
+        client.redis.ping()
+    except (redis.RedisError, OSError) as e:
+        raise RedisUnavailable(f"cannot reach Redis at {client.redis_url} ({type(e).__name__}): the stream "
+                               "needs it; GET /v1/jobs/{id} and /results answer from the store") from None
+
+
+def _events(job: Job, after: int):
+    try:
+        for e in job.events(after):
+            yield sse.event(e, id=e.get("seq"), name=e["t"])
+    except GencliError as e:
+        yield sse.event({"error": {"message": str(e), "type": "server_error"}}, name="error")
+    except (redis.RedisError, OSError) as e:  # Redis went away for longer than a follower waits
+        yield sse.event({"error": {"message": f"lost Redis ({type(e).__name__}): resume with Last-Event-ID",
+                                   "type": "service_unavailable"}}, name="error")
+
+
+@router.get("/healthz", tags=["health"])
+def healthz(request: Request):
+    """The store, Redis and the live workers per model; 503 when the store or Redis does not answer."""
+    client = client_of(request)
+    health: dict = {"store": "ok", "redis": "ok", "models": {}}
+    try:
+        client.store_time()
+    except Exception as e:  # SQLAlchemy's and the driver's errors alike
+        health["store"] = f"error: {type(e).__name__}"
+    try:
+        health["models"] = client.served_models()
+    except RedisUnavailable as e:
+        health["redis"] = f"error: {e}"
+    ok = health["store"] == health["redis"] == "ok"
+    return JSONResponse(health, status_code=200 if ok else 503)
