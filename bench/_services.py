@@ -101,12 +101,13 @@ class Proc:
 
 
 class BenchEnv:
-    """Redis database `db` of our own, a temporary home and store; everything undone on close."""
+    """Redis database `db` of our own, a temporary home and store; everything undone on close.
+    private: always a redis-server of our own on a free port, even when one answers at 6379."""
 
-    def __init__(self, db: int, prefix: str):
+    def __init__(self, db: int, prefix: str, *, private: bool = False):
         self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
         self.redis_proc: subprocess.Popen | None = None
-        if _answers(DEFAULT_REDIS):
+        if not private and _answers(DEFAULT_REDIS):
             self.url = f"{DEFAULT_REDIS}/{db}"
         else:
             binary = shutil.which("redis-server")

@@ -216,6 +216,11 @@ class Store:
             )
             return {(kind, model): n for kind, model, n in rows}
 
+    def status_counts(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        with self.Session() as s:
+            return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
     def request_cancel(self, job_id: str) -> str:
         """Cancel: a queued job is cancelled at once; a running one is asked to stop (its worker
         sees the flag at its next lease renewal). The job's status after the request."""

@@ -236,3 +236,54 @@ def start_worker(env: dict, model: str | None, name: str, *args: str, extra_env:
     except BaseException:
         w.stop()  # a worker that never became ready must not outlive the test
         raise
+
+
+# --- the HTTP API -----------------------------------------------------------------------------------
+
+
+class APIServer:
+    """`gencli serve` in a subprocess on a free loopback port, as a user starts it (a real uvicorn)."""
+
+    def __init__(self, test_vars: Mapping[str, str], *, log: Path, args: tuple[str, ...] = (),
+                 extra_env: Mapping[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = child_env(test_vars, extra_env)
+        cmd = [sys.executable, "-m", "gencli.cli", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> APIServer:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gencli serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                httpx.get(self.url + "/healthz", timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"gencli serve not answering after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(20)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+def start_api(env: dict, *args: str, extra_env: dict | None = None, port: int | None = None,
+              name: str = "api") -> APIServer:
+    """`gencli serve` on the test module's Redis, store and namespace (env: the conftest `env` fixture), ready."""
+    s = APIServer(env["vars"], log=env["tmp"] / f"{name}.log", args=args, extra_env=extra_env, port=port)
+    try:
+        return s.wait_ready()
+    except BaseException:
+        s.kill()
+        raise

@@ -73,7 +73,10 @@ def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
             "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Flower (and `celery events`) see the workers and their tasks: task events from workers and
+        # submitters, and the workers' event heartbeats (bench/queue.py --events measures the cost)
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         task_default_queue="gencli",
     )
     return app

@@ -54,6 +54,8 @@ class Batcher:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox = Outbox(ctx.redis)
         self.step_started: float | None = None  # when the step running now began (None: between steps)
+        # Since the worker started (the heartbeat carries them to the API's /metrics):
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "oom_retries": 0, "preemptions": 0}
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -74,6 +76,12 @@ class Batcher:
                 self.outbox.start()
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-batcher")
                 self._thread.start()
+
+    def load(self) -> dict:
+        """Sequences decoding now and waiting for a slot, and the counters (read by the heartbeat)."""
+        engines = [e for _, e in self._engines()]
+        return {"running": sum(len(e.running) for e in engines), "waiting": sum(len(e.scheduler) for e in engines),
+                **self.counters}
 
     def _engines(self) -> list[tuple[TextGenerator, Engine]]:
         return [(self.gen, self.engine)] + ([self._cpu] if self._cpu else [])
@@ -116,6 +124,7 @@ class Batcher:
                                                   index=r.idx, group=job, priority=job.priority)
                         r.engine = self.engine
                         self.engine.add(r.seq)
+                        self.counters["prompt_tokens"] += len(r.prompt_ids)
                 except Exception as e:  # an item the engine refuses fails its job, not the batcher
                     log.exception("job %s: its items could not join the batch", job.run.job_id)
                     self._fail(job, e)
@@ -145,12 +154,15 @@ class Batcher:
             r = job.runs[d.seq.index]
             events, ended = per_job.setdefault(job, ([], []))
             events.append(_tok(r, d.token, d.text, d.finish_reason))
+            self.counters["generation_tokens"] += d.token is not None
             if d.finish_reason:
                 ended.append(r)
         self.outbox.put([(job, events, ended) for job, (events, ended) in per_job.items()])
 
     def _record_rungs(self, engine: Engine) -> None:
         for rung in engine.rungs:
+            self.counters["oom_retries"] += 1
+            self.counters["preemptions"] += len(rung.preempted)
             for job in dict.fromkeys(s.group for s in rung.running):
                 job.stats["oom_retries"] += 1
                 job.stats["final_batch_size"] = rung.limit
@@ -162,6 +174,7 @@ class Batcher:
         """One row and still out of memory: on a GPU the job goes on on the CPU copy; on the CPU it fails."""
         job = engine.running[0].group
         job.stats["oom_retries"] += 1
+        self.counters["oom_retries"] += 1
         job.stats["final_batch_size"] = 1
         if engine.device.type == "cpu":
             self._fail(job, MemoryError(

@@ -79,7 +79,10 @@ class Client:
     @property
     def redis_url(self) -> str:
         if self._redis_url is None:
-            self._redis_url = resolve_redis_url(self.settings, start=self._start_redis)
+            try:
+                self._redis_url = resolve_redis_url(self.settings, start=self._start_redis)
+            except GencliError as e:
+                raise RedisUnavailable(str(e)) from None
         return self._redis_url
 
     @property
@@ -158,9 +161,9 @@ class Client:
 
     def _item(self, p, n: int) -> dict:
         if isinstance(p, PromptItem):
-            where = f"line {p.line}: "
+            where = p.where or f"line {p.line}: "
             params = check_overrides(p.extra, where) if p.extra else None
-            return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params}
+            return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params, "where": where}
         if isinstance(p, str):
             if not p.strip():
                 raise GencliError(f"prompt {n} is empty")
@@ -218,7 +221,8 @@ class Client:
                 sampling, _, _ = resolve_sampling(params, it.get("params"), info["block_size"])
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
-                raise GencliError(f"line {it['line']}: {e}") from None
+                where = it.get("where") or f"line {it['line']}: "
+                raise type(e)(f"{where}{e}") from None
 
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
         send_job(self.app, self.redis, self.keys, job_id, kind=kind, model=model, priority=priority)
@@ -231,6 +235,10 @@ class Client:
             return self.store.list_jobs(status=status, model=model, kind=kind, limit=limit, after=after)
         except StoreError as e:
             raise JobNotFound(str(e)) from None
+
+    def job_counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """(jobs per status, queued jobs per (kind, model))."""
+        return self.store.status_counts(), self.store.queued_counts()
 
     def store_time(self):
         """The store's clock: raises when the store does not answer."""

@@ -25,6 +25,7 @@ class PromptItem:
     line: int  # 1-based line in its file (1 for a whole-file or --prompt prompt)
     custom_id: str | None = None
     extra: dict | None = None  # other keys of a JSONL line (sampling overrides, for submit)
+    where: str | None = None  # how errors name it (default "line N: "; the HTTP API's "prompts[0]: ")
 
     @property
     def is_chat(self) -> bool:

@@ -137,7 +137,7 @@ def serve(
                  f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
         app.worker_main(["worker", "--pool=threads", f"--concurrency={ctx.max_jobs}", "--queues", ",".join(queues),
                          "--hostname", name,
-                         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+                         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
             quick.delete(keys.worker(name))
@@ -165,8 +165,10 @@ def _warm_up(ctx: WorkerContext) -> None:
 
 
 def _beat(ctx: WorkerContext, queues: tuple[str, ...]) -> str:
+    batcher = ctx.batcher
     return json.dumps({"name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
-                       "pid": os.getpid(), "host": socket.gethostname(), "jobs": list(ctx.running.copy())})
+                       "pid": os.getpid(), "host": socket.gethostname(), "jobs": list(ctx.running.copy()),
+                       "engine": batcher.load() if batcher is not None else None})
 
 
 def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...]) -> None:

@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gencli import __version__
 from gencli.model.errors import GencliError
 from gencli.worker.api.errors import APIError, from_domain
+from gencli.worker.api.metrics import Metrics, Timing
 from gencli.worker.client import Client
 
 log = logging.getLogger("gencli.api")
@@ -113,6 +115,14 @@ def create_app(client: Client | None = None, *, token: str | None = None, max_bo
     app = FastAPI(title="gencli", version=__version__, lifespan=lifespan,
                   description="Durable text generation: gencli's jobs, OpenAI's completions, chat and Batch API.")
     app.state.client = client or Client()
+    app.state.metrics = Metrics(app.state.client)
+
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    def metrics():
+        """Prometheus text: jobs, queues, workers' sequences and tokens, request and token latencies."""
+        body, content_type = app.state.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -143,6 +153,7 @@ def create_app(client: Client | None = None, *, token: str | None = None, max_bo
     app.include_router(completions.router)
     app.include_router(batches.router)
     app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(Timing, metrics=app.state.metrics)
     if token:
         app.add_middleware(TokenAuth, token=token)  # added last: runs first
     return app

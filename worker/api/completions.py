@@ -30,6 +30,7 @@ from gencli.model.params import SEED_RANGE
 from gencli.worker.api import sse
 from gencli.worker.api.errors import APIError
 from gencli.worker.api.jobs import client_of
+from gencli.worker.api.metrics import TokenClock
 from gencli.worker.client import Client, Job
 from gencli.worker.fold import StreamDelta
 from gencli.worker.prompts import PromptItem
@@ -142,10 +143,18 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
     sampling = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
                 "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,  # 0: no cut
                 "stop": stop or []}
-    prompts = [p for p in prompts_of(body) for _ in range(body.n)]
+    given = prompts_of(body)
+    if line is not None:
+        where = None  # "line N: " of the batch's input file
+    elif isinstance(body, ChatRequest):
+        where = "messages: "
+    else:
+        where = "prompt: " if isinstance(body.prompt, str) else None
+    prompts = [(p, where or f"prompt[{i}]: ") for i, p in enumerate(given) for _ in range(body.n)]
     seeds = _seeds(body.seed, len(prompts))
-    return [PromptItem(p, line=line or k + 1, custom_id=custom_id, extra={**sampling, "seed": seeds[k]})
-            for k, p in enumerate(prompts)]
+    return [PromptItem(p, line=line or k + 1, custom_id=custom_id, extra={**sampling, "seed": seeds[k]},
+                       where=None if line is not None else w)
+            for k, (p, w) in enumerate(prompts)]
 
 
 def check_served(client: Client, model: str) -> None:
@@ -168,6 +177,7 @@ def _submit(request: Request, body: CompletionRequest | ChatRequest) -> Job:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     """OpenAI's completions: `prompt` (one or a list), `n` choices each."""
+    request.state.arrived = time.perf_counter()
     job = await anyio.to_thread.run_sync(_submit, request, body)
     return await _respond(request, job, body, Shape(chat=False))
 
@@ -176,6 +186,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatRequest, request: Request):
     """OpenAI's chat completions: `messages` rendered in the model's chat format (their text stays
     text: `<|im_end|>` in a message is never the special token)."""
+    request.state.arrived = time.perf_counter()
     job = await anyio.to_thread.run_sync(_submit, request, body)
     return await _respond(request, job, body, Shape(chat=True))
 
@@ -249,12 +260,14 @@ def _failure(job: Job, items) -> str | None:
 
 
 async def _respond(request: Request, job: Job, body: CompletionRequest | ChatRequest, shape: Shape):
+    arrived = request.state.arrived
     keep = request.headers.get(KEEP_HEADER) == "1"
     headers = {"X-Gencli-Job": job.id}
     created = int(time.time())
     if body.stream:
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(job, shape, body, created, with_usage)
+        clock = TokenClock(request.app.state.metrics, body.model, arrived)
+        chunks = _chunks(job, shape, body, created, with_usage, clock)
         return StreamingResponse(sse.stream(chunks, on_disconnect=None if keep else job.cancel),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
     await _until_end(request, job, keep)
@@ -290,7 +303,8 @@ def _follow_to_end(job: Job) -> None:
         job.wait()  # Redis is gone for longer than a follower waits: the store says when it ends
 
 
-def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage: bool) -> Iterator[str]:
+def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage: bool,
+            clock: TokenClock) -> Iterator[str]:
     """The job's text as OpenAI's chunks: per choice, text only ever grows (a worker that resumed
     from the store's checkpoint replays tokens the client has; they are not sent twice)."""
     env = shape.envelope(job.id, created, body.model, chunk=True)
@@ -318,6 +332,7 @@ def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage:
             sent[i] = now
             if finish:
                 finished.add(i)
+            clock.tick()
             yield chunk([shape.chunk_choice(i, now[len(have):], finish)])
 
     try:

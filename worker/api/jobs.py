@@ -83,9 +83,14 @@ def submit(body: JobRequest, request: Request, idempotency_key: str | None = Hea
         raise APIError(422, 'give "prompt" (one) or "prompts" (a list), one of them', param="prompt")
     raw = [body.prompt] if body.prompt is not None else body.prompts
     seen: dict[str, int] = {}
-    items = [p if isinstance(p, str) else prompt_line(p, n, f"prompts[{n - 1}]: ", seen)
-             for n, p in enumerate(raw, start=1)]
-    items = [PromptItem(p, n) if isinstance(p, str) else p for n, p in enumerate(items, start=1)]
+    items = []
+    for n, p in enumerate(raw, start=1):
+        where = "prompt: " if body.prompt is not None else f"prompts[{n - 1}]: "
+        item = PromptItem(p, n) if isinstance(p, str) else prompt_line(p, n, where, seen)
+        if isinstance(p, str) and not p.strip():
+            raise APIError(422, f"{where}empty prompt: give some text", param=where[:-2])
+        item.where = where
+        items.append(item)
     sampling = {k: getattr(body, k) for k in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
                 if getattr(body, k) is not None}
     job = client_of(request).submit(items, model=body.model, chat=body.chat, truncate=body.truncate,
@@ -117,10 +122,10 @@ def get_job(job_id: str, request: Request):
 
 @router.delete("/v1/jobs/{job_id}")
 def cancel_job(job_id: str, request: Request):
-    """Cancel: a queued job never runs; a running one stops within a few tokens, keeping its output."""
+    """Cancel: a queued job never runs; a running one stops within a few tokens, keeping its output
+    (its status stays "running" until then); a finished one stays as it is."""
     job = client_of(request).job(job_id)
-    status = job.cancel()
-    return {"id": job.id, "object": "job", "status": status.value, "cancel_requested": True}
+    return {"id": job.id, "object": "job", "status": job.cancel().value}
 
 
 @router.post("/v1/jobs/{job_id}/retry")

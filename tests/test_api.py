@@ -1,0 +1,475 @@
+"""The HTTP API against a real `gencli serve` (uvicorn), a real worker, real Redis and a real store
+(SQLite and PostgreSQL), spoken to with httpx and with OpenAI's own client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from services import free_port, start_api
+from tailing import reference, wait_for
+
+from gencli.model.chat import ChatFormat, encode_prompt
+from gencli.model.tokenizer import Tokenizer, load_encoding
+from gencli.storage.status import JobStatus
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def api(env, worker):
+    s = start_api(env)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(api):
+    return openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def jobs_recorded(client) -> int:
+    return len(client.store.list_jobs(limit=10_000))
+
+
+def error_of(r: httpx.Response) -> dict:
+    """The OpenAI-shaped error of a response, checked to be one line with no traceback."""
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "\n" not in err["message"] and "Traceback" not in r.text
+    return err
+
+
+# --- health, models, schema, metrics -----------------------------------------------------------------
+
+
+def test_health_models_schema_and_metrics(api, worker):
+    h = httpx.get(api.url + "/healthz")
+    assert h.status_code == 200 and h.json() == {"store": "ok", "redis": "ok", "models": {"tiny": 1}}
+    models = httpx.get(api.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["object"] == "list"
+    assert httpx.get(api.url + "/v1/models/nope").status_code == 404
+
+    schema = httpx.get(api.url + "/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    for path, method in [("/v1/jobs", "post"), ("/v1/jobs/{job_id}/stream", "get"), ("/v1/completions", "post"),
+                         ("/v1/chat/completions", "post"), ("/v1/files", "post"), ("/v1/batches", "post"),
+                         ("/v1/batches/{batch_id}/cancel", "post"), ("/metrics", "get"), ("/healthz", "get")]:
+        assert method in schema["paths"][path], (path, method)
+    assert "max_completion_tokens" in schema["components"]["schemas"]["ChatRequest"]["properties"]
+
+    text = httpx.get(api.url + "/metrics").text
+    for name in ("gencli_jobs{", "gencli_workers{", "gencli_request_duration_seconds_bucket",
+                 "gencli_num_requests_running{", "gencli_generation_tokens_total{"):
+        assert name in text, name
+    assert 'gencli_workers{model="tiny"} 1.0' in text
+
+
+# --- native routes ----------------------------------------------------------------------------------
+
+
+def test_a_native_job_runs_and_reads_back(api, tiny, client):
+    body = {"model": "tiny", "temperature": 0, "max_tokens": 12,
+            "prompts": ["Once upon a time", {"prompt": "The sea", "custom_id": "sea", "max_tokens": 5}]}
+    key = {"Idempotency-Key": f"k-{time.time()}"}
+    r = httpx.post(api.url + "/v1/jobs", json=body, headers=key)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["object"] == "job" and job["status"] in ("queued", "running") and job["n_items"] == 2
+    again = httpx.post(api.url + "/v1/jobs", json=body, headers=key)
+    assert again.json()["id"] == job["id"]
+
+    wait_for(lambda: httpx.get(f"{api.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded", 60, "the job")
+    shown = httpx.get(f"{api.url}/v1/jobs/{job['id']}").json()
+    assert [it["custom_id"] for it in shown["items"]] == [None, "sea"]
+    lines = [json.loads(x) for x in httpx.get(f"{api.url}/v1/jobs/{job['id']}/results").text.splitlines()]
+    assert [x["output"] for x in lines] == reference(tiny, ["Once upon a time"], 12) + reference(tiny, ["The sea"], 5)
+    assert lines[1]["usage"]["completion_tokens"] <= 5
+
+    # cancelling a finished job leaves it as it is; retrying it has nothing to do
+    assert httpx.delete(f"{api.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+    assert httpx.post(f"{api.url}/v1/jobs/{job['id']}/retry").json()["retried"] == 0
+
+    # pages: newest first, `after` the last id of the page before
+    other = httpx.post(api.url + "/v1/jobs", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).json()
+    first = httpx.get(api.url + "/v1/jobs", params={"limit": 1}).json()
+    assert [j["id"] for j in first["data"]] == [other["id"]] and first["has_more"]
+    second = httpx.get(api.url + "/v1/jobs", params={"limit": 1, "after": first["last_id"]}).json()
+    assert [j["id"] for j in second["data"]] == [job["id"]]
+    assert httpx.get(api.url + "/v1/jobs", params={"after": "0" * 32}).status_code == 404
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"model": "tiny", "prompt": "  "}, "prompt: empty prompt"),
+    ({"model": "tiny", "prompt": "x", "top_k": 200.0}, "top_k"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, "temperature must be"),
+    ({"model": "tiny", "prompt": "x", "colour": "red"}, "colour: unknown field"),
+    ({"model": "tiny", "prompt": "x", "prompts": ["y"]}, 'give "prompt" (one) or "prompts"'),
+    ({"model": "tiny", "prompts": [{"prompt": "a", "top_p": 0}]}, "prompts[0]: top_p must be in (0, 1]"),
+    ({"model": "tiny", "prompt": "word " * 300, "max_tokens": 10}, "exceeds the model's context of 256 tokens"),
+    ({"model": "bad name!", "prompt": "x"}, "model"),
+])
+def test_a_refused_job_is_a_422_that_says_why_and_records_nothing(api, client, body, needle):
+    before = jobs_recorded(client)
+    r = httpx.post(api.url + "/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert needle in error_of(r)["message"]
+    assert jobs_recorded(client) == before
+
+
+def test_bad_bodies_and_unknown_things(api):
+    r = httpx.post(api.url + "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in error_of(r)["message"]
+    assert error_of(httpx.get(api.url + "/v1/jobs/" + "f" * 32))["code"] == "not_found"
+    assert httpx.get(api.url + "/v1/nothing-here").status_code == 404
+    assert httpx.put(api.url + "/v1/jobs").status_code == 405
+    r = httpx.get(api.url + "/v1/jobs/" + "f" * 32 + "/stream", headers={"Last-Event-ID": "x"})
+    assert r.status_code in (404, 422)
+
+
+def _sse(lines) -> list[dict]:
+    """Parse SSE lines into events {id, event, data}."""
+    out, cur = [], {}
+    for line in lines:
+        if not line:
+            if cur:
+                out.append(cur)
+            cur = {}
+        elif line.startswith("id: "):
+            cur["id"] = int(line[4:])
+        elif line.startswith("event: "):
+            cur["event"] = line[7:]
+        elif line.startswith("data: "):
+            cur["data"] = line[6:]
+    return out
+
+
+def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api, client):
+    job = httpx.post(api.url + "/v1/jobs", json={"model": "tiny", "prompt": "A long story", "max_tokens": 100,
+                                                 "temperature": 0}).json()
+    url = f"{api.url}/v1/jobs/{job['id']}/stream"
+    got: list[dict] = []
+    with httpx.stream("GET", url, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream") and r.headers["x-gencli-job"] == job["id"]
+        lines = []
+        for line in r.iter_lines():
+            lines.append(line)
+            if sum(1 for x in lines if x.startswith("id: ")) >= 5 and line == "":
+                break  # leave mid-stream
+    got = _sse(lines)
+    assert [e["id"] for e in got] == list(range(1, len(got) + 1))
+    with httpx.stream("GET", url, headers={"Last-Event-ID": str(got[-1]["id"])}, timeout=60) as r:
+        rest = _sse(list(r.iter_lines()) + [""])
+    assert rest[0]["id"] == got[-1]["id"] + 1  # exactly the missing ones, none twice
+    events = got + rest
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["event"] == "end" and json.loads(events[-1]["data"])["status"] == "succeeded"
+    assert client.job(job["id"]).status is JobStatus.SUCCEEDED  # leaving the native stream cancelled nothing
+    text = "".join(json.loads(e["data"])["text"] for e in events if e["event"] == "tok")
+    assert text == client.job(job["id"]).items()[0].output
+
+    with httpx.stream("GET", url, timeout=60) as r:  # opened after the end: all of it, then closed
+        replay = _sse(list(r.iter_lines()) + [""])
+    assert [e["id"] for e in replay] == [e["id"] for e in events]
+
+
+# --- OpenAI's client --------------------------------------------------------------------------------
+
+
+def test_openai_completions_greedy_equal_the_model_and_seeds_repeat(oai, tiny):
+    r = oai.completions.create(model="tiny", prompt=["Once upon a time", "The sea"], max_tokens=10, temperature=0)
+    assert [c.text for c in r.choices] == reference(tiny, ["Once upon a time", "The sea"], 10)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 20 and r.usage.total_tokens == r.usage.prompt_tokens + 20
+    assert r.id.startswith("cmpl-") and r.object == "text_completion"
+
+    a = oai.completions.create(model="tiny", prompt="Hello", max_tokens=12, seed=1234, n=3)
+    b = oai.completions.create(model="tiny", prompt="Hello", max_tokens=12, seed=1234, n=3)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # a seed gives the same text twice
+    assert len({c.text for c in a.choices}) > 1  # n choices are drawn apart
+    c = oai.completions.create(model="tiny", prompt="Hello", max_tokens=12, seed=1234, n=1)
+    assert c.choices[0].text == a.choices[0].text
+
+    s = oai.completions.create(model="tiny", prompt="Hello", max_tokens=12, seed=1234, n=3, stream=True)
+    texts = {}
+    for chunk in s:
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(3)] == [ch.text for ch in a.choices]
+
+
+def test_openai_chat_streams_in_openais_shape(oai, api, tiny, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|> there"}]
+    full = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=15, seed=7)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    chunks = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=15, seed=7, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(c.choices[0].delta.content for c in content) == full.choices[0].message.content
+    assert content[-1].choices[0].finish_reason == full.choices[0].finish_reason is not None
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+
+    # the message's "<|im_end|>" stayed text: the prompt is the template's ids with it encoded as ordinary text
+    tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    assert full.usage.prompt_tokens == len(encode_prompt(tok, ChatFormat.CHATML, messages, chat=True))
+
+    # max_completion_tokens is honoured, and `stop` cuts the text before the stop string
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=3, seed=7)
+    assert r.usage.completion_tokens == 3
+    long = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0)
+    word = long.choices[0].message.content[5:8]
+    cut = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0, stop=[word])
+    assert word not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
+    assert long.choices[0].message.content.startswith(cut.choices[0].message.content)
+
+
+@pytest.mark.parametrize("kwargs, status, needle", [
+    ({"logprobs": 2}, 422, "logprobs is not supported"),
+    ({"echo": True}, 422, "echo is not supported"),
+    ({"presence_penalty": 0.5}, 422, "presence_penalty is not supported"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop takes up to 4"),
+    ({"n": 0}, 422, "n:"),
+    ({"max_tokens": 500}, 422, "max_tokens 500 leaves no room"),
+    ({"model": "missing"}, 404, "not served by any live worker"),
+])
+def test_openai_refusals(oai, client, kwargs, status, needle):
+    before = jobs_recorded(client)
+    args = {"model": "tiny", "prompt": "Hello", "max_tokens": 5} | kwargs
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.completions.create(**args)
+    assert e.value.status_code == status and needle in e.value.message
+    assert jobs_recorded(client) == before
+    # the neutral values of what gencli lacks are taken
+    assert oai.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0, logprobs=None)
+
+
+def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(api, client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 110,
+            "stream": True, "temperature": 0}
+    ids = {}
+    for keep in (False, True):
+        headers = {"X-Gencli-Keep": "1"} if keep else {}
+        with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            ids[keep] = r.headers["x-gencli-job"]
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # one chunk of text, then hang up
+    wait_for(lambda: client.job(ids[False]).status is JobStatus.CANCELLED, 20, "the abandoned request's cancel")
+    assert client.job(ids[True]).wait(60) is JobStatus.SUCCEEDED
+    assert len(httpx.get(f"{api.url}/v1/jobs/{ids[True]}/results").text.splitlines()) == 1
+    got = client.job(ids[False]).items()[0]
+    assert got.finish_reason == "cancelled" and got.completion_tokens < 110
+
+
+def test_non_streaming_requests_from_many_clients_at_once(api, tiny):
+    import concurrent.futures as cf
+
+    prompts = [f"Line {i}" for i in range(12)]
+
+    def ask(p):
+        r = httpx.post(api.url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
+                                                          "temperature": 0}, timeout=60)
+        return r.json()["choices"][0]["text"]
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == reference(tiny, prompts, 8)
+
+
+# --- the Batch API ----------------------------------------------------------------------------------
+
+
+def _batch_file(tmp_path, lines: list[dict]):
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_the_batch_api_end_to_end_through_a_server_restart(env, worker, tiny, tmp_path, client):
+    prompts = [f"Question {i}" for i in range(6)]
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny", "prompt": p, "max_tokens": 40, "temperature": 0}}
+             for i, p in enumerate(prompts)]
+    lines[2]["body"]["n"] = 2
+    first = start_api(env, name="api-batch")
+    second = None
+    try:
+        oai = openai.OpenAI(base_url=first.url + "/v1", api_key="unused", max_retries=0)
+        f = oai.files.create(file=open(_batch_file(tmp_path, lines), "rb"), purpose="batch")
+        assert f.purpose == "batch" and f.bytes > 0
+        batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                                   metadata={"who": "test"})
+        assert batch.status in ("validating", "in_progress") and batch.request_counts.total == 6
+
+        first.kill()  # the server dies while the batch runs; a new one on another port knows it from the store
+        second = start_api(env, name="api-batch-restarted")
+        oai2 = openai.OpenAI(base_url=second.url + "/v1", api_key="unused", max_retries=0)
+        wait_for(lambda: oai2.batches.retrieve(batch.id).status == "completed", 90, "the batch")
+        done = oai2.batches.retrieve(batch.id)
+        assert done.request_counts.completed == 6 and done.request_counts.failed == 0
+        assert done.metadata == {"who": "test"} and done.error_file_id is None
+        assert batch.id in [b.id for b in oai2.batches.list().data]
+        out = [json.loads(x) for x in oai2.files.content(done.output_file_id).text.splitlines()]
+        assert [o["custom_id"] for o in out] == [f"q{i}" for i in range(6)]
+        texts = [o["response"]["body"]["choices"][0]["text"] for o in out]
+        assert texts == reference(tiny, prompts, 40)
+        assert len(out[2]["response"]["body"]["choices"]) == 2 and out[0]["response"]["status_code"] == 200
+        assert oai2.files.content(f.id).read() == _batch_file(tmp_path, lines).read_bytes()
+    finally:
+        first.kill()
+        if second:
+            second.stop()
+
+
+def test_a_bad_batch_line_is_refused_with_its_number_and_a_cancel_stops_a_batch(api, tmp_path, client):
+    oai = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0)
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}}
+    for bad, needle in [({"custom_id": "a"}, "line 2: custom_id 'a' is used again"),
+                        ({"custom_id": "b", "method": "GET"}, "line 2: method must be POST"),
+                        ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {}}, "line 2: url"),
+                        ({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions",
+                          "body": {"model": "tiny", "messages": [], "max_tokens": 2}}, "line 2: messages"),
+                        ({"custom_id": "e", "method": "POST", "url": "/v1/chat/completions",
+                          "body": {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True}},
+                         "line 2: logprobs is not supported")]:
+        f = oai.files.create(file=open(_batch_file(tmp_path, [good, {**good, **bad}]), "rb"), purpose="batch")
+        before = jobs_recorded(client)
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert needle in e.value.message, e.value.message
+        assert jobs_recorded(client) == before
+
+    many = [{**good, "custom_id": f"r{i}"} for i in range(40)]
+    f = oai.files.create(file=open(_batch_file(tmp_path, many), "rb"), purpose="batch")
+    b = oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: oai.batches.retrieve(b.id).status == "in_progress", 30, "the batch to start")
+    assert oai.batches.cancel(b.id).status in ("cancelling", "cancelled")
+    wait_for(lambda: oai.batches.retrieve(b.id).status == "cancelled", 30, "the cancel")
+    done = oai.batches.retrieve(b.id)
+    assert done.request_counts.failed > 0 and done.error_file_id
+    errors = [json.loads(x) for x in oai.files.content(done.error_file_id).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert len(errors) + done.request_counts.completed == 40
+
+
+# --- refusals that need a server of their own ---------------------------------------------------------
+
+
+def test_token_auth_and_the_body_limit(env, worker, client):
+    s = start_api(env, "--max-body", "2000", extra_env={"GENCLI_API_TOKEN": TOKEN}, name="api-token")
+    try:
+        assert httpx.get(s.url + "/healthz").status_code == 200  # open: a load balancer's probe
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(s.url + "/v1/models", headers=auth).status_code == 200
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key=TOKEN, max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+        before = jobs_recorded(client)
+        big = {"model": "tiny", "prompt": "x" * 5000, "max_tokens": 2}
+        r = httpx.post(s.url + "/v1/jobs", json=big, headers=auth)
+        assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b"x" * 500
+
+        r = httpx.post(s.url + "/v1/jobs", content=chunked(), headers={**auth, "content-type": "application/json"})
+        assert r.status_code == 413
+        assert jobs_recorded(client) == before
+    finally:
+        s.stop()
+
+
+def test_a_full_queue_is_429_and_redis_down_is_503(env, client, tmp_path):
+    s = start_api(env, extra_env={"GENCLI_MAX_QUEUED": "1"}, name="api-bound")
+    try:
+        unserved = {"model": f"nobody-{env['id']}", "prompt": "x", "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/jobs", json=unserved).status_code == 201
+        before = jobs_recorded(client)
+        r = httpx.post(s.url + "/v1/jobs", json=unserved)
+        assert r.status_code == 429 and r.headers["retry-after"].isdigit()
+        assert error_of(r)["code"] == "queue_full" and jobs_recorded(client) == before
+    finally:
+        s.stop()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    s = start_api(env, extra_env={"GENCLI_REDIS_URL": dead}, name="api-no-redis")
+    try:
+        before = jobs_recorded(client)
+        r = httpx.post(s.url + "/v1/jobs", json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 503 and error_of(r)["code"] == "redis_unavailable"
+        assert jobs_recorded(client) == before
+        assert httpx.get(s.url + "/v1/jobs").status_code == 200  # reads come from the store
+        assert httpx.get(s.url + "/healthz").status_code == 503
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
+                                                                                          "content": "x"}]})
+        assert r.status_code == 503
+    finally:
+        s.stop()
+
+
+def test_serve_refuses_a_taken_port_in_one_line(env, api):
+    import subprocess
+    import sys
+
+    from services import child_env
+
+    r = subprocess.run([sys.executable, "-m", "gencli.cli", "serve", "--port", str(api.port)],
+                       env=child_env(env["vars"]), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "in use" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- Flower ---------------------------------------------------------------------------------------
+
+
+def test_flower_sees_the_workers_and_their_tasks(env, worker, client):
+    import subprocess
+    import sys
+
+    from services import child_env
+
+    port = free_port()
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "gencli.worker.celeryapp", "flower",
+                               "--address=127.0.0.1", f"--port={port}"],
+                              env=child_env(env["vars"], {"FLOWER_UNAUTHENTICATED_API": "true"}),
+                              stdout=open(env["tmp"] / "flower.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def workers():
+            try:
+                return httpx.get(url + "/api/workers", params={"refresh": "1"}, timeout=10).json()
+            except (httpx.TransportError, ValueError):
+                return {}
+
+        wait_for(lambda: worker.name in workers(), 60, "Flower to list the worker")
+        assert workers()[worker.name]["stats"]["pool"]["implementation"].endswith("thread:TaskPool")
+        job = client.submit(["Hello Flower"], model="tiny", max_tokens=3)
+        assert job.wait(60) is JobStatus.SUCCEEDED
+
+        def task():
+            tasks = httpx.get(url + "/api/tasks", timeout=10).json()
+            return next((t for t in tasks.values() if job.id in (t.get("args") or "")), None)
+
+        seen = wait_for(lambda: (t := task()) and t["state"] == "SUCCESS" and t, 30, "Flower to show the task")
+        assert seen["name"] == "gencli.generate" and seen["worker"] == worker.name
+    finally:
+        import os
+        import signal
+
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(20)
