@@ -65,6 +65,7 @@ async def api_one(http, base: str, prompt: str, max_tokens: int) -> dict:
     out["t0"] = t0
     try:
         async with http.stream("POST", base + "/v1/completions", json=body) as resp:
+            out["submitted"] = time.perf_counter()  # the headers: the API has recorded and queued the job
             out["job"] = resp.headers.get("x-gencli-job")
             if resp.status_code != 200:
                 out["errors"].append(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
@@ -174,6 +175,7 @@ def direct_one(client, prompt: str, max_tokens: int, go: threading.Event | None 
     out["t0"] = t0
     try:
         job = client.submit([prompt], model=MODEL, max_tokens=max_tokens, temperature=0)
+        out["submitted"] = time.perf_counter()
         out["job"] = job.id
         for d in job.stream():
             out["text"] = d.text if d.restart else out["text"] + d.text
@@ -243,17 +245,20 @@ def summarize(samples: list[dict]) -> dict:
     wall = max(ends) - min(t0s)
     ttft = [s["first"] - s["t0"] for s in samples if s["first"] is not None]
     latency = [s["end"] - s["t0"] for s in samples if s.get("end") is not None]
+    submit = [s["submitted"] - s["t0"] for s in samples if s.get("submitted") is not None]
     tokens = sum(s.get("tokens", 0) for s in samples)
     bad = [s for s in samples if s["errors"]]
     return {"clients": len(samples), "complete": len(samples) - len(bad), "wall_s": wall,
             "requests_per_s": len(samples) / wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_s": ttft, "latency_s": latency, "texts": {s["prompt"]: s.get("stored") for s in samples},
+            "ttft_s": ttft, "latency_s": latency, "submit_s": submit,
+            "texts": {s["prompt"]: s.get("stored") for s in samples},
             "failures": [{"prompt": s["prompt"], "job": s["job"], "errors": s["errors"]} for s in bad]}
 
 
 def pooled(rounds: list[dict]) -> dict:
     ttft = [x for r in rounds for x in r["ttft_s"]]
     lat = [x for r in rounds for x in r["latency_s"]]
+    sub = [x for r in rounds for x in r["submit_s"]]
     return {
         "requests_per_s": median([r["requests_per_s"] for r in rounds]),
         "tokens_per_s": median([r["tokens_per_s"] for r in rounds]),
@@ -262,9 +267,11 @@ def pooled(rounds: list[dict]) -> dict:
         "ttft_max_ms": max(ttft) * 1e3 if ttft else None,
         "latency_p50_ms": percentile(lat, 50) * 1e3 if lat else None,
         "latency_p99_ms": percentile(lat, 99) * 1e3 if lat else None,
+        "submitted_p50_ms": percentile(sub, 50) * 1e3 if sub else None,
+        "submitted_p99_ms": percentile(sub, 99) * 1e3 if sub else None,
         "clients": sum(r["clients"] for r in rounds),
         "complete": sum(r["complete"] for r in rounds),
-        "rounds": [{k: v for k, v in r.items() if k not in ("ttft_s", "latency_s", "texts", "failures")}
+        "rounds": [{k: v for k, v in r.items() if k not in ("ttft_s", "latency_s", "submit_s", "texts", "failures")}
                    | {"ttft_p50_ms": percentile(r["ttft_s"], 50) * 1e3 if r["ttft_s"] else None}
                    for r in rounds],
         "failures": [f for r in rounds for f in r["failures"]],
@@ -273,7 +280,7 @@ def pooled(rounds: list[dict]) -> dict:
 
 async def idle_phase(client, base: str, texts: list[str], max_tokens: int, n: int) -> dict:
     """n single requests one at a time, API and direct alternating, the workers otherwise idle."""
-    api, direct, bad = [], [], []
+    api, direct, bad, queued = [], [], [], {"api": [], "direct": []}
     async with _http(1) as http:
         for k in range(n):
             p = texts[k % len(texts)]
@@ -281,13 +288,17 @@ async def idle_phase(client, base: str, texts: list[str], max_tokens: int, n: in
             await asyncio.sleep(0.1)
             d = await asyncio.to_thread(direct_one, client, p, max_tokens)
             await asyncio.sleep(0.1)
-            for s, into in ((a, api), (d, direct)):
+            for s, into, way in ((a, api, "api"), (d, direct, "direct")):
                 if s["first"] is not None:
                     into.append(s["first"] - s["t0"])
+                if s.get("submitted") is not None:
+                    queued[way].append(s["submitted"] - s["t0"])
                 bad += [s["errors"]] if s["errors"] else []
     a50, d50 = percentile(api, 50) * 1e3, percentile(direct, 50) * 1e3
     return {"samples": n, "api_ttft_p50_ms": a50, "direct_ttft_p50_ms": d50, "overhead_p50_ms": a50 - d50,
             "api_ttft_p99_ms": percentile(api, 99) * 1e3, "direct_ttft_p99_ms": percentile(direct, 99) * 1e3,
+            "api_queued_p50_ms": percentile(queued["api"], 50) * 1e3 if queued["api"] else None,
+            "direct_queued_p50_ms": percentile(queued["direct"], 50) * 1e3 if queued["direct"] else None,
             "failures": bad}
 
 
@@ -314,6 +325,17 @@ def start_api(env: BenchEnv, log_level: str) -> tuple[Proc, str]:
 
     p.wait_for(ready, 60, "gencli serve")
     return p, f"http://127.0.0.1:{port[0]}"
+
+
+def close(env: BenchEnv) -> None:
+    """Stop every process the benchmark started; a second Ctrl-C or SIGTERM does not cut this short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        env.close()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main() -> int:
@@ -418,12 +440,12 @@ def main() -> int:
         result["all_complete"] = complete
     except KeyboardInterrupt:
         log("interrupted: stopping every process this benchmark started ...")
-        env.close()
+        close(env)
         return 130
     except BaseException:
-        env.close()
+        close(env)
         raise
-    env.close()
+    close(env)
     result["elapsed_s"] = time.perf_counter() - t_all
     result["loadavg_end"] = os.getloadavg()[0]
     if a.json:
@@ -459,6 +481,9 @@ def report(res: dict) -> None:
     print(f"  TTFT p50                  {ms(fa['ttft_p50_ms'])}    {ms(fd['ttft_p50_ms'])}")
     print(f"  TTFT p99                  {ms(fa['ttft_p99_ms'])}    {ms(fd['ttft_p99_ms'])}")
     print(f"  request to stream end p50 {ms(fa['latency_p50_ms'])}    {ms(fd['latency_p50_ms'])}")
+    print(f"  job queued p50            {ms(fa['submitted_p50_ms'])}    {ms(fd['submitted_p50_ms'])}"
+          "   (API: the response's headers; direct: submit() returns)")
+    print(f"  job queued p99            {ms(fa['submitted_p99_ms'])}    {ms(fd['submitted_p99_ms'])}")
     print()
     ov = res["api_overhead_p50_ms"]
     per_round = ", ".join(f"{x:.1f}" for x in res["api_overhead_p50_ms_per_round"] if x is not None)
@@ -468,6 +493,9 @@ def report(res: dict) -> None:
     if idle:
         print(f"  at idle, one request at a time ({idle['samples']} each way): TTFT p50 API {idle['api_ttft_p50_ms']:.1f} ms,"
               f" direct {idle['direct_ttft_p50_ms']:.1f} ms: overhead {idle['overhead_p50_ms']:.1f} ms")
+        if idle["api_queued_p50_ms"] is not None and idle["direct_queued_p50_ms"] is not None:
+            print(f"    job queued p50: API {idle['api_queued_p50_ms']:.1f} ms (response headers), direct "
+                  f"{idle['direct_queued_p50_ms']:.1f} ms (submit() returns)")
     print(f"  same stored text both ways: {res['same_text_both_ways']}/{c['clients']} prompts")
     print(f"  every client got its whole stream: {res['all_complete']}", flush=True)
 

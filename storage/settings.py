@@ -35,6 +35,8 @@ class Settings:
     stream_ttl: int  # GENCLI_STREAM_TTL: seconds a job's token replay log is kept after it ends
     stream_max_events: int  # GENCLI_STREAM_MAX_EVENTS: a replay log's cap (older events are trimmed;
     #                         readers of a trimmed log fall back to the store)
+    task_events: bool  # GENCLI_TASK_EVENTS: Celery task events and worker event heartbeats, for Flower
+    #                    (default on; 0 turns them off)
     max_queued: int | None  # GENCLI_MAX_QUEUED: queued jobs per model beyond which a submit is refused
     #                        (None: no bound)
     namespace: str | None  # GENCLI_NAMESPACE: this deployment's Redis namespace (default: the
@@ -57,6 +59,7 @@ class Settings:
             visibility_timeout=int(env.get("GENCLI_VISIBILITY_TIMEOUT", str(6 * 3600))),
             stream_ttl=int(env.get("GENCLI_STREAM_TTL", str(24 * 3600))),
             stream_max_events=int(env.get("GENCLI_STREAM_MAX_EVENTS", "200000")),
+            task_events=_flag(env.get("GENCLI_TASK_EVENTS", "1"), "GENCLI_TASK_EVENTS"),
             max_queued=_opt_int(env.get("GENCLI_MAX_QUEUED"), "GENCLI_MAX_QUEUED"),
             namespace=_namespace(env.get("GENCLI_NAMESPACE")),
         )
@@ -72,6 +75,14 @@ def _namespace(v: str | None) -> str | None:
     if not _NAMESPACE.match(v):
         raise GencliError(f"GENCLI_NAMESPACE={v!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
     return v
+
+
+def _flag(v: str, name: str) -> bool:
+    if v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise GencliError(f"{name}={v!r}: use 1 or 0")
 
 
 def _opt_int(v: str | None, name: str) -> int | None:

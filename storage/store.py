@@ -150,7 +150,8 @@ class Store:
                 mark = s.get(Job, after)
             if mark is None:
                 raise StoreError(f"no job {after} to page after")
-            q = q.where(or_(Job.created_at < mark.created_at, and_(Job.created_at == mark.created_at, Job.id < mark.id)))
+            older = and_(Job.created_at == mark.created_at, Job.id < mark.id)
+            q = q.where(or_(Job.created_at < mark.created_at, older))
         if status:
             q = q.where(Job.status == status)
         if model:

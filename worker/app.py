@@ -74,9 +74,10 @@ def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
         },
         worker_hijack_root_logger=False,
         # Flower (and `celery events`) see the workers and their tasks: task events from workers and
-        # submitters, and the workers' event heartbeats (bench/queue.py --events measures the cost)
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # submitters, and the workers' event heartbeats (GENCLI_TASK_EVENTS=0 turns them off;
+        # bench/events.py measures what they cost)
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_default_queue="gencli",
     )
     return app

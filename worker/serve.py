@@ -135,9 +135,10 @@ def serve(
     try:
         log.info("worker %s: up to %d jobs at once, %d slots%s", name, ctx.max_jobs, ctx.slots,
                  f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
+        quiet = [] if settings.task_events else ["--without-heartbeat"]  # event heartbeats: Flower's
         app.worker_main(["worker", "--pool=threads", f"--concurrency={ctx.max_jobs}", "--queues", ",".join(queues),
-                         "--hostname", name,
-                         f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
+                         "--hostname", name, f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+                         *quiet])
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
             quick.delete(keys.worker(name))
