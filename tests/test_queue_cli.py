@@ -218,3 +218,17 @@ def test_show_and_results_read_well(client, worker, tiny):
     assert t.stdout == f"=== line 1 ===\n{expected[0]}\n=== line 2 ===\n{expected[1]}\n"
     log = worker.log.read_text()  # the banner tells the truth: up to 8 jobs at once, on 8 slots
     assert "concurrency: 8 (thread)" in log and "up to 8 jobs at once, 8 slots, at most 6 per job" in log
+
+
+def test_submit_past_gencli_max_queued_is_refused_and_records_nothing(env, client, monkeypatch):
+    model = f"unserved-bound-{env['id']}"
+    monkeypatch.setenv("GENCLI_MAX_QUEUED", "2")
+    for _ in range(2):
+        assert cli("submit", "--model", model, "--prompt", "wait").exit_code == 0
+    before = len(client.store.list_jobs(limit=10_000))
+    r = cli("submit", "--model", model, "--prompt", "one too many")
+    assert r.exit_code == 1 and "has 2 queued jobs already (GENCLI_MAX_QUEUED=2)" in r.output, r.output
+    assert "Traceback" not in r.output and len(client.store.list_jobs(limit=10_000)) == before
+    monkeypatch.setenv("GENCLI_MAX_QUEUED", "many")
+    r = cli("submit", "--model", model, "--prompt", "x")
+    assert r.exit_code == 1 and "GENCLI_MAX_QUEUED='many': use a whole number >= 1" in r.output, r.output
