@@ -34,12 +34,20 @@ rounds, the queue first in even ones):
   direct (target <= 10 ms).
 - for reference, the same difference at idle: --idle-samples single requests one at a time,
   API and direct alternating (a kept-alive connection for the API), the workers otherwise idle.
+- to see where the time goes: "job queued" (API: the response's headers, which come once the job
+  is recorded and queued; direct: submit() returns), CPU time per request of each process (from
+  /proc: gencli serve, this process, the workers, redis-server) from the first request to the
+  last stream's end, the Redis keys before each round and at the end, and what
+  Client.served_models() costs then: every completion request calls it (check_served), and it
+  SCANs the whole keyspace, which every job's replay log (kept GENCLI_STREAM_TTL, a day) grows,
+  so the API's overhead grows with the jobs run before, in this run and in a deployment.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -147,8 +155,8 @@ def _http(n: int):
                              limits=httpx.Limits(max_connections=n + 16, max_keepalive_connections=n + 16))
 
 
-async def api_round(base: str, texts: list[str], max_tokens: int) -> dict:
-    """Every prompt at once, one streaming client each; then every stored output."""
+async def api_round(base: str, texts: list[str], max_tokens: int, streamed=None) -> dict:
+    """Every prompt at once, one streaming client each; then (after calling streamed()) every stored output."""
     async with _http(len(texts)) as http:
         go = asyncio.Event()
 
@@ -160,6 +168,8 @@ async def api_round(base: str, texts: list[str], max_tokens: int) -> dict:
         await asyncio.sleep(0.05)  # every task waiting at the gate
         go.set()
         samples = await asyncio.gather(*tasks)
+        if streamed is not None:
+            streamed()
         await api_results(http, base, samples)
     return summarize(samples)
 
@@ -215,7 +225,7 @@ def direct_results(client, samples: list[dict]) -> None:
             s["errors"].append(f"streamed finish_reason {s['finish']!r} != stored {row['finish_reason']!r}")
 
 
-def direct_round(client, texts: list[str], max_tokens: int) -> dict:
+def direct_round(client, texts: list[str], max_tokens: int, streamed=None) -> dict:
     """Every prompt at once, one thread each (daemon threads: a Ctrl-C does not wait for them)."""
     go = threading.Event()
     samples: list[dict | None] = [None] * len(texts)
@@ -230,6 +240,8 @@ def direct_round(client, texts: list[str], max_tokens: int) -> dict:
     go.set()
     for t in threads:
         t.join(600)
+    if streamed is not None:
+        streamed()
     done = [s if s is not None else {"prompt": texts[k], "job": None, "text": "", "finish": None, "first": None,
                                      "errors": ["the thread did not finish in 600 s"], "t0": None, "end": None}
             for k, s in enumerate(samples)]
@@ -275,6 +287,9 @@ def pooled(rounds: list[dict]) -> dict:
                    | {"ttft_p50_ms": percentile(r["ttft_s"], 50) * 1e3 if r["ttft_s"] else None}
                    for r in rounds],
         "failures": [f for r in rounds for f in r["failures"]],
+        "cpu_ms_per_request": {k: median(xs) if (xs := [r["cpu_s"][k] / r["clients"] * 1e3 for r in rounds
+                                                         if r.get("cpu_s", {}).get(k) is not None]) else None
+                               for k in ("api_server", "workers", "redis", "bench")},
     }
 
 
@@ -303,6 +318,39 @@ async def idle_phase(client, base: str, texts: list[str], max_tokens: int, n: in
 
 
 # --- the run ----------------------------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used, from /proc (None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CPUMeter:
+    """CPU seconds per process group over a stretch: the API server, the workers, Redis, this process."""
+
+    def __init__(self, pids: dict[str, list[int]]):
+        self.pids = pids
+
+    def read(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for name, pids in self.pids.items():
+            xs = [cpu_s(p) for p in pids]
+            out[name] = None if any(x is None for x in xs) else sum(xs)
+        t = os.times()
+        out["bench"] = t.user + t.system
+        return out
+
+    @staticmethod
+    def spent(before: dict, after: dict) -> dict[str, float | None]:
+        return {k: None if before[k] is None or after[k] is None else after[k] - before[k] for k in before}
+
 
 def start_api(env: BenchEnv, log_level: str) -> tuple[Proc, str]:
     """`gencli serve` on a port the kernel picks (--port 0: no race for a free one); its base URL."""
@@ -383,7 +431,9 @@ def main() -> int:
             w.wait_for(lambda k=k, w=w: env.r.get(env.keys.worker(f"w{k}@bench")) is not None and "ready" in w.text(),
                        180, f"worker w{k}")
         log("starting gencli serve ...")
-        api, base = start_api(env, a.api_log_level)
+        api_proc, base = start_api(env, a.api_log_level)
+        meter = CPUMeter({"api_server": [api_proc.proc.pid], "workers": [w.proc.pid for w in workers],
+                          "redis": [env.redis_proc.pid]})
         client = Client(get_settings(), start_redis=False)
         served = client.served_models().get(MODEL)
         if served != a.workers:
@@ -401,8 +451,13 @@ def main() -> int:
             for way in order:
                 time.sleep(1.0)  # the workers idle again, the last round's followers gone
                 log(f"round {r + 1}/{a.rounds}, {way}: {a.clients} streaming clients at once ...")
-                res = (asyncio.run(api_round(base, texts, a.max_tokens)) if way == "api"
-                       else direct_round(client, texts, a.max_tokens))
+                keys_before = env.r.dbsize()
+                c0, c1 = meter.read(), {}
+                streamed = functools.partial(lambda into: into.update(meter.read()), c1)
+                res = (asyncio.run(api_round(base, texts, a.max_tokens, streamed)) if way == "api"
+                       else direct_round(client, texts, a.max_tokens, streamed))
+                res["cpu_s"] = CPUMeter.spent(c0, c1)  # up to the last stream's end (not the results' checks)
+                res["redis_keys_before"] = keys_before
                 rounds[way].append(res)
                 log(f"   {res['complete']}/{res['clients']} complete in {res['wall_s']:.2f} s, "
                     f"TTFT p50 {percentile(res['ttft_s'], 50) * 1e3 if res['ttft_s'] else float('nan'):.1f} ms")
@@ -413,6 +468,14 @@ def main() -> int:
             time.sleep(1.0)
             idle = asyncio.run(idle_phase(client, base, texts, a.max_tokens, a.idle_samples))
 
+        # what every completion request pays before its job is queued: check_served -> live_workers,
+        # a SCAN of the whole keyspace; timed here, in this process, with the keys the run left
+        client.served_models()
+        t = time.perf_counter()
+        for _ in range(10):
+            client.served_models()
+        served_ms = (time.perf_counter() - t) / 10 * 1e3
+        keys_end = env.r.dbsize()
         fa, fd = pooled(rounds["api"]), pooled(rounds["direct"])
         same = sum(all(r["texts"][p] == d["texts"][p] for r in rounds["api"] for d in rounds["direct"])
                    for p in texts)
@@ -432,6 +495,8 @@ def main() -> int:
                 else None for x, y in zip(fa["rounds"], fd["rounds"])],
             "idle": idle,
             "same_text_both_ways": same,
+            "redis_keys_at_end": keys_end,
+            "served_models_ms_at_end": served_ms,
             "target": {"name": "api_overhead_p50_ms", "op": "<=", "target": TARGET_OVERHEAD_MS,
                        "pass": overhead is not None and overhead <= TARGET_OVERHEAD_MS},
         })
@@ -484,11 +549,18 @@ def report(res: dict) -> None:
     print(f"  job queued p50            {ms(fa['submitted_p50_ms'])}    {ms(fd['submitted_p50_ms'])}"
           "   (API: the response's headers; direct: submit() returns)")
     print(f"  job queued p99            {ms(fa['submitted_p99_ms'])}    {ms(fd['submitted_p99_ms'])}")
+    ca, cd = fa["cpu_ms_per_request"], fd["cpu_ms_per_request"]
+    print("  CPU ms per request (median over rounds; the first request to the last stream's end):")
+    for k, what in (("api_server", "gencli serve"), ("bench", "this process (clients)"), ("workers", "the workers"),
+                    ("redis", "redis-server")):
+        print(f"    {what:<24}{ms(ca[k])}    {ms(cd[k])}")
     print()
     ov = res["api_overhead_p50_ms"]
-    per_round = ", ".join(f"{x:.1f}" for x in res["api_overhead_p50_ms_per_round"] if x is not None)
+    per_round = ", ".join(f"{x:.1f} ({r['redis_keys_before']} keys)" for x, r in
+                          zip(res["api_overhead_p50_ms_per_round"], fa["rounds"]) if x is not None)
     print(f"  API overhead p50 {ov:8.1f} ms   target <= {t['target']:g} ms  {'PASS' if t['pass'] else 'FAIL'}"
-          f"   (TTFT p50 API minus direct; per round: {per_round} ms)" if ov is not None else
+          f"   (TTFT p50 API minus direct)\n    per round, ms (Redis keys before the API's round): {per_round}"
+          if ov is not None else
           "  API overhead p50      n/a")
     if idle:
         print(f"  at idle, one request at a time ({idle['samples']} each way): TTFT p50 API {idle['api_ttft_p50_ms']:.1f} ms,"
@@ -497,6 +569,8 @@ def report(res: dict) -> None:
             print(f"    job queued p50: API {idle['api_queued_p50_ms']:.1f} ms (response headers), direct "
                   f"{idle['direct_queued_p50_ms']:.1f} ms (submit() returns)")
     print(f"  same stored text both ways: {res['same_text_both_ways']}/{c['clients']} prompts")
+    print(f"  Redis keys at the end {res['redis_keys_at_end']}; Client.served_models() (each completion request's "
+          f"check_served: a SCAN of every key) {res['served_models_ms_at_end']:.1f} ms")
     print(f"  every client got its whole stream: {res['all_complete']}", flush=True)
 
 
