@@ -38,9 +38,9 @@ rounds, the queue first in even ones):
   is recorded and queued; direct: submit() returns), CPU time per request of each process (from
   /proc: gencli serve, this process, the workers, redis-server) from the first request to the
   last stream's end, the Redis keys before each round and at the end, and what
-  Client.served_models() costs then: every completion request calls it (check_served), and it
-  SCANs the whole keyspace, which every job's replay log (kept GENCLI_STREAM_TTL, a day) grows,
-  so the API's overhead grows with the jobs run before, in this run and in a deployment.
+  Client.served_models() costs then: every completion request calls it (check_served); it reads
+  the set of worker names and their heartbeats, so it must not grow with the keys that jobs
+  leave (each replay log is kept GENCLI_STREAM_TTL, a day).
 """
 
 from __future__ import annotations
@@ -468,8 +468,8 @@ def main() -> int:
             time.sleep(1.0)
             idle = asyncio.run(idle_phase(client, base, texts, a.max_tokens, a.idle_samples))
 
-        # what every completion request pays before its job is queued: check_served -> live_workers,
-        # a SCAN of the whole keyspace; timed here, in this process, with the keys the run left
+        # what every completion request pays before its job is queued: check_served -> live_workers
+        # (the workers' set and their heartbeats); timed here, in this process, with the keys the run left
         client.served_models()
         t = time.perf_counter()
         for _ in range(10):
@@ -492,7 +492,7 @@ def main() -> int:
             "api_overhead_p50_ms": overhead,
             "api_overhead_p50_ms_per_round": [
                 (x["ttft_p50_ms"] - y["ttft_p50_ms"]) if x["ttft_p50_ms"] is not None and y["ttft_p50_ms"] is not None
-                else None for x, y in zip(fa["rounds"], fd["rounds"])],
+                else None for x, y in zip(fa["rounds"], fd["rounds"], strict=True)],
             "idle": idle,
             "same_text_both_ways": same,
             "redis_keys_at_end": keys_end,
@@ -534,13 +534,15 @@ def report(res: dict) -> None:
 
     print(f"gencli HTTP API benchmark ({c['workers']} CPU workers x --batch_size {c['batch_size']} --max-jobs "
           f"{c['batch_size']}, {c['threads_per_worker']} torch thread(s) each, one gencli serve; {res['cpus']} CPUs, "
-          f"{res['elapsed_s']:.0f} s; load average {res['loadavg_start']:.1f} at start, {res['loadavg_end']:.1f} at end)")
+          f"{res['elapsed_s']:.0f} s; load average {res['loadavg_start']:.1f} at start, "
+          f"{res['loadavg_end']:.1f} at end)")
     print(f"model: {c['model']}")
     print(f"{c['clients']} concurrent streaming requests x {c['max_tokens']} new tokens, temperature 0, "
           f"{c['rounds']} alternating round(s) each way")
     print()
     print(f"                            {'API (HTTP, SSE)':>16}  {'queue alone':>14}")
-    print(f"  complete streams          {fa['complete']:>10}/{fa['clients']:<5}  {fd['complete']:>8}/{fd['clients']:<5}")
+    print(f"  complete streams          {fa['complete']:>10}/{fa['clients']:<5}  "
+          f"{fd['complete']:>8}/{fd['clients']:<5}")
     print(f"  requests/s                {fa['requests_per_s']:13.1f}     {fd['requests_per_s']:11.1f}")
     print(f"  completion tokens/s       {fa['tokens_per_s']:13.1f}     {fd['tokens_per_s']:11.1f}")
     print(f"  TTFT p50                  {ms(fa['ttft_p50_ms'])}    {ms(fd['ttft_p50_ms'])}")
@@ -557,20 +559,21 @@ def report(res: dict) -> None:
     print()
     ov = res["api_overhead_p50_ms"]
     per_round = ", ".join(f"{x:.1f} ({r['redis_keys_before']} keys)" for x, r in
-                          zip(res["api_overhead_p50_ms_per_round"], fa["rounds"]) if x is not None)
+                          zip(res["api_overhead_p50_ms_per_round"], fa["rounds"], strict=True) if x is not None)
     print(f"  API overhead p50 {ov:8.1f} ms   target <= {t['target']:g} ms  {'PASS' if t['pass'] else 'FAIL'}"
           f"   (TTFT p50 API minus direct)\n    per round, ms (Redis keys before the API's round): {per_round}"
           if ov is not None else
           "  API overhead p50      n/a")
     if idle:
-        print(f"  at idle, one request at a time ({idle['samples']} each way): TTFT p50 API {idle['api_ttft_p50_ms']:.1f} ms,"
+        print(f"  at idle, one request at a time ({idle['samples']} each way): "
+              f"TTFT p50 API {idle['api_ttft_p50_ms']:.1f} ms,"
               f" direct {idle['direct_ttft_p50_ms']:.1f} ms: overhead {idle['overhead_p50_ms']:.1f} ms")
         if idle["api_queued_p50_ms"] is not None and idle["direct_queued_p50_ms"] is not None:
             print(f"    job queued p50: API {idle['api_queued_p50_ms']:.1f} ms (response headers), direct "
                   f"{idle['direct_queued_p50_ms']:.1f} ms (submit() returns)")
     print(f"  same stored text both ways: {res['same_text_both_ways']}/{c['clients']} prompts")
     print(f"  Redis keys at the end {res['redis_keys_at_end']}; Client.served_models() (each completion request's "
-          f"check_served: a SCAN of every key) {res['served_models_ms_at_end']:.1f} ms")
+          f"check_served) {res['served_models_ms_at_end']:.1f} ms")
     print(f"  every client got its whole stream: {res['all_complete']}", flush=True)
 
 

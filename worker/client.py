@@ -195,7 +195,12 @@ class Client:
         """The workers whose heartbeat is fresh (those serving queue, when given)."""
         try:
             r = self.redis
-            found = [json.loads(v) for v in (r.get(k) for k in r.scan_iter(self.keys.worker("*"))) if v]
+            names = sorted(n.decode() for n in r.smembers(self.keys.workers))
+            beats = r.mget([self.keys.worker(n) for n in names]) if names else []
+            gone = [n for n, b in zip(names, beats, strict=True) if b is None]
+            if gone:
+                r.srem(self.keys.workers, *gone)  # stopped beating: a new beat adds it back
+            found = [json.loads(b) for b in beats if b]
         except (redis.RedisError, OSError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__})") from None
         return [w for w in found if queue is None or queue in w["queues"]]

@@ -29,6 +29,12 @@ class Keys:
         """A live worker's heartbeat (JSON; expires when it stops beating)."""
         return f"{self.prefix}worker:{name}"
 
+    @property
+    def workers(self) -> str:
+        """The set of worker names that have beaten (a reader keeps those whose heartbeat is live):
+        finding the live workers never scans the keyspace."""
+        return f"{self.prefix}workers"
+
     def model_info(self, model: str) -> str:
         """What a worker recorded about the model it serves (context, tokenizer, chat format)."""
         return f"{self.prefix}model:{model}"

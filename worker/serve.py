@@ -142,6 +142,7 @@ def serve(
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
             quick.delete(keys.worker(name))
+            quick.srem(keys.workers, name)
         except redis.RedisError:
             pass
 
@@ -185,6 +186,7 @@ def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...]) -> N
                 log.warning("waiting for Redis to register worker %s: %s", ctx.worker_name, e)
                 time.sleep(1.0)
         if taken:
+            r.sadd(ctx.keys.workers, ctx.worker_name)
             return
         raw = r.get(key)
         held = json.loads(raw) if raw else None
@@ -329,7 +331,10 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
         try:
             if info is not None:
                 r.set(ctx.keys.model_info(ctx.model_name), json.dumps(info))
-            r.set(ctx.keys.worker(ctx.worker_name), _beat(ctx, queues), ex=int(HEARTBEAT_SECONDS * 5))
+            beat = r.pipeline(transaction=False)
+            beat.set(ctx.keys.worker(ctx.worker_name), _beat(ctx, queues), ex=int(HEARTBEAT_SECONDS * 5))
+            beat.sadd(ctx.keys.workers, ctx.worker_name)
+            beat.execute()
             if time.monotonic() - last_reap > max(1.0, s.lease_seconds / 3):
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():

@@ -318,9 +318,8 @@ def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage:
     text: dict[int, str] = {}  # the folded text of each choice
     sent: dict[int, str] = {}  # what the client has of it
     finished: set[int] = set()
-    if shape.chat:
-        n = job.record().n_items
-        yield chunk([shape.chunk_choice(i, None, None, role=True) for i in range(n)])
+    if shape.chat:  # one conversation: n choices
+        yield chunk([shape.chunk_choice(i, None, None, role=True) for i in range(body.n)])
 
     def advance(i: int, finish: str | None) -> Iterator[str]:
         have, now = sent.get(i, ""), text.get(i, "")
