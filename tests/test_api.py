@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from services import free_port, start_api
+from services import free_port, start_api, start_worker
 from tailing import reference, wait_for
 
 from gencli.model.chat import ChatFormat, encode_prompt
@@ -269,6 +269,32 @@ def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(
     assert got.finish_reason == "cancelled" and got.completion_tokens < 110
 
 
+def test_a_non_streaming_client_that_times_out_cancels_its_job_unless_kept(env, api, tiny, client, tmp_path):
+    model = f"tiny-stall-{env['id']}"
+    stall = tmp_path / "stall"
+    w = start_worker(env, tiny, f"stall-{env['id']}@test", "--model-name", model,
+                     extra_env={"GENCLI_INJECT_STALL": str(stall)})
+    try:
+        body = {"model": model, "prompt": "Wait for it", "max_tokens": 20, "temperature": 0}
+        ids = {}
+        for keep in (False, True):
+            stall.touch()  # every decoding step waits while the file is there
+            headers = {"X-Gencli-Keep": "1"} if keep else {}
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+                httpx.post(api.url + "/v1/completions", json=body, headers=headers, timeout=1.5)
+            (job,) = client.list_jobs(model=model, limit=1)  # (a whole response names its job in X-Gencli-Job)
+            ids[keep] = job.id
+            if not keep:
+                wait_for(lambda: client.job(ids[False]).record().cancel_requested, 20, "the cancel")
+            stall.unlink()
+        assert client.job(ids[False]).wait(30) is JobStatus.CANCELLED
+        assert client.job(ids[True]).wait(30) is JobStatus.SUCCEEDED
+        assert not client.job(ids[True]).record().cancel_requested
+    finally:
+        stall.unlink(missing_ok=True)
+        w.stop()
+
+
 def test_non_streaming_requests_from_many_clients_at_once(api, tiny):
     import concurrent.futures as cf
 
@@ -323,6 +349,7 @@ def test_the_batch_api_end_to_end_through_a_server_restart(env, worker, tiny, tm
         assert texts == reference(tiny, prompts, 40)
         assert len(out[2]["response"]["body"]["choices"]) == 2 and out[0]["response"]["status_code"] == 200
         assert oai2.files.content(f.id).read() == _batch_file(tmp_path, lines).read_bytes()
+        assert f.id in [x.id for x in oai2.files.list(purpose="batch").data]
     finally:
         first.kill()
         if second:
@@ -373,6 +400,8 @@ def test_token_auth_and_the_body_limit(env, worker, client):
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert httpx.get(s.url + "/v1/models", headers=auth).status_code == 200
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+        assert httpx.get(s.url + "/metrics").status_code == 401
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key=TOKEN, max_retries=0)
         assert ok.completions.create(model="tiny", prompt="Hi", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
@@ -405,15 +434,17 @@ def test_a_full_queue_is_429_and_redis_down_is_503(env, client, tmp_path):
         assert error_of(r)["code"] == "queue_full" and jobs_recorded(client) == before
     finally:
         s.stop()
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+    dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     s = start_api(env, extra_env={"GENCLI_REDIS_URL": dead}, name="api-no-redis")
     try:
         before = jobs_recorded(client)
         r = httpx.post(s.url + "/v1/jobs", json={"model": "tiny", "prompt": "x"})
         assert r.status_code == 503 and error_of(r)["code"] == "redis_unavailable"
+        assert "does not answer" in r.text and "hunter2" not in r.text  # the URL is shown without its password
         assert jobs_recorded(client) == before
         assert httpx.get(s.url + "/v1/jobs").status_code == 200  # reads come from the store
-        assert httpx.get(s.url + "/healthz").status_code == 503
+        h = httpx.get(s.url + "/healthz")
+        assert h.status_code == 503 and h.json()["redis"] == "unavailable" and h.json()["store"] == "ok"
         r = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
                                                                                           "content": "x"}]})
         assert r.status_code == 503

@@ -40,6 +40,14 @@ def _tokenizer(name: str, chat_format: str) -> Tokenizer:
     return Tokenizer(load_encoding(name), chatml=chat_format == ChatFormat.CHATML.value)
 
 
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
 class RedisUnavailable(GencliError):
     """Redis does not answer: nothing was submitted (the HTTP API's 503)."""
 
@@ -82,8 +90,13 @@ class Client:
             try:
                 self._redis_url = resolve_redis_url(self.settings, start=self._start_redis)
             except GencliError as e:
-                raise RedisUnavailable(str(e)) from None
+                raise RedisUnavailable(str(e).replace(self.settings.redis_url, self.shown_redis_url)) from None
         return self._redis_url
+
+    @property
+    def shown_redis_url(self) -> str:
+        """The Redis URL as messages show it: without its password."""
+        return _hide_password(self._redis_url or self.settings.redis_url)
 
     @property
     def redis(self) -> redis.Redis:
@@ -139,7 +152,7 @@ class Client:
                 self._enqueue(record.id, record.model, record.priority, record.kind)
             except Exception as e:  # kombu wraps connection errors in its own types
                 self.store.delete_job(record.id)
-                raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): "
+                raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): "
                                        "nothing was submitted") from None
         return Job(self, record.id)
 
@@ -187,7 +200,7 @@ class Client:
         try:
             raw = self.redis.get(self.keys.model_info(model))
         except (redis.RedisError, OSError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__}): "
+            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): "
                                    "nothing was submitted") from None
         return json.loads(raw) if raw else None
 
@@ -202,7 +215,8 @@ class Client:
                 r.srem(self.keys.workers, *gone)  # stopped beating: a new beat adds it back
             found = [json.loads(b) for b in beats if b]
         except (redis.RedisError, OSError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {self.redis_url} ({type(e).__name__})") from None
+            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__})") \
+                from None
         return [w for w in found if queue is None or queue in w["queues"]]
 
     def served_models(self) -> dict[str, int]:
@@ -250,6 +264,10 @@ class Client:
         return self.store.db_time()
 
     # --- uploaded files (the Batch API's input) ------------------------------------------------
+    def files(self, *, purpose: str | None = None, limit: int = 100) -> list:
+        """Uploaded files, newest first, without their bytes."""
+        return self.store.list_files(purpose=purpose, limit=limit)
+
     def upload_file(self, *, purpose: str, filename: str, content: bytes):
         return self.store.create_file(purpose=purpose, filename=filename, content=content)
 
@@ -370,6 +388,7 @@ class Job:
                 self.client._enqueue(self.id, job.model, job.priority, job.kind)
             except (redis.RedisError, OSError, GencliError) as e:
                 raise RedisUnavailable(
-                    f"the retry of job {self.id} is recorded but Redis at {self.client.redis_url} does not answer "
+                    f"the retry of job {self.id} is recorded but Redis at {self.client.shown_redis_url} does not "
+                    "answer "
                     f"({type(e).__name__}): a worker sends it when Redis is back") from None
         return n

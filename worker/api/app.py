@@ -36,12 +36,13 @@ class TokenAuth:
 
     def __init__(self, app, token: str):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
                 why = "no bearer token" if not given else "a wrong bearer token"
                 err = APIError(401, f"{why}: send the header 'Authorization: Bearer <GENCLI_API_TOKEN>'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

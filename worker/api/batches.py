@@ -81,6 +81,15 @@ def _output_file(client: Client, file_id: str) -> tuple[Job, bool]:
     return job, errors
 
 
+@router.get("/v1/files")
+def list_files(request: Request, purpose: str | None = None, limit: int = Query(default=100, ge=1, le=10_000)):
+    """Uploaded files, newest first (a batch's output files are listed on its batch)."""
+    found = client_of(request).files(purpose=purpose, limit=limit + 1)
+    return {"object": "list", "data": [_file_json(f.id, purpose=f.purpose, filename=f.filename, size=f.bytes,
+                                                  created=f.created_at) for f in found[:limit]],
+            "has_more": len(found) > limit}
+
+
 @router.get("/v1/files/{file_id}")
 def file_info(file_id: str, request: Request):
     client = client_of(request)
