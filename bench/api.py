@@ -5,6 +5,7 @@ Run from the repository root:
     python -m bench.api                  # 100 concurrent streaming clients, 2 alternating rounds
     python -m bench.api --clients 10     # fewer clients (a 2-core machine, while developing)
     python -m bench.api --json           # one JSON object on stdout instead of the table
+    python -m bench.api --quick          # smoke run: 10 clients, one round
 
 Everything runs in this one run, on services of its own: a private redis-server on a free
 loopback port (never the one at 6379), a temporary GENCLI_HOME and SQLite store, the `small`
@@ -402,7 +403,10 @@ def main() -> int:
     ap.add_argument("--api-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="gencli serve --log-level (info: uvicorn's access log on, as a user runs it)")
     ap.add_argument("--db", type=int, default=0, help="Redis database number on the private redis-server")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10 clients, 1 round, 5 idle samples")
     a = ap.parse_args()
+    if a.quick:
+        a.clients, a.rounds, a.idle_samples = 10, 1, 5
     if a.clients < 1 or a.rounds < 1 or a.workers < 1:
         ap.error("--clients, --rounds and --workers must be at least 1")
 

@@ -4,6 +4,7 @@ heartbeats) and =0, side by side in one run.
 
     python -m bench.events            # about a minute on 2 cores
     python -m bench.events --json     # the same, with one JSON object as the last line of stdout
+    python -m bench.events --quick    # smoke run: one repetition, fewer jobs
 
 Each repetition starts a `gencli worker` (the tiny preset model, CPU) with events on, then one
 with them off (alternating, so drift hits both alike), and measures with a client of the same
@@ -63,7 +64,10 @@ def main() -> int:
     ap.add_argument("--submits", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=150)
     ap.add_argument("--db", type=int, default=13)
+    ap.add_argument("--quick", action="store_true", help="smoke run: one repetition, fewer jobs")
     args = ap.parse_args()
+    if args.quick:
+        args.reps, args.submits, args.jobs = 1, 50, 30
     env = BenchEnv(args.db, "gencli-bench-events-")
     try:
         from gencli.model.checkpoint import create_model
