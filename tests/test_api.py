@@ -62,12 +62,14 @@ def test_health_models_schema_and_metrics(api, worker):
                          ("/v1/batches/{batch_id}/cancel", "post"), ("/metrics", "get"), ("/healthz", "get")]:
         assert method in schema["paths"][path], (path, method)
     assert "max_completion_tokens" in schema["components"]["schemas"]["ChatRequest"]["properties"]
+    assert httpx.get(api.url + "/docs").status_code == 200
 
     text = httpx.get(api.url + "/metrics").text
     for name in ("gencli_jobs{", "gencli_workers{", "gencli_request_duration_seconds_bucket",
                  "gencli_num_requests_running{", "gencli_generation_tokens_total{"):
         assert name in text, name
     assert 'gencli_workers{model="tiny"} 1.0' in text
+    assert 'gencli_queue_depth{kind="generate",model="tiny"} 0.0' in text  # a served model's empty queue
 
 
 # --- native routes ----------------------------------------------------------------------------------
@@ -105,13 +107,14 @@ def test_a_native_job_runs_and_reads_back(api, tiny, client):
 
 
 @pytest.mark.parametrize("body, needle", [
-    ({"model": "tiny", "prompt": "  "}, "prompt: empty prompt"),
+    ({"model": "tiny", "prompt": "  "}, "empty prompt: give some text"),
     ({"model": "tiny", "prompt": "x", "top_k": 200.0}, "top_k"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, "temperature must be"),
     ({"model": "tiny", "prompt": "x", "colour": "red"}, "colour: unknown field"),
     ({"model": "tiny", "prompt": "x", "prompts": ["y"]}, 'give "prompt" (one) or "prompts"'),
     ({"model": "tiny", "prompts": [{"prompt": "a", "top_p": 0}]}, "prompts[0]: top_p must be in (0, 1]"),
-    ({"model": "tiny", "prompt": "word " * 300, "max_tokens": 10}, "exceeds the model's context of 256 tokens"),
+    ({"model": "tiny", "prompt": "word " * 300, "max_tokens": 10}, 'of 256 tokens: shorten the prompt, lower '
+                                                                    'max_tokens, or send "truncate": true'),
     ({"model": "bad name!", "prompt": "x"}, "model"),
 ])
 def test_a_refused_job_is_a_422_that_says_why_and_records_nothing(api, client, body, needle):
@@ -125,6 +128,10 @@ def test_a_refused_job_is_a_422_that_says_why_and_records_nothing(api, client, b
 def test_bad_bodies_and_unknown_things(api):
     r = httpx.post(api.url + "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in error_of(r)["message"]
+    r = httpx.post(api.url + "/v1/completions")
+    assert r.status_code == 422 and "the body is missing" in error_of(r)["message"]
+    r = httpx.post(api.url + "/v1/jobs", data={"model": "tiny", "prompt": "x"})  # a form, not JSON
+    assert r.status_code == 422 and "must be a JSON object" in error_of(r)["message"]
     assert error_of(httpx.get(api.url + "/v1/jobs/" + "f" * 32))["code"] == "not_found"
     assert httpx.get(api.url + "/v1/nothing-here").status_code == 404
     assert httpx.put(api.url + "/v1/jobs").status_code == 405
@@ -176,6 +183,10 @@ def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api
     with httpx.stream("GET", url, timeout=60) as r:  # opened after the end: all of it, then closed
         replay = _sse(list(r.iter_lines()) + [""])
     assert [e["id"] for e in replay] == [e["id"] for e in events]
+    t0 = time.monotonic()  # resumed after the end (an EventSource reconnecting): nothing more, no gap
+    with httpx.stream("GET", url, headers={"Last-Event-ID": str(events[-1]["id"])}, timeout=60) as r:
+        assert _sse(list(r.iter_lines()) + [""]) == []
+    assert time.monotonic() - t0 < 1.0
 
 
 # --- OpenAI's client --------------------------------------------------------------------------------
@@ -212,8 +223,9 @@ def test_openai_chat_streams_in_openais_shape(oai, api, tiny, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(c.choices[0].delta.content for c in content) == full.choices[0].message.content
-    assert content[-1].choices[0].finish_reason == full.choices[0].finish_reason is not None
-    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    with_choices = [c for c in chunks if c.choices]  # finish_reason on the last (content, or an empty delta)
+    assert with_choices[-1].choices[0].finish_reason == full.choices[0].finish_reason is not None
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
 
@@ -238,6 +250,7 @@ def test_openai_chat_streams_in_openais_shape(oai, api, tiny, client):
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop takes up to 4"),
     ({"n": 0}, 422, "n:"),
     ({"max_tokens": 500}, 422, "max_tokens 500 leaves no room"),
+    ({"prompt": "word " * 250, "max_tokens": 10}, 422, "shorten the prompt, lower max_tokens"),
     ({"model": "missing"}, 404, "not served by any live worker"),
 ])
 def test_openai_refusals(oai, client, kwargs, status, needle):
@@ -245,7 +258,7 @@ def test_openai_refusals(oai, client, kwargs, status, needle):
     args = {"model": "tiny", "prompt": "Hello", "max_tokens": 5} | kwargs
     with pytest.raises(openai.APIStatusError) as e:
         oai.completions.create(**args)
-    assert e.value.status_code == status and needle in e.value.message
+    assert e.value.status_code == status and needle in e.value.message and "--truncate" not in e.value.message
     assert jobs_recorded(client) == before
     # the neutral values of what gencli lacks are taken
     assert oai.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0, logprobs=None)
@@ -427,7 +440,8 @@ def test_a_full_queue_is_429_and_redis_down_is_503(env, client, tmp_path):
     s = start_api(env, extra_env={"GENCLI_MAX_QUEUED": "1"}, name="api-bound")
     try:
         unserved = {"model": f"nobody-{env['id']}", "prompt": "x", "max_tokens": 2}
-        assert httpx.post(s.url + "/v1/jobs", json=unserved).status_code == 201
+        r = httpx.post(s.url + "/v1/jobs", json=unserved)
+        assert r.status_code == 201 and "no live worker serves model nobody-" in r.json()["warning"]
         before = jobs_recorded(client)
         r = httpx.post(s.url + "/v1/jobs", json=unserved)
         assert r.status_code == 429 and r.headers["retry-after"].isdigit()

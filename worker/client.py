@@ -174,7 +174,7 @@ class Client:
 
     def _item(self, p, n: int) -> dict:
         if isinstance(p, PromptItem):
-            where = p.where or f"line {p.line}: "
+            where = p.where if p.where is not None else f"line {p.line}: "
             params = check_overrides(p.extra, where) if p.extra else None
             return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params, "where": where}
         if isinstance(p, str):
@@ -240,7 +240,7 @@ class Client:
                 sampling, _, _ = resolve_sampling(params, it.get("params"), info["block_size"])
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
-                where = it.get("where") or f"line {it['line']}: "
+                where = it["where"] if it.get("where") is not None else f"line {it['line']}: "
                 raise type(e)(f"{where}{e}") from None
 
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:

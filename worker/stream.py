@@ -197,6 +197,8 @@ def follow(
             ps.subscribe(keys.channel(job_id))  # before reading the log: nothing falls between
             down_since = None
             backlog = _catch_up(read_log(r, keys, job_id, seen), seen)
+            if not backlog and seen and _ends_at(r, keys, job_id, seen) and (is_done is None or is_done()):
+                return  # resumed after the job's "end": nothing more to send
             while True:
                 for e in backlog:
                     yield e
@@ -220,8 +222,9 @@ def follow(
                 if not backlog and msg is None and is_done is not None and is_done():
                     backlog = _catch_up(read_log(r, keys, job_id, seen), seen)
                     yield from backlog
-                    if not backlog or backlog[-1]["t"] != "end":
-                        yield gap_event(backlog[-1]["seq"] if backlog else seen, None)
+                    last = backlog[-1]["seq"] if backlog else seen
+                    if (backlog[-1]["t"] != "end") if backlog else not _ends_at(r, keys, job_id, seen):
+                        yield gap_event(last, None)
                     return
         except (redis.ConnectionError, redis.TimeoutError):
             down_since = down_since or time.monotonic()
@@ -234,6 +237,15 @@ def follow(
                 r.close()
             except redis.RedisError:
                 pass
+
+
+def _ends_at(r: redis.Redis, keys: Keys, job_id: str, seq: int) -> bool:
+    """Whether the log's last event is an "end" numbered seq (a reader that has seen seq has it all)."""
+    top = r.xrevrange(keys.log(job_id), "+", "-", count=1)
+    if not top:
+        return False
+    e = json.loads(top[0][1][b"e"])
+    return e["seq"] == seq and e["t"] == "end"
 
 
 def _catch_up(events: list[dict], seen: int) -> list[dict]:

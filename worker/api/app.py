@@ -101,6 +101,10 @@ def _one_line(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = "unknown field: remove it (see /docs for the fields this route takes)"
     if err.get("type") == "missing":
         msg = "required"
+        if param is None:
+            return "the body is missing: send a JSON object (content-type: application/json)", None
+    if param is None and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return "the body must be a JSON object (content-type: application/json)", None
     return (f"{param}: {msg}" if param else msg), param
 
 

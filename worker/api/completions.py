@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gencli.model.errors import ContextOverflowError
 from gencli.model.params import SEED_RANGE
 from gencli.worker.api import sse
 from gencli.worker.api.errors import APIError
@@ -146,10 +147,8 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
     given = prompts_of(body)
     if line is not None:
         where = None  # "line N: " of the batch's input file
-    elif isinstance(body, ChatRequest):
-        where = "messages: "
-    else:
-        where = "prompt: " if isinstance(body.prompt, str) else None
+    else:  # one prompt (or conversation): its errors need no label
+        where = "" if isinstance(body, ChatRequest) or isinstance(body.prompt, str) else None
     prompts = [(p, where or f"prompt[{i}]: ") for i, p in enumerate(given) for _ in range(body.n)]
     seeds = _seeds(body.seed, len(prompts))
     return [PromptItem(p, line=line or k + 1, custom_id=custom_id, extra={**sampling, "seed": seeds[k]},
@@ -161,8 +160,9 @@ def check_served(client: Client, model: str) -> None:
     served = client.served_models()
     if model not in served:
         listed = ", ".join(sorted(served)) or "none"
-        raise APIError(404, f"model {model!r} is not served by any live worker (served now: {listed}): "
-                            "start one with gencli worker --model-name", param="model", code="model_not_found")
+        raise APIError(404, f"model {model!r} is not served by any live worker (served now: {listed}): start one "
+                            "with gencli worker --model PATH [--model-name NAME]", param="model",
+                       code="model_not_found")
 
 
 def _submit(request: Request, body: CompletionRequest | ChatRequest) -> Job:
@@ -171,7 +171,11 @@ def _submit(request: Request, body: CompletionRequest | ChatRequest) -> Job:
     check_served(client, body.model)
     api = "chat.completions" if isinstance(body, ChatRequest) else "completions"
     meta = {"api": api} | ({"user": body.user} if body.user else {})
-    return client.submit(items, model=body.model, chat=isinstance(body, ChatRequest), meta=meta)
+    try:
+        return client.submit(items, model=body.model, chat=isinstance(body, ChatRequest), meta=meta)
+    except ContextOverflowError as e:  # (the CLI's --truncate is not offered here)
+        raise APIError(422, str(e).replace(", or pass --truncate to drop the oldest prompt tokens", ""),
+                       param="max_tokens", code="context_length_exceeded") from None
 
 
 @router.post("/v1/completions")
@@ -227,8 +231,8 @@ class Shape:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
     def chunk_choice(self, index: int, text: str | None, finish: str | None, *, role: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        if self.chat:  # the last chunk, when a stop token ends the reply, has no text: an empty delta
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
 

@@ -36,5 +36,5 @@ def from_domain(e: GencliError) -> APIError:
     if isinstance(e, JobStateError):
         return APIError(409, msg, code="conflict")
     if isinstance(e, ContextOverflowError):
-        return APIError(422, msg, code="context_length_exceeded")
+        return APIError(422, msg, param="max_tokens", code="context_length_exceeded")
     return APIError(422, msg)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gencli.model.errors import GencliError
+from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.storage.status import JobStatus
 from gencli.worker.api import sse
 from gencli.worker.api.errors import APIError
@@ -85,17 +85,25 @@ def submit(body: JobRequest, request: Request, idempotency_key: str | None = Hea
     seen: dict[str, int] = {}
     items = []
     for n, p in enumerate(raw, start=1):
-        where = "prompt: " if body.prompt is not None else f"prompts[{n - 1}]: "
+        where = "" if body.prompt is not None else f"prompts[{n - 1}]: "
         item = PromptItem(p, n) if isinstance(p, str) else prompt_line(p, n, where, seen)
         if isinstance(p, str) and not p.strip():
-            raise APIError(422, f"{where}empty prompt: give some text", param=where[:-2])
+            raise APIError(422, f"{where}empty prompt: give some text", param=where[:-2] or "prompt")
         item.where = where
         items.append(item)
     sampling = {k: getattr(body, k) for k in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
                 if getattr(body, k) is not None}
-    job = client_of(request).submit(items, model=body.model, chat=body.chat, truncate=body.truncate,
-                                    priority=body.priority, idempotency_key=idempotency_key, **sampling)
-    return job_json(job.record())
+    client = client_of(request)
+    try:
+        job = client.submit(items, model=body.model, chat=body.chat, truncate=body.truncate,
+                            priority=body.priority, idempotency_key=idempotency_key, **sampling)
+    except ContextOverflowError as e:
+        raise APIError(422, str(e).replace("pass --truncate", 'send "truncate": true'), param="max_tokens",
+                       code="context_length_exceeded") from None
+    out = job_json(job.record())
+    if not client.served_models().get(body.model):
+        out["warning"] = f"no live worker serves model {body.model} yet: the job waits for one"
+    return out
 
 
 @router.get("/v1/jobs")

@@ -36,6 +36,13 @@ class Deployment:
 
     def collect(self):
         statuses, queued = self.client.job_counts()
+        try:
+            workers = self.client.live_workers()
+        except RedisUnavailable:
+            workers = []
+        for w in workers:  # a served model's empty queue is a 0, not a missing series
+            if w.get("model"):
+                queued.setdefault(("generate", w["model"]), 0)
         jobs = GaugeMetricFamily("gencli_jobs", "Jobs in the store, by status.", labels=["status"])
         for s in JobStatus:
             jobs.add_metric([s.value], statuses.get(s.value, 0))
@@ -45,10 +52,6 @@ class Deployment:
         for (kind, model), n in sorted(queued.items()):
             depth.add_metric([kind, model], n)
         yield depth
-        try:
-            workers = self.client.live_workers()
-        except RedisUnavailable:
-            workers = []
         up = GaugeMetricFamily("gencli_workers", "Live workers, by model.", labels=["model"])
         per_model: dict[str, int] = {}
         for w in workers:
