@@ -308,6 +308,26 @@ def test_a_non_streaming_client_that_times_out_cancels_its_job_unless_kept(env, 
         w.stop()
 
 
+def test_a_job_that_fails_is_an_error_event_before_done_or_a_500(env, api, tiny, client):
+    model = f"tiny-oom-{env['id']}"
+    w = start_worker(env, tiny, f"oom-{env['id']}@test", "--model-name", model,
+                     extra_env={"GENCLI_INJECT_OOM": "1"})  # out of memory at every row count, on the CPU
+    try:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]" and json.loads(data[0])["choices"][0]["delta"]["role"] == "assistant"
+        err = json.loads(data[-2])["error"]
+        assert "out of memory even on the CPU" in err["message"] and err["type"] == "server_error"
+        with pytest.raises(openai.InternalServerError) as e:  # not streamed: a 500 in OpenAI's shape
+            openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=model, prompt="hi", max_tokens=5)
+        assert "failed: out of memory even on the CPU" in e.value.message
+    finally:
+        w.stop()
+
+
 def test_non_streaming_requests_from_many_clients_at_once(api, tiny):
     import concurrent.futures as cf
 
