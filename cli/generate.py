@@ -127,6 +127,7 @@ def _oom_message(device: torch.device) -> str:
 
 
 @click.command()
+@click.argument("prompt", required=False)
 @model_options
 @sampling_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
@@ -141,13 +142,20 @@ def _oom_message(device: torch.device) -> str:
 @click.option("--interactive", "-i", is_flag=True, help="Multi-turn chat (/reset, /exit).")
 @click.option("--verbose", "-v", is_flag=True, help="Load time, device, time to first token, tokens/s.")
 @click.pass_context
-def generate(ctx, model_path, tokenizer, chat_format, device, max_tokens, temperature, top_k, top_p, seed,
+def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens, temperature, top_k, top_p, seed,
              stop, truncate, prompts, prompt_file, each_line, chat, num_samples, batch_size, out, interactive,
              verbose):
-    """Generate text on this machine, streaming tokens as they are made."""
+    """Generate text on this machine, streaming tokens as they are made.
+
+    The prompt: PROMPT, --prompt (repeatable), --prompt_file, or standard input when it is not a
+    terminal; or --interactive for a chat."""
+    if prompt is not None:
+        prompts = (prompt, *prompts)
+    if not (prompts or prompt_file is not None or interactive) and not sys.stdin.isatty():
+        prompt_file = "-"  # piped in: the whole of stdin is the prompt
     sources = sum([bool(prompts), prompt_file is not None, interactive])
     if sources != 1:
-        raise click.UsageError("give exactly one of --prompt, --prompt_file or --interactive")
+        raise click.UsageError("give exactly one of PROMPT (or --prompt), --prompt_file or --interactive")
     if each_line and prompt_file is None:
         raise click.UsageError("--each-line goes with --prompt_file")
     items = _read_items(prompts, prompt_file, each_line)
@@ -168,6 +176,10 @@ def generate(ctx, model_path, tokenizer, chat_format, device, max_tokens, temper
         )
     runner = DirectRunner(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))
     if interactive:
+        try:  # the shortest conversation must fit with max_tokens: found now, not at the first message
+            gen.fit(gen.encode([{"role": "user", "content": ""}], chat=True), max_tokens, truncate=False)
+        except ContextOverflowError as e:
+            raise GencliError(f"--max_tokens {max_tokens} does not fit the interactive chat: {e}") from None
         ctx.exit(chat_loop(runner, seed=seed, truncate=truncate))
     seqs = []
     for item in items:

@@ -59,11 +59,18 @@ sampling_options = _apply(
         click.option("--top_p", "--top-p", "top_p", type=click.FloatRange(0, 1, min_open=True),
                      default=DEFAULTS["top_p"], show_default=True),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--stop", multiple=True, callback=lambda ctx, param, value: _stops(value),
+                     help="Stop string (repeatable)."),
         click.option("--truncate", is_flag=True,
                      help="Drop the oldest prompt tokens when prompt + max_tokens exceed the context."),
     ]
 )
+
+
+def _stops(value: tuple[str, ...]) -> tuple[str, ...]:
+    if any(s == "" for s in value):
+        raise click.BadParameter("a stop string cannot be empty (it would end every line at once)")
+    return value
 
 
 def sampling_params(max_tokens: int, temperature: float, top_k: int | None, top_p: float) -> SamplingParams:

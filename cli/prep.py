@@ -71,12 +71,15 @@ class ProgressBar:
             self.bar.close()
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'s' * (n != 1)}"
+
+
 def summary(meta: dict, out: str) -> str:
     lines = [f"prepared {meta['source']} ({meta['chat_format']}, {meta['tokenizer']}) in {out}:"]
     for name, c in meta["counts"].items():
-        lines.append(
-            f"  {name}: {c['conversations']:,} conversations, {c['turns']:,} turns, {c['tokens']:,} tokens"
-        )
+        lines.append(f"  {name}: {_count(c['conversations'], 'conversation')}, {_count(c['turns'], 'turn')}, "
+                     f"{_count(c['tokens'], 'token')}")
     lines.append(f"  dtype {meta['dtype']}; {meta['mean_tokens_per_turn']:.1f} tokens per turn on average")
     literal = sum(meta["literal_special_strings"].values())
     if literal:

@@ -43,6 +43,14 @@ def greedy(model_dir, prompt, n, chat=False):
     return tg.generate([ids], SamplingParams(max_tokens=n, temperature=0))[0].text
 
 
+def test_the_prompt_may_be_positional_or_piped_on_stdin(model_dir):
+    want = greedy(model_dir, "Hello there", 6)
+    r = gen(model_dir, "Hello there", "--max_tokens", "6", "--temperature", "0")
+    assert r.exit_code == 0 and r.stdout == want + "\n", r.output
+    r = gen(model_dir, "--max_tokens", "6", "--temperature", "0", input="Hello there")
+    assert r.exit_code == 0 and r.stdout == want + "\n", r.output
+
+
 def test_generate_prints_what_the_engine_makes(model_dir):
     r = gen(model_dir, "--prompt", "Hello there", "--max_tokens", "12", "--temperature", "0")
     assert r.exit_code == 0, r.output
@@ -133,7 +141,10 @@ def test_verbose_reports_load_device_and_speed(model_dir):
     "args, message",
     [
         (["--prompt", "  "], "empty --prompt"),
-        ([], "give exactly one of"),
+        ([], "<stdin> is empty"),  # no prompt given and stdin not a terminal: stdin is the prompt
+        (["--prompt", "x", "--interactive"], "give exactly one of PROMPT (or --prompt), --prompt_file or --interactive"),
+        (["--prompt", "x", "--stop", ""], "a stop string cannot be empty"),
+        (["--interactive", "--max_tokens", "300"], "--max_tokens 300 does not fit the interactive chat"),
         (["--prompt", "x", "--max_tokens", "0"], "--max_tokens"),
         (["--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["--prompt", "x", "--top_p", "0"], "--top_p"),

@@ -458,7 +458,7 @@ def test_cli_prep_summary_then_up_to_date(tmp_path):
     out = str(tmp_path / "out")
     r = run("chat", "--path", str(src), "--out", out, "--val_fraction", "0.3", "--loss_mask")
     assert r.exit_code == 0, r.output
-    assert "train: 2 conversations" in r.output and "val: 1 conversations" in r.output
+    assert "train: 2 conversations" in r.output and "val: 1 conversation, " in r.output
     assert "dtype uint32" in r.output and "tokens per turn" in r.output
     assert (tmp_path / "out" / "val.mask.bin").is_file()
     r = run("chat", "--path", str(src), "--out", out, "--val-fraction", "0.3", "--loss-mask")
