@@ -142,7 +142,8 @@ def test_verbose_reports_load_device_and_speed(model_dir):
     [
         (["--prompt", "  "], "empty --prompt"),
         ([], "<stdin> is empty"),  # no prompt given and stdin not a terminal: stdin is the prompt
-        (["--prompt", "x", "--interactive"], "give exactly one of PROMPT (or --prompt), --prompt_file or --interactive"),
+        (["--prompt", "x", "--interactive"], "give exactly one of PROMPT (or --prompt), --prompt_file or "
+                                             "--interactive"),
         (["--prompt", "x", "--stop", ""], "a stop string cannot be empty"),
         (["--interactive", "--max_tokens", "300"], "--max_tokens 300 does not fit the interactive chat"),
         (["--prompt", "x", "--max_tokens", "0"], "--max_tokens"),
