@@ -22,7 +22,7 @@ from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.errors import ContextOverflowError, GencliError
-from gencli.model.params import SamplingParams, default_max_tokens
+from gencli.model.params import SamplingParams, check_overrides, default_max_tokens, resolve_sampling
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
 from gencli.worker.prompts import PromptItem, read_prompt_file
@@ -34,6 +34,8 @@ class Sequence:
     sample: int  # 0-based sample number of its prompt
     ids: list[int]
     seed: int | None
+    params: SamplingParams  # the command's, with its .jsonl line's own overrides
+    stop: tuple[str, ...]
 
     @property
     def label(self) -> str:
@@ -44,7 +46,7 @@ class Sequence:
 class DirectRunner:
     def __init__(self, gen: TextGenerator, params: SamplingParams, *, stop, writer, verbose, model_name):
         self.gen = gen
-        self.params = params
+        self.params = params  # the command's (the interactive chat's)
         self.stop = stop
         self.writer = writer
         self.verbose = verbose
@@ -59,8 +61,8 @@ class DirectRunner:
         printer = OrderedPrinter([s.label for s in seqs] if labelled else None)
         # Sequences in company compute exactly what each computes alone (Engine's invariant mode);
         # one at a time there is no company, and the one-row kernel is about 1.3-1.4x faster.
-        tg = self.gen.stream([s.ids for s in seqs], self.params, seeds=[s.seed for s in seqs], stop=self.stop,
-                             slots=slots, invariant=slots > 1 and len(seqs) > 1)
+        tg = self.gen.stream([s.ids for s in seqs], [s.params for s in seqs], seeds=[s.seed for s in seqs],
+                             stop=[s.stop for s in seqs], slots=slots, invariant=slots > 1 and len(seqs) > 1)
         t0 = time.perf_counter()
         first = None
         def show(d) -> None:
@@ -115,7 +117,7 @@ class DirectRunner:
             "output": output,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(s.ids), "completion_tokens": n_tokens},
-            "params": vars(self.params) | {"stop": list(self.stop)},
+            "params": vars(s.params) | {"stop": list(s.stop)},
         }
 
 
@@ -181,11 +183,16 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens
         except ContextOverflowError as e:
             raise GencliError(f"--max_tokens {max_tokens} does not fit the interactive chat: {e}") from None
         ctx.exit(chat_loop(runner, seed=seed, truncate=truncate))
+    flags = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+             "stop": list(stop)}
     seqs = []
-    for item in items:
-        ids = _encode(gen, item, chat=chat, max_tokens=max_tokens, truncate=truncate)
+    for item in items:  # a .jsonl line's own parameters, checked as submit checks them
+        where = f"{prompt_file}:{item.line}: " if item.extra else ""
+        line = check_overrides(item.extra, where) if item.extra else None
+        sp, line_seed, line_stop = resolve_sampling(flags, line, gen.block_size, where=where)
+        ids = _encode(gen, item, chat=chat, max_tokens=sp.max_tokens, truncate=truncate)
         for k in range(num_samples):
-            seqs.append(Sequence(item, k, ids, None if seed is None else seed + k))
+            seqs.append(Sequence(item, k, ids, None if line_seed is None else line_seed + k, sp, line_stop))
     runner.run(seqs, batch_size)
     if runner.interrupts:
         ctx.exit(EXIT_INTERRUPTED)
@@ -241,7 +248,7 @@ def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
                 messages.pop()
                 continue
             item = PromptItem(prompt=list(messages), line=turn + 1)
-            seq = Sequence(item, 0, ids, None if seed is None else seed + turn)
+            seq = Sequence(item, 0, ids, None if seed is None else seed + turn, runner.params, runner.stop)
             runner.interrupts = 0
             (reply,) = runner.run_batch([seq], labelled=False)
             messages.append({"role": "assistant", "content": reply})

@@ -127,23 +127,24 @@ class TextGenerator:
         params: SamplingParams | list[SamplingParams],
         *,
         seeds: list[int | None] | None = None,
-        stop: tuple[str, ...] = (),
+        stop: tuple[str, ...] | list[tuple[str, ...]] = (),
         resume: list[TextStream] | None = None,
         slots: int | None = None,
         invariant: bool = True,
     ) -> TextBatch:
-        """Decode prompts (each with its own params, where a list is given) on an engine of
-        `slots` slots (default: one per prompt); with resume, continue unfinished streams.
+        """Decode prompts (each with its own params and stop strings, where lists are given) on an
+        engine of `slots` slots (default: one per prompt); with resume, continue unfinished streams.
         invariant: as the worker decodes (see Engine), a lone row too computes what it would in company."""
         if not prompts:
             raise InvalidParameterError("no prompts to generate from")
         n = len(prompts)
         per_row = params if isinstance(params, list) else [params] * n
         seeds = seeds if seeds is not None else [None] * n
-        if len(seeds) != n or len(per_row) != n:
-            raise InvalidParameterError("one seed and one set of parameters per prompt")
-        seqs = [self.sequence(p, sp, seed=sd, stop=stop, resume=resume[i] if resume else None, index=i)
-                for i, (p, sp, sd) in enumerate(zip(prompts, per_row, seeds))]
+        stops = stop if isinstance(stop, list) else [stop] * n
+        if len(seeds) != n or len(per_row) != n or len(stops) != n:
+            raise InvalidParameterError("one seed, one set of parameters and one stop list per prompt")
+        seqs = [self.sequence(p, sp, seed=sd, stop=st, resume=resume[i] if resume else None, index=i)
+                for i, (p, sp, sd, st) in enumerate(zip(prompts, per_row, seeds, stops))]
         for s in seqs:
             if not s.prompt:
                 raise InvalidParameterError("empty prompt: give at least one token")

@@ -43,6 +43,24 @@ def greedy(model_dir, prompt, n, chat=False):
     return tg.generate([ids], SamplingParams(max_tokens=n, temperature=0))[0].text
 
 
+def test_a_jsonl_lines_own_parameters_apply_and_are_checked_as_submit_checks_them(model_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Hello there", "max_tokens": 3, "custom_id": "short"}) + "\n"
+                 + json.dumps({"prompt": "Hello there"}) + "\n")
+    out = tmp_path / "out"
+    r = gen(model_dir, "--prompt_file", str(f), "--max_tokens", "9", "--temperature", "0", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    saved = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda x: x["custom_id"] or "")
+    assert [x["usage"]["completion_tokens"] for x in saved] == [9, 3]  # the line's own max_tokens
+    assert saved[1]["output"] == greedy(model_dir, "Hello there", 3)
+    for bad, message in [({"max_tokens": -3}, "p.jsonl:1: max_tokens must be a whole number >= 1"),
+                         ({"tempratur": 1}, "p.jsonl:1: unknown parameter(s) tempratur"),
+                         ({"top_k": 200.0}, "p.jsonl:1: top_k must be")]:
+        f.write_text(json.dumps({"prompt": "x", **bad}) + "\n")
+        r = gen(model_dir, "--prompt_file", str(f))
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+
+
 def test_the_prompt_may_be_positional_or_piped_on_stdin(model_dir):
     want = greedy(model_dir, "Hello there", 6)
     r = gen(model_dir, "Hello there", "--max_tokens", "6", "--temperature", "0")
