@@ -144,7 +144,7 @@ class TextGenerator:
         if len(seeds) != n or len(per_row) != n or len(stops) != n:
             raise InvalidParameterError("one seed, one set of parameters and one stop list per prompt")
         seqs = [self.sequence(p, sp, seed=sd, stop=st, resume=resume[i] if resume else None, index=i)
-                for i, (p, sp, sd, st) in enumerate(zip(prompts, per_row, seeds, stops))]
+                for i, (p, sp, sd, st) in enumerate(zip(prompts, per_row, seeds, stops, strict=True))]
         for s in seqs:
             if not s.prompt:
                 raise InvalidParameterError("empty prompt: give at least one token")
