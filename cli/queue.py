@@ -43,6 +43,8 @@ def _label(item) -> str:
 @click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
 @click.option("--each-line", "--each_line", "each_line", is_flag=True, help="One prompt per line of the file.")
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat format.")
+@click.option("--num_samples", "--num-samples", "num_samples", type=click.IntRange(min=1), default=1,
+              show_default=True, help="Samples per prompt (with a seed, sample k uses seed + k).")
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True, help="Higher runs first.")
 @click.option("--idempotency-key", "--idempotency_key", "idempotency_key",
               help="Submitting the same request with the same key again returns the same job.")
@@ -51,7 +53,7 @@ def _label(item) -> str:
               default=None, help="Fail, queueing nothing, unless a live worker serves the model within SECONDS.")
 @click.pass_context
 def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, truncate, prompts, prompt_file, each_line,
-           chat, priority, idempotency_key, follow, wait_for_worker):
+           chat, num_samples, priority, idempotency_key, follow, wait_for_worker):
     """Queue a generation job; print its id at once."""
     from gencli.worker.prompts import PromptItem, read_prompt_file
 
@@ -66,6 +68,8 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
             if not p.strip():
                 raise GencliError("empty --prompt: give some text")
         items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+    if num_samples > 1:
+        items = samples_of(items, num_samples, seed)
     if os.sep in model:  # a checkpoint path: the name workers serve it under
         if not os.path.exists(model):
             raise GencliError(f"{model}: no such checkpoint (give a served model's name, or an existing path)")
@@ -76,13 +80,28 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
                           f"{_served_note(client)}")
     job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop),
+                        meta={"num_samples": num_samples} if num_samples > 1 else None)
     click.echo(job.id)
     if wait_for_worker is None and not client.live_workers(queue_for(model)):
         click.secho(f"[no live worker serves model {model} yet: the job waits for one{_served_note(client)}]",
                     err=True, fg="yellow")
     if follow:
         ctx.exit(_tail(client, job.id, line=None, after=0, cancel_on_interrupt=False))
+
+
+def samples_of(items: list, n: int, seed: int | None) -> list:
+    """Each prompt n times in a row, as `generate --num_samples` runs them: with a seed (the line's
+    own, else the job's), sample k uses seed + k."""
+    from gencli.worker.prompts import PromptItem
+
+    out = []
+    for it in items:
+        base = (it.extra or {}).get("seed", seed)
+        for k in range(n):
+            extra = dict(it.extra or {}) | ({"seed": base + k} if isinstance(base, int) else {})
+            out.append(PromptItem(it.prompt, it.line, it.custom_id, extra or None))
+    return out
 
 
 @click.command()
@@ -105,10 +124,12 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         if not items:
             raise GencliError(f"job {job.id} has no prompt at line {line}")
     pos = {it.idx: n for n, it in enumerate(items)}
+    samples = job.samples
     if job.status is JobStatus.QUEUED and not client.live_workers(job_queue(record)):
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
-    printer = OrderedPrinter([_label(it) for it in items] if len(items) > 1 else None) if items else None
+    labels = [_label(it) + (f", sample {it.idx % samples + 1}" if samples > 1 else "") for it in items]
+    printer = OrderedPrinter(labels if len(items) > 1 else None) if items else None
     from tqdm import tqdm
 
     bar = None
@@ -259,12 +280,15 @@ def results(job_id, fmt):
     rows = job.result()
     for r in rows:
         if fmt == "jsonl":
-            click.echo(json.dumps({k: r[k] for k in ("custom_id", "prompt", "output", "finish_reason", "usage")},
+            click.echo(json.dumps({k: r[k] for k in ("custom_id", "sample", "prompt", "output", "finish_reason",
+                                                     "usage") if k in r},
                                   ensure_ascii=False))
         else:  # each output whole, under its label when there are several (as tail shows them)
             if len(rows) > 1:
-                click.secho(f"=== {'id ' + r['custom_id'] if r['custom_id'] else 'line ' + str(r['line'])} ===",
-                            bold=True)
+                label = f"id {r['custom_id']}" if r["custom_id"] else f"line {r['line']}"
+                if "sample" in r:
+                    label += f", sample {r['sample']}"
+                click.secho(f"=== {label} ===", bold=True)
             click.echo(r["output"] or "")
 
 

@@ -232,3 +232,18 @@ def test_submit_past_gencli_max_queued_is_refused_and_records_nothing(env, clien
     monkeypatch.setenv("GENCLI_MAX_QUEUED", "many")
     r = cli("submit", "--model", model, "--prompt", "x")
     assert r.exit_code == 1 and "GENCLI_MAX_QUEUED='many': use a whole number >= 1" in r.output, r.output
+
+
+def test_submit_num_samples_runs_each_prompt_n_times_with_seed_plus_k(client, worker, tiny):
+    r = cli("submit", "--model", "tiny", "--prompt", "Once", "--prompt", "Twice", "--num_samples", "3",
+            "--seed", "40", "--max_tokens", "8", "--temperature", "1.0")
+    assert r.exit_code == 0, r.output
+    job = client.job(r.stdout.strip())
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    rows = [json.loads(x) for x in cli("results", job.id).stdout.splitlines()]
+    assert [(x["prompt"], x["sample"]) for x in rows] == [(p, k) for p in ("Once", "Twice") for k in (1, 2, 3)]
+    for p in ("Once", "Twice"):  # sample k is what generate's sample k makes: seed + k
+        want = [reference(tiny, [p], 8, temperature=1.0, seed=40 + k)[0] for k in range(3)]
+        assert [x["output"] for x in rows if x["prompt"] == p] == want
+    t = cli("tail", job.id)
+    assert t.exit_code == 0 and "line 2, sample 3" in t.output, t.output

@@ -345,13 +345,21 @@ class Job:
             time.sleep(poll)
         return status
 
+    @property
+    def samples(self) -> int:
+        """Samples per prompt (submit --num_samples): each prompt's are consecutive items."""
+        return (self.record().params.get("meta") or {}).get("num_samples", 1)
+
     def result(self, timeout: float | None = None) -> list[dict]:
-        """Wait for the job; one dict per prompt: custom_id, prompt, output, finish_reason, usage."""
+        """Wait for the job; one dict per prompt (and sample): custom_id, prompt, output,
+        finish_reason, usage, and "sample" (1, 2, ...) when the job has several per prompt."""
         self.wait(timeout)
+        n = self.samples
         return [
             {"custom_id": it.custom_id, "line": it.line, "prompt": it.prompt, "output": it.output,
              "finish_reason": it.finish_reason, "status": it.status, "error": it.error,
              "usage": {"prompt_tokens": it.prompt_tokens, "completion_tokens": it.completion_tokens}}
+            | ({"sample": it.idx % n + 1} if n > 1 else {})
             for it in self.items()
         ]
 
