@@ -36,6 +36,7 @@ COMMANDS = {
               "Train a GPT on a prep output; the checkpoint in --out is served as it is."),
     "serve": ("gencli.cli.serve:serve",
               "Serve the HTTP API: gencli's jobs, OpenAI's completions, chat and Batch API."),
+    "redis": ("gencli.cli.redis_cmd:redis_group", "The private Redis gencli starts when none answers: status, stop."),
     "demo": ("gencli.cli.demo:demo",
              "Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."),
 }

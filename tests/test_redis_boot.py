@@ -165,3 +165,28 @@ def test_a_job_that_cannot_be_enqueued_is_removed_again(tmp_path, own_redis):
             assert c.exec_driver_sql("SELECT count(*) FROM items").scalar() == 0
     finally:
         client.store.engine.dispose()
+
+
+@needs_redis_server
+def test_gencli_redis_stop_stops_the_private_redis_and_only_it(tmp_path, monkeypatch, own_redis):
+    settings = settings_for(tmp_path, redis_url=dead_url(), redis_url_given=False)
+    monkeypatch.setenv("GENCLI_HOME", str(settings.home))
+    monkeypatch.delenv("GENCLI_REDIS_URL", raising=False)
+    url = resolve_redis_url(settings, say=lambda m: None)
+    try:
+        r = CliRunner().invoke(main, ["redis", "status"])
+        assert r.exit_code == 0 and f"private {url}: answers" in r.output, r.output
+        r = CliRunner().invoke(main, ["redis", "stop"])
+        assert r.exit_code == 0 and f"stopped the private Redis at {url}" in r.output, r.output
+        assert not ping(url) and not (settings.home / "redis" / "url").exists()
+        r = CliRunner().invoke(main, ["redis", "stop"])
+        assert r.exit_code == 0 and "no private Redis is running" in r.output
+    finally:
+        if ping(url):
+            shutdown(url)
+    # a url file that names a Redis gencli did not start (a stale file, a port reused): left alone
+    other, proc = own_redis
+    (settings.home / "redis" / "url").write_text(other + "\n")
+    r = CliRunner().invoke(main, ["redis", "stop"])
+    assert r.exit_code == 1 and "is not the one gencli started" in r.output and "Traceback" not in r.output
+    assert ping(other) and proc.poll() is None

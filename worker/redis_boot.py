@@ -83,6 +83,42 @@ def _redis_server_binary() -> str:
     )
 
 
+def private_status(home: Path) -> tuple[str, bool] | None:
+    """(URL, answers) of the private redis-server gencli started under home/redis, or None."""
+    url_file = home / "redis" / "url"
+    if not url_file.is_file():
+        return None
+    url = url_file.read_text().strip()
+    return url, ping(url)
+
+
+def stop_private(home: Path) -> str | None:
+    """Stop the private redis-server under home/redis (only if it is the process gencli started
+    there: its pid file says so); its URL, or None when none runs."""
+    private = home / "redis"
+    found = private_status(home)
+    if found is None:
+        return None
+    url, answers = found
+    if answers:
+        r = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        pid = (private / "redis.pid").read_text().strip() if (private / "redis.pid").is_file() else ""
+        if str(r.info("server").get("process_id")) != pid:
+            raise GencliError(f"the Redis at {url} is not the one gencli started under {private} (its pid is not "
+                              "in redis.pid): not stopping it")
+        try:
+            r.shutdown(nosave=True)
+        except redis.ConnectionError:  # it went away while answering, as it should
+            pass
+        deadline = time.monotonic() + 10
+        while ping(url, timeout=0.2):
+            if time.monotonic() > deadline:
+                raise GencliError(f"the private Redis at {url} did not stop: see {private}/redis.log")
+            time.sleep(0.05)
+    (private / "url").unlink(missing_ok=True)
+    return url if answers else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
