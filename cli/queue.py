@@ -179,10 +179,15 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
 
 
 def prep_summary(result: dict) -> str:
-    """One line of a prep job's result: where, and how much."""
+    """A prep job's result as `gencli prep` prints it: where, and how much of each split."""
+    from gencli.cli.prep import summary
+
     if result.get("skipped"):
         return f"{result['out']}: up to date (inputs and flags unchanged; --force rewrites)"
-    return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
+    try:
+        return summary(result, result["out"])
+    except KeyError:  # a result of an older gencli: its counts as they are
+        return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
 
 
 def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
@@ -233,13 +238,22 @@ def status():
 def list_jobs(status_, model, kind, limit):
     """Recent jobs with status, model, worker/device, tokens and tokens/s."""
     client = _client()
-    jobs = client.store.list_jobs(status=status_, model=model, kind=kind, limit=limit)
+    jobs = client.list_jobs(status=status_, model=model, kind=kind, limit=limit)
+    running = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.kind == "generate"]
+    live = client.store.live_tokens([j.id for j in running])  # running jobs: their progress so far
+    now = client.store_time() if running else None
     click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} {'tok/s':>7}")
     for j in jobs:
         where = f"{j.worker or '-'}/{j.final_device or j.device or '-'}"
-        tps = f"{j.tokens_per_s:.1f}" if j.tokens_per_s else "-"
-        click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {j.n_items:>5} "
-                   f"{j.completion_tokens:>7} {tps:>7}")
+        tokens, tps = j.completion_tokens, j.tokens_per_s
+        if j.id in live:
+            tokens = live[j.id]
+            elapsed = (now - j.started_at).total_seconds() if j.started_at else 0
+            tps = tokens / elapsed if elapsed > 0 else None
+        elif j.kind == "prep" and j.result and not j.result.get("skipped"):
+            tokens = sum(c.get("tokens", 0) for c in j.result.get("counts", {}).values())
+        shown = f"{tps:.1f}" if tps else "-"
+        click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {j.n_items:>5} {tokens:>7} {shown:>7}")
 
 
 @click.command()
@@ -256,6 +270,8 @@ def show(job_id):
                f"final device {j.final_device or '-'}")
     click.echo(f"tokens {j.completion_tokens}  tokens/s {f'{j.tokens_per_s:.1f}' if j.tokens_per_s else '-'}")
     click.echo(f"params {json.dumps(j.params)}")
+    if j.kind == "prep" and j.result:
+        click.echo(prep_summary(j.result))
     if j.error_class:
         click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
         if j.error_where:
@@ -277,6 +293,11 @@ def results(job_id, fmt):
     job = _client().job(job_id)
     if not job.status.done:
         raise GencliError(f"job {job.id} is {job.status.value}: its results come when it ends (gencli tail {job.id})")
+    record = job.record()
+    if record.kind == "prep":  # a dataset: its counts (the token files are in result.out)
+        if record.result:
+            click.echo(json.dumps(record.result, ensure_ascii=False) if fmt == "jsonl" else prep_summary(record.result))
+        return
     rows = job.result()
     for r in rows:
         if fmt == "jsonl":

@@ -63,8 +63,18 @@ def test_regen_queues_one_job_per_dataset_and_tail_shows_progress(config, prep_w
         rec = job.record()
         assert rec.kind == "prep" and rec.status == "succeeded" and rec.worker == prep_worker.name
         assert rec.result["skipped"] is False and rec.result["counts"]
+    assert "train: " in r.stdout and " conversations, " in r.stdout and "tokens per turn" in r.stdout  # not raw JSON
     listed = CliRunner().invoke(main, ["list", "--kind", "prep"])
     assert all(j.id in listed.output for j in jobs)
+    total = sum(c["tokens"] for c in jobs[0].record().result["counts"].values())
+    row = next(x for x in listed.output.splitlines() if x.startswith(jobs[0].id))
+    assert f" {total} " in row  # the dataset's tokens, not 0
+    shown = CliRunner().invoke(main, ["show", jobs[0].id])
+    assert shown.exit_code == 0 and "train: " in shown.output and "tokens per turn" in shown.output, shown.output
+    res = CliRunner().invoke(main, ["results", jobs[0].id])
+    assert res.exit_code == 0 and json.loads(res.stdout)["counts"] == jobs[0].record().result["counts"]
+    text = CliRunner().invoke(main, ["results", jobs[0].id, "--format", "text"])
+    assert "tokens per turn" in text.stdout
     events = list(jobs[0].events())
     assert [e["t"] for e in events][0] == "start" and events[-1]["t"] == "end"
     assert any(e["t"] == "progress" and e["done"] == e["total"] == 40 for e in events)

@@ -247,3 +247,17 @@ def test_submit_num_samples_runs_each_prompt_n_times_with_seed_plus_k(client, wo
         assert [x["output"] for x in rows if x["prompt"] == p] == want
     t = cli("tail", job.id)
     assert t.exit_code == 0 and "line 2, sample 3" in t.output, t.output
+
+
+def test_list_shows_a_running_jobs_tokens_so_far(client, worker):
+    job = client.submit([f"a long story {i}" for i in range(24)], model="tiny", max_tokens=240, temperature=0)
+    try:
+        wait_for(lambda: client.store.live_tokens([job.id])[job.id] > 0 and job.status is JobStatus.RUNNING, 60,
+                 "checkpointed tokens")
+        r = cli("list")
+        row = next(x for x in r.output.splitlines() if x.startswith(job.id))
+        status, tokens, tps = row.split()[1], int(row.split()[-2]), row.split()[-1]
+        assert tokens > 0 and tps != "-", row
+        assert status == "running" or job.status.done  # (it may have ended just then)
+    finally:
+        job.cancel()
