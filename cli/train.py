@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 import torch
 
 from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.model.checkpoint import PRESETS
 from gencli.model.errors import GencliError
-from gencli.model.train import TrainConfig, reuse_freed_memory, saved_config
+from gencli.model.train import Step, TrainConfig, reuse_freed_memory, saved_config
 from gencli.model.train import train as run_training
 
 
@@ -60,15 +62,45 @@ def train(data_dir, out_dir, resume, init_from, assistant_only, **options):
             setattr(cfg, name, value)
     cfg.assistant_only = cfg.assistant_only or assistant_only
     reuse_freed_memory()
+    bar = TrainProgress()
     try:
-        result = run_training(data_dir, out_dir, cfg, init_from=init_from, resume=resume,
-                              progress=lambda event: click.echo(str(event), err=True))
+        result = run_training(data_dir, out_dir, cfg, init_from=init_from, resume=resume, progress=bar)
     except KeyboardInterrupt:
+        bar.close()
         click.echo(f"\ninterrupted: {out_dir} holds the last save (--resume continues from it)", err=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError:
         raise GencliError("out of memory: lower --batch-size or --block-size") from None
+    finally:
+        bar.close()
     click.echo(f"val loss {result.val_loss:.4f} vs unigram baseline {result.baseline:.4f} "
                f"(train loss {result.train_loss:.4f}; {result.tokens_per_s:,.0f} tokens/s, "
                f"{result.elapsed_s:.0f} s)")
     click.echo(f"checkpoint (iter {result.iters}): {result.path}")
+
+
+class TrainProgress:
+    """tqdm on stderr: iterations with ETA, the loss and tokens/s beside it; evals, saves and notes
+    printed above the bar as lines."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Step):
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event.max_iters, initial=event.start_iter, unit="iter", desc="train",
+                                dynamic_ncols=True, leave=True, file=sys.stderr)
+            self.bar.update(event.iter - self.bar.n)
+            self.bar.set_postfix_str(f"loss {event.loss:.4f}, lr {event.lr:.1e}, {event.tokens_per_s:,.0f} tok/s")
+        elif self.bar is not None:
+            self.bar.write(str(event), file=sys.stderr)
+        else:
+            click.echo(str(event), err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

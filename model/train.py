@@ -117,6 +117,7 @@ class Step:
     loss: float
     lr: float
     tokens_per_s: float
+    start_iter: int = 0  # where this run (a resumed one: after its checkpoint) began
 
     def __str__(self) -> str:
         return (f"iter {self.iter}/{self.max_iters}: loss {self.loss:.4f}, lr {self.lr:.2e}, "
@@ -580,7 +581,8 @@ def train(
         step_time, log_time = step_time + dt, log_time + dt
         losses.append(loss)
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            say(Step(iter_num, cfg.max_iters, sum(losses) / len(losses), lr, len(losses) * tokens_per_step / log_time))
+            say(Step(iter_num, cfg.max_iters, sum(losses) / len(losses), lr, len(losses) * tokens_per_step / log_time,
+                     start_iter))
             log_time, losses = 0.0, []
 
     steps = iter_num - start_iter

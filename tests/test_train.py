@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,8 @@ def test_cli_trains_and_prints_val_loss_against_the_baseline(byte_data, tmp_path
             "--eval-interval", 10, "--eval-iters", 2, "--device", "cpu", "--lr", 0.003)
     assert r.exit_code == 0, r.output
     assert "eval at iter 10" in r.output and "tokens/s" in r.output
-    last = r.output.strip().splitlines()[-2:]
+    assert "train: 100%" in r.stderr and "20/20" in r.stderr and "tok/s" in r.stderr  # the bar, with its ETA
+    last = r.stdout.strip().splitlines()[-2:]
     assert last[0].startswith("val loss ") and " vs unigram baseline " in last[0]
     assert last[1] == f"checkpoint (iter 20): {out}"
     assert load_model(out).chat_format is ChatFormat.CHATML
@@ -159,7 +161,8 @@ def test_resume_through_the_cli_takes_the_saved_config(byte_data, tmp_path):
     assert train(byte_data, out, quick(max_iters=10, eval_interval=10)).iters == 10
     r = cli("--data", byte_data, "--out", out, "--resume", "--max-iters", 20)
     assert r.exit_code == 0, r.output
-    assert "batch 8" in r.output and "iter 20/20" in r.output and "iter 10/20" not in r.output
+    assert "batch 8" in r.output and re.search(r"\| +10/20", r.stderr) and re.search(r"\| +20/20", r.stderr)
+    assert not re.search(r"\| +0/20", r.stderr)  # the bar starts where the saved run stopped
     assert torch.load(out / STATE_FILE, weights_only=True)["config"]["block_size"] == 32
 
 
