@@ -115,9 +115,10 @@ def demo(ctx, prompt_file, max_tokens, train_iters, keep_worker):
     base = get_settings().home / "demo"
     data, model = base / "data" / "chitchat-chatml", base / "models" / MODEL_NAME
     base.mkdir(parents=True, exist_ok=True)
+    client = _client()
+    client.redis_url  # Redis first (started when none answers): a machine without one says so now, not after training
     prep_step(data)
     train_step(data, model, train_iters)
-    client = _client()
     proc = worker_step(client, model, base / "worker.log")
     try:
         job = client.submit(items, model=MODEL_NAME, chat=True, max_tokens=max_tokens, temperature=0.8, top_k=50,

@@ -39,3 +39,16 @@ def test_demo_preps_trains_serves_and_streams_then_reuses_its_steps(env, tmp_pat
     namespace = env["vars"].get("GENCLI_NAMESPACE")
     beats = Keys(namespace).worker("*") if namespace else Keys("*").worker("*")  # every namespace's
     assert not [k for k in r.scan_iter(beats) if b"chitchat-tiny" in (r.get(k) or b"")]  # stopped
+
+
+def test_demo_without_redis_says_so_before_any_work(env, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    monkeypatch.setenv("GENCLI_REDIS_URL", dead)
+    monkeypatch.setenv("GENCLI_HOME", str(env["tmp"] / "home-no-redis"))
+    r = CliRunner().invoke(main, ["demo", "--train-iters", "20"])
+    assert r.exit_code == 1 and "does not answer" in r.output and "Traceback" not in r.output, r.output
+    assert "[1/4]" not in r.output and not (env["tmp"] / "home-no-redis" / "demo" / "data").exists()

