@@ -78,7 +78,21 @@ def read_config(path: Path) -> list[tuple[str, object]]:
 @click.option("--follow", "-f", is_flag=True, help="Tail each job's progress until it ends.")
 @click.pass_context
 def regen(ctx, config, only, force, follow):
-    """Queue one prep job per dataset in the config; print their ids."""
+    """Queue one prep job per dataset in the config; print their ids.
+
+    \b
+    The config is TOML; [defaults] applies to each dataset:
+      [defaults]
+      format = "chatml"              # chatml | legacy
+      tokenizer = "cl100k_base"
+      [[datasets]]
+      name = "chitchat"              # a label (default: the out dir's name)
+      source = "chitchat"            # chat | chitchat | dailydialog
+      out = "data/chitchat-chatml"   # relative to the config file
+      paths = []                     # source files/dirs (chitchat: the package's own)
+    Any other `gencli prep` flag may be a key (val_fraction, loss_mask, ...): see
+    examples/datasets.toml. Needs a worker serving dataset prep (gencli worker --prep).
+    """
     datasets = read_config(config)
     if only:
         missing = set(only) - {name for name, _ in datasets}

@@ -121,3 +121,10 @@ def test_bad_configs_queue_nothing(tmp_path, client, toml, message):
     r = CliRunner().invoke(main, ["regen", "--config", str(cfg)])
     assert r.exit_code == 1 and message in r.output, r.output
     assert len(client.store.list_jobs(kind="prep", limit=10_000)) == before
+
+
+def test_regen_help_shows_the_config_format_that_its_errors_point_to(tmp_path):
+    r = CliRunner().invoke(main, ["regen", "--config", str(tmp_path / "missing.toml")])
+    assert r.exit_code == 1 and "see gencli regen --help for its format" in r.output
+    h = CliRunner().invoke(main, ["regen", "--help"])
+    assert "[defaults]" in h.output and "[[datasets]]" in h.output and 'source = "chitchat"' in h.output
