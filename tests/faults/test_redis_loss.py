@@ -111,6 +111,22 @@ def test_redis_down_longer_than_the_lease_costs_a_live_worker_nothing(env, tiny,
         b.stop()
 
 
+def test_a_worker_whose_redis_is_gone_stops_within_seconds_on_sigterm(env, tiny):
+    w = start_worker(env, tiny, f"leaving-{env['id']}@test", "--model-name", f"tiny-leaving-{env['id']}")
+    server = env["redis"]
+    try:
+        server.proc.kill()
+        server.proc.wait(10)
+        time.sleep(2)  # its consumer is reconnecting now
+        t0 = time.monotonic()
+        w.kill(signal.SIGTERM)
+        w.proc.wait(30)
+        assert time.monotonic() - t0 < 10, "a worker without Redis must not wait out its reconnect loop"
+    finally:
+        server.start()
+        w.stop()
+
+
 def test_reads_work_with_redis_down(env, tiny, client, worker):
     job = client.submit(["read me"], model="tiny", max_tokens=5, temperature=0)
     assert job.wait(60) is JobStatus.SUCCEEDED
