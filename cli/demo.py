@@ -116,7 +116,8 @@ def demo(ctx, prompt_file, max_tokens, train_iters, keep_worker):
     data, model = base / "data" / "chitchat-chatml", base / "models" / MODEL_NAME
     base.mkdir(parents=True, exist_ok=True)
     client = _client()
-    client.redis_url  # Redis first (started when none answers): a machine without one says so now, not after training
+    _ = client.redis_url  # Redis first (started when none answers): a machine without one says so now, not after
+    #                       training
     prep_step(data)
     train_step(data, model, train_iters)
     proc = worker_step(client, model, base / "worker.log")

@@ -25,7 +25,7 @@ from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.model.params import SamplingParams, check_overrides, default_max_tokens, resolve_sampling
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
-from gencli.worker.prompts import PromptItem, read_prompt_file
+from gencli.worker.prompts import PromptItem, read_prompts
 
 
 @dataclass
@@ -160,7 +160,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens
         raise click.UsageError("give exactly one of PROMPT (or --prompt), --prompt_file or --interactive")
     if each_line and prompt_file is None:
         raise click.UsageError("--each-line goes with --prompt_file")
-    items = _read_items(prompts, prompt_file, each_line)
+    items = read_prompts(prompts, prompt_file, each_line=each_line)
     writer = ResultWriter(out) if out else None
 
     t0 = time.perf_counter()
@@ -196,15 +196,6 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens
     runner.run(seqs, batch_size)
     if runner.interrupts:
         ctx.exit(EXIT_INTERRUPTED)
-
-
-def _read_items(prompts, prompt_file, each_line) -> list[PromptItem]:
-    if prompt_file is not None:
-        return read_prompt_file(prompt_file, each_line=each_line)
-    for p in prompts:
-        if not p.strip():
-            raise GencliError("empty --prompt: give some text")
-    return [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
 
 
 def _encode(gen: TextGenerator, item: PromptItem, *, chat: bool, max_tokens: int, truncate: bool) -> list[int]:

@@ -55,19 +55,13 @@ def _label(item) -> str:
 def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, truncate, prompts, prompt_file, each_line,
            chat, num_samples, priority, idempotency_key, follow, wait_for_worker):
     """Queue a generation job; print its id at once."""
-    from gencli.worker.prompts import PromptItem, read_prompt_file
+    from gencli.worker.prompts import read_prompts
 
     if bool(prompts) == (prompt_file is not None):
         raise click.UsageError("give --prompt or --prompt_file (one of them)")
     if each_line and prompt_file is None:
         raise click.UsageError("--each-line goes with --prompt_file")
-    if prompt_file is not None:
-        items = read_prompt_file(prompt_file, each_line=each_line)
-    else:
-        for p in prompts:
-            if not p.strip():
-                raise GencliError("empty --prompt: give some text")
-        items = [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+    items = read_prompts(prompts, prompt_file, each_line=each_line)
     if num_samples > 1:
         items = samples_of(items, num_samples, seed)
     if os.sep in model:  # a checkpoint path: the name workers serve it under

@@ -56,6 +56,17 @@ def read_text(path: str) -> tuple[str, str]:
         raise GencliError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
+def read_prompts(prompts: tuple[str, ...] | list[str], prompt_file: str | None, *,
+                 each_line: bool) -> list[PromptItem]:
+    """The prompts of `generate` and `submit` alike: the --prompt texts, or the prompt file's."""
+    if prompt_file is not None:
+        return read_prompt_file(prompt_file, each_line=each_line)
+    for p in prompts:
+        if not p.strip():
+            raise GencliError("empty --prompt: give some text")
+    return [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
+
+
 def read_prompt_file(path: str, *, each_line: bool) -> list[PromptItem]:
     name, text = read_text(path)
     if not text.strip():
