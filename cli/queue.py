@@ -32,7 +32,12 @@ EXIT_FAILED, EXIT_CANCELLED = 1, 3
 
 
 def _label(item) -> str:
-    return f"id {item.custom_id}" if item.custom_id else f"line {item.line}"
+    return label(item.custom_id, item.line)
+
+
+def label(custom_id: str | None, line: int, sample: int | None = None) -> str:
+    """How a prompt (and sample) is named in tail, show and results: its custom_id, else its line."""
+    return (f"id {custom_id}" if custom_id else f"line {line}") + (f", sample {sample}" if sample else "")
 
 
 @click.command()
@@ -122,7 +127,7 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
     if job.status is JobStatus.QUEUED and not client.live_workers(job_queue(record)):
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
-    labels = [_label(it) + (f", sample {it.idx % samples + 1}" if samples > 1 else "") for it in items]
+    labels = [label(it.custom_id, it.line, it.idx % samples + 1 if samples > 1 else None) for it in items]
     printer = OrderedPrinter(labels if len(items) > 1 else None) if items else None
     from tqdm import tqdm
 
@@ -300,10 +305,7 @@ def results(job_id, fmt):
                                   ensure_ascii=False))
         else:  # each output whole, under its label when there are several (as tail shows them)
             if len(rows) > 1:
-                label = f"id {r['custom_id']}" if r["custom_id"] else f"line {r['line']}"
-                if "sample" in r:
-                    label += f", sample {r['sample']}"
-                click.secho(f"=== {label} ===", bold=True)
+                click.secho(f"=== {label(r['custom_id'], r['line'], r.get('sample'))} ===", bold=True)
             click.echo(r["output"] or "")
 
 

@@ -78,9 +78,10 @@ def _namespace(v: str | None) -> str | None:
 
 
 def _flag(v: str, name: str) -> bool:
-    if v.strip().lower() in ("1", "true", "yes", "on"):
+    word = v.strip().lower()
+    if word in ("1", "true", "yes", "on"):
         return True
-    if v.strip().lower() in ("0", "false", "no", "off", ""):
+    if word in ("0", "false", "no", "off", ""):
         return False
     raise GencliError(f"{name}={v!r}: use 1 or 0")
 

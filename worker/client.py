@@ -140,9 +140,8 @@ class Client:
     def _record(self, **job) -> Job:
         """Record the job and put it on its queue; if it cannot be queued, remove it again (nothing
         half-recorded). An idempotency key already recorded returns that job."""
-        if job.get("kind", "generate") == "generate" and not (job.get("idempotency_key") and
-                                                               self.store.job_by_key(job["idempotency_key"])):
-            self._check_bound(job["model"])
+        if job.get("kind", "generate") == "generate":
+            self._check_bound(job["model"], job.get("idempotency_key"))
         record, created = self.store.create_job(**job)
         if not created and not self._same_request(record, job):
             raise GencliError(f"idempotency key {job['idempotency_key']!r} was used for a different request "
@@ -156,11 +155,14 @@ class Client:
                                        "nothing was submitted") from None
         return Job(self, record.id)
 
-    def _check_bound(self, model: str) -> None:
-        """GENCLI_MAX_QUEUED: refuse a job for a model that has that many queued already. A soft
-        bound: submits racing each other may pass it by a few."""
+    def _check_bound(self, model: str, idempotency_key: str | None) -> None:
+        """GENCLI_MAX_QUEUED: refuse a new job for a model that has that many queued already (a
+        submit repeated under its idempotency key is not a new job). A soft bound: submits racing
+        each other may pass it by a few."""
         bound = self.settings.max_queued
-        if bound is not None and self.store.queued_counts().get(("generate", model), 0) >= bound:
+        if bound is None or (idempotency_key and self.store.job_by_key(idempotency_key)):
+            return
+        if self.store.queued_counts().get(("generate", model), 0) >= bound:
             raise QueueFull(f"model {model} has {bound} queued jobs already (GENCLI_MAX_QUEUED={bound}): "
                             f"nothing was submitted; try again in a few seconds")
 
@@ -203,6 +205,14 @@ class Client:
             raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): "
                                    "nothing was submitted") from None
         return json.loads(raw) if raw else None
+
+    def require_redis(self, why: str) -> None:
+        """RedisUnavailable (saying why it is needed) unless Redis answers."""
+        try:
+            self.redis.ping()
+        except (redis.RedisError, OSError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): {why}") \
+                from None
 
     def live_workers(self, queue: str | None = None) -> list[dict]:
         """The workers whose heartbeat is fresh (those serving queue, when given)."""

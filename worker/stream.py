@@ -222,9 +222,9 @@ def follow(
                 if not backlog and msg is None and is_done is not None and is_done():
                     backlog = _catch_up(read_log(r, keys, job_id, seen), seen)
                     yield from backlog
-                    last = backlog[-1]["seq"] if backlog else seen
-                    if (backlog[-1]["t"] != "end") if backlog else not _ends_at(r, keys, job_id, seen):
-                        yield gap_event(last, None)
+                    ended = backlog[-1]["t"] == "end" if backlog else _ends_at(r, keys, job_id, seen)
+                    if not ended:  # (a reader that has the "end" already is missing nothing)
+                        yield gap_event(backlog[-1]["seq"] if backlog else seen, None)
                     return
         except (redis.ConnectionError, redis.TimeoutError):
             down_since = down_since or time.monotonic()

@@ -166,7 +166,7 @@ def stream(job_id: str, request: Request, after: int | None = Query(default=None
     early does not cancel the job."""
     job = client_of(request).job(job_id)
     start = after if after is not None else _last_id(last_event_id)
-    _check_redis(job.client)
+    job.client.require_redis("the stream needs it; GET /v1/jobs/{id} and /results answer from the store")
     return StreamingResponse(sse.stream(_events(job, start)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Gencli-Job": job.id})
 
@@ -178,14 +178,6 @@ def _last_id(value: str | None) -> int:
         raise APIError(422, f"Last-Event-ID must be an event's id (a whole number), got {value[:40]!r}",
                        param="Last-Event-ID")
     return int(value)
-
-
-def _check_redis(client: Client) -> None:
-    try:
-        client.redis.ping()
-    except (redis.RedisError, OSError) as e:
-        raise RedisUnavailable(f"cannot reach Redis at {client.shown_redis_url} ({type(e).__name__}): the stream "
-                               "needs it; GET /v1/jobs/{id} and /results answer from the store") from None
 
 
 def _events(job: Job, after: int):
