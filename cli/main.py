@@ -36,6 +36,8 @@ COMMANDS = {
               "Train a GPT on a prep output; the checkpoint in --out is served as it is."),
     "serve": ("gencli.cli.serve:serve",
               "Serve the HTTP API: gencli's jobs, OpenAI's completions, chat and Batch API."),
+    "health": ("gencli.cli.health:health",
+               "Exit 0 when a worker on this host beats in Redis, or with --url, when the API there is healthy."),
     "redis": ("gencli.cli.redis_cmd:redis_group", "The private Redis gencli starts when none answers: status, stop."),
     "demo": ("gencli.cli.demo:demo",
              "Prep chitchat, train a tiny model once, serve it, and stream replies to a few prompts."),

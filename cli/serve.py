@@ -27,7 +27,7 @@ def serve(host, port, token, max_body, log_level):
     from gencli.worker.api.app import create_app
 
     sock = _bind(host, port)
-    app = create_app(token=token, max_body=max_body)
+    app = create_app(token=token or None, max_body=max_body)  # GENCLI_API_TOKEN= (empty): no token
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"gencli API on http://{shown}:{sock.getsockname()[1]} (docs at /docs"
                f"{'; bearer token required' if token else ''})", err=True)

@@ -36,6 +36,23 @@ class Tailer(threading.Thread):
         return sum(1 for d in self.deltas if not d.restart)
 
 
+def sse_events(lines) -> list[dict]:
+    """Parse SSE lines into events {id, event, data}."""
+    out, cur = [], {}
+    for line in lines:
+        if not line:
+            if cur:
+                out.append(cur)
+            cur = {}
+        elif line.startswith("id: "):
+            cur["id"] = int(line[4:])
+        elif line.startswith("event: "):
+            cur["event"] = line[7:]
+        elif line.startswith("data: "):
+            cur["data"] = line[6:]
+    return out
+
+
 def wait_for(cond, timeout: float, what: str, every: float = 0.05):
     deadline = time.time() + timeout
     while not (got := cond()):

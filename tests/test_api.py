@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
-from services import free_port, start_api, start_worker
-from tailing import reference, wait_for
+from services import child_env, free_port, start_api, start_worker
+from tailing import reference, sse_events, wait_for
 
 from gencli.model.chat import ChatFormat, encode_prompt
 from gencli.model.tokenizer import Tokenizer, load_encoding
@@ -70,6 +72,22 @@ def test_health_models_schema_and_metrics(api, worker):
         assert name in text, name
     assert 'gencli_workers{model="tiny"} 1.0' in text
     assert 'gencli_queue_depth{kind="generate",model="tiny"} 0.0' in text  # a served model's empty queue
+
+
+def test_gencli_health_checks_this_hosts_worker_and_the_api(api, env):
+    """The containers' health check (docker/): 0 with a worker beating from this host, or the API
+    answering; 1 and one line otherwise."""
+    base = child_env(env["vars"])
+    run = lambda *a, e=base: subprocess.run([sys.executable, "-m", "gencli.cli", "health", *a], env=e,  # noqa: E731
+                                            capture_output=True, text=True, timeout=60)
+    r = run()
+    assert r.returncode == 0 and r.stdout.startswith("ok: ") and "(cpu, tiny)" in r.stdout
+    r = run("--url", api.url)
+    assert r.returncode == 0 and "'tiny': 1" in r.stdout
+    r = run("--url", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "does not answer" in r.stderr
+    r = run(e={**base, "GENCLI_NAMESPACE": "nobody-here"})  # a deployment with no worker at all
+    assert r.returncode == 1 and "no live worker on" in r.stderr and r.stderr.count("\n") == 1
 
 
 # --- native routes ----------------------------------------------------------------------------------
@@ -139,23 +157,6 @@ def test_bad_bodies_and_unknown_things(api):
     assert r.status_code in (404, 422)
 
 
-def _sse(lines) -> list[dict]:
-    """Parse SSE lines into events {id, event, data}."""
-    out, cur = [], {}
-    for line in lines:
-        if not line:
-            if cur:
-                out.append(cur)
-            cur = {}
-        elif line.startswith("id: "):
-            cur["id"] = int(line[4:])
-        elif line.startswith("event: "):
-            cur["event"] = line[7:]
-        elif line.startswith("data: "):
-            cur["data"] = line[6:]
-    return out
-
-
 def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api, client):
     job = httpx.post(api.url + "/v1/jobs", json={"model": "tiny", "prompt": "A long story", "max_tokens": 100,
                                                  "temperature": 0}).json()
@@ -168,10 +169,10 @@ def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api
             lines.append(line)
             if sum(1 for x in lines if x.startswith("id: ")) >= 5 and line == "":
                 break  # leave mid-stream
-    got = _sse(lines)
+    got = sse_events(lines)
     assert [e["id"] for e in got] == list(range(1, len(got) + 1))
     with httpx.stream("GET", url, headers={"Last-Event-ID": str(got[-1]["id"])}, timeout=60) as r:
-        rest = _sse(list(r.iter_lines()) + [""])
+        rest = sse_events(list(r.iter_lines()) + [""])
     assert rest[0]["id"] == got[-1]["id"] + 1  # exactly the missing ones, none twice
     events = got + rest
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))
@@ -181,11 +182,11 @@ def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api
     assert text == client.job(job["id"]).items()[0].output
 
     with httpx.stream("GET", url, timeout=60) as r:  # opened after the end: all of it, then closed
-        replay = _sse(list(r.iter_lines()) + [""])
+        replay = sse_events(list(r.iter_lines()) + [""])
     assert [e["id"] for e in replay] == [e["id"] for e in events]
     t0 = time.monotonic()  # resumed after the end (an EventSource reconnecting): nothing more, no gap
     with httpx.stream("GET", url, headers={"Last-Event-ID": str(events[-1]["id"])}, timeout=60) as r:
-        assert _sse(list(r.iter_lines()) + [""]) == []
+        assert sse_events(list(r.iter_lines()) + [""]) == []
     assert time.monotonic() - t0 < 1.0
 
 
