@@ -60,9 +60,11 @@ def worker(model_path, model_name, prep, device, queues, name, batch_size, max_j
 
         torch.set_num_threads(threads)
     extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
-    serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
-          batch_size=batch_size, max_jobs=max_jobs, max_slots_per_job=max_slots_per_job, tokenizer=tokenizer,
-          chat_format=chat_format, prep=prep, extra_queues=extra, loglevel=loglevel)
+    code = serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
+                 batch_size=batch_size, max_jobs=max_jobs, max_slots_per_job=max_slots_per_job, tokenizer=tokenizer,
+                 chat_format=chat_format, prep=prep, extra_queues=extra, loglevel=loglevel)
+    if code:  # Celery said why in the log above ("Unrecoverable error: ..."); a supervisor restarts it
+        raise SystemExit(code)
 
 
 @click.command()

@@ -253,9 +253,9 @@ class Outbox:
             for job, _, _ in live:
                 job.inbox.put(("redis", e))
             return
-        except redis.RedisError as e:
-            for job, _, _ in live:
-                job.inbox.put(("failed", e))
+        except redis.RedisError as e:  # Redis refused the publish itself (out of memory, say): the jobs
+            for job, _, _ in live:     # fail, and their rows must leave the batch
+                job.inbox.put(("unpublished", e))
             return
         for (job, events, ended), refused, cancel in zip(live, refusals, cancelled, strict=True):
             if refused:

@@ -58,6 +58,10 @@ class ItemRun:
     published: int = 0  # tok events with an id of the item in the log (counted by the outbox)
 
 
+class PublishRefused(Exception):
+    """Redis answered a publish with an error (full to its maxmemory, say): the job fails."""
+
+
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
     """Run (or resume) one job; return how it ended, or why it was not run."""
     return ctx.run_job(job_id, lambda run: GenerationJob(ctx, run).execute())
@@ -120,9 +124,11 @@ class GenerationJob:
             return "lease lost"
         try:
             run.publish([end_event(status.value, error.get("error_message"))])
+            ctx.redis.delete(ctx.keys.cancel(job_id))
         except LeaseLost:
             pass  # the store has the end; tailers read it from there
-        ctx.redis.delete(ctx.keys.cancel(job_id))
+        except redis.RedisError as e:  # likewise
+            log.warning("job %s: its end was not published (%s: %s); the store has it", job_id, type(e).__name__, e)
         log.info("job %s %s: %d tokens in %.2f s (%.1f tokens/s) on %s", job_id, status.value, made, elapsed,
                  made / elapsed if elapsed > 0 else 0.0, self.stats["final_device"])
         return status.value
@@ -164,6 +170,10 @@ class GenerationJob:
                     raise msg[1]
                 elif kind == "failed":
                     stopping = stopping or msg[1]  # the batcher took the rows out already
+                elif kind == "unpublished":  # the outbox could not publish: take the rows out, then fail
+                    if stopping is None:
+                        batcher.stop(self, "drop")
+                    stopping = stopping or PublishRefused(f"Redis refused the job's events: {msg[1]}")
                 if stopping is None:
                     try:
                         run.check(poll_redis=False)

@@ -24,6 +24,7 @@ import time
 
 import redis
 import torch
+from celery import signals
 
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
@@ -81,8 +82,9 @@ def serve(
     prep: bool = False,
     extra_queues: tuple[str, ...] = (),
     loglevel: str = "INFO",
-) -> None:
-    """Serve a model's generation jobs (model_path), dataset-prep jobs (prep), or both."""
+) -> int:
+    """Serve a model's generation jobs (model_path), dataset-prep jobs (prep), or both; return
+    Celery's exit status (non-zero when it stopped on an error it calls unrecoverable)."""
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     if model_path is None and not prep:
         raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
@@ -136,9 +138,12 @@ def serve(
         log.info("worker %s: up to %d jobs at once, %d slots%s", name, ctx.max_jobs, ctx.slots,
                  f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
         quiet = [] if settings.task_events else ["--without-heartbeat"]  # event heartbeats: Flower's
+        ended: dict = {}  # Celery's worker_main returns nothing: its exit status comes with this signal
+        signals.worker_shutdown.connect(lambda sender, **_: ended.setdefault("code", sender.exitcode), weak=False)
         app.worker_main(["worker", "--pool=threads", f"--concurrency={ctx.max_jobs}", "--queues", ",".join(queues),
                          "--hostname", name, f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
                          *quiet])
+        return ended.get("code") or 0
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
             quick.delete(keys.worker(name))

@@ -128,12 +128,23 @@ def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
     script), each with at least one event, and in the same trip ask whether the keys `exists`
     exist (the jobs' cancel flags). Per job, the refusal or None; per key, whether it exists.
     Redis errors other than a refusal are raised."""
-    pipe = r.pipeline(transaction=False)
-    for pub, events in batch:
-        pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)
-    for key in exists:
-        pipe.exists(key)
-    results = pipe.execute() if batch or exists else []
+    if not batch and not exists:
+        return [], []
+    for tries_left in (1, 0):
+        pipe = r.pipeline(transaction=False)
+        for pub, events in batch:
+            pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)
+        for key in exists:
+            pipe.exists(key)
+        try:
+            results = pipe.execute()
+            break
+        except redis.exceptions.NoScriptError:
+            # Redis restarted empty between the pipeline's script check and its run (redis-py
+            # retries a pipeline after a reconnect without loading its scripts again): no script
+            # ran, so nothing was published; build it again, which loads the script
+            if not tries_left:
+                raise
     out: list[StreamRefused | None] = []
     for (pub, events), result in zip(batch, results[: len(batch)], strict=True):
         try:

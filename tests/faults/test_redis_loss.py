@@ -11,13 +11,14 @@ import signal
 import time
 
 import pytest
+import redis
 from click.testing import CliRunner
 from services import start_worker
 from tailing import Tailer, reference, wait_for
 
 from gencli.cli.main import main
 from gencli.storage.db import JobStatus
-from gencli.worker.stream import read_log
+from gencli.worker.stream import Publisher, publish_many, read_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
@@ -184,3 +185,57 @@ def test_a_job_whose_redis_stays_away_is_given_back_not_failed(tmp_path, chatml_
     rec = store.get_job(job.id)
     assert (rec.status, rec.attempts, rec.lease_owner, rec.error_class) == ("queued", 0, None, None)
     assert store.items(job.id)[0].status == "pending"
+
+
+def test_a_pipeline_whose_script_a_restart_emptied_is_built_again_and_publishes_once(env, monkeypatch):
+    """redis-py checks a pipeline's scripts before running it, but a pipeline it retries after a
+    reconnect runs unchecked: Redis restarted empty in between answers NOSCRIPT. (A worker's job
+    then waited for its items forever: CI saw it stay running.) Injected here at that very point."""
+    r = env["redis"].client()
+    job_id = f"noscript-{env['id']}"
+    pub = Publisher(r, env["keys"], job_id, owner="owner-1", ttl=60, max_events=1000)
+    pub.claim({"t": "start", "worker": "w", "device": "cpu", "attempt": 1})
+    checked = []
+    load_scripts = redis.client.Pipeline.load_scripts
+
+    def check_then_lose_scripts(self):
+        load_scripts(self)
+        if not checked:
+            checked.append(True)
+            r.script_flush()  # as if Redis restarted empty right after the check
+    monkeypatch.setattr(redis.client.Pipeline, "load_scripts", check_then_lose_scripts)
+    tok = {"t": "tok", "i": 0, "e": 0, "id": 42, "text": "hi", "finish": None}
+    refused, cancels = publish_many(r, [(pub, [tok])], (env["keys"].cancel(job_id),))
+    assert checked and refused == [None] and cancels == [False]
+    assert [(e["seq"], e["t"]) for e in read_log(r, env["keys"], job_id)] == [(1, "start"), (2, "tok")]  # once
+
+
+def test_a_redis_that_refuses_writes_fails_the_running_job_instead_of_leaving_it_running(env, tiny, client):
+    model = f"tiny-full-{env['id']}"
+    w = start_worker(env, tiny, f"full-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    r = env["redis"].client()
+    try:
+        job = client.submit(PROMPTS, model=model, max_tokens=240, temperature=0)
+        wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")  # every write is refused: "OOM command not allowed"
+        try:
+            assert job.wait(60) is JobStatus.FAILED  # not left running with its publishes refused
+        finally:
+            r.config_set("maxmemory", "0")
+        rec = job.record()
+        assert rec.error_message.startswith("Redis refused the job's events: ") and "maxmemory" in rec.error_message
+        assert rec.error_class == "PublishRefused" and rec.attempts == 1
+        # Celery's ack is refused too, which it takes as unrecoverable: the worker ends, so a
+        # supervisor (gencli workers, a container's restart policy) starts it again
+        assert w.proc.wait(30) != 0
+        w2 = start_worker(env, tiny, f"full2-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+        try:
+            again = client.submit(["and then"], model=model, max_tokens=5, temperature=0)
+            assert again.wait(60) is JobStatus.SUCCEEDED
+            assert job.record().status == "failed" and job.record().attempts == 1  # not run again
+        finally:
+            w2.stop()
+    finally:
+        r.config_set("maxmemory", "0")
+        w.stop()
