@@ -275,6 +275,9 @@ def test_the_stack_builds_serves_jobs_and_keeps_a_queued_one_through_a_redis_res
     size = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", "gencli:cpu").stdout)
     print(f"\nbase {base}; image gencli:cpu {size / 1e6:.0f} MB; built in {time.monotonic() - t0:.0f} s")
     assert sh("podman", "run", "--rm", "gencli:cpu", "id", "-u").stdout.strip() == "10001"  # not root
+    redis_cmd = compose()["services"]["redis"]["command"]
+    r = sh("podman", "run", "--rm", "-e", "REDISCLI_AUTH=", "gencli-redis", *interpolate(redis_cmd, {}), check=False)
+    assert r.returncode == 1 and "GENCLI_REDIS_PASSWORD is empty" in r.stderr  # no Redis without a password
 
     api_port = free_port()
     env = {**os.environ, "GENCLI_REDIS_PASSWORD": secrets.token_hex(16), "GENCLI_API_PORT": str(api_port),
