@@ -11,9 +11,11 @@ import time
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 from services import child_env, free_port, start_api, start_worker
 from tailing import reference, sse_events, wait_for
 
+from gencli.cli.main import main
 from gencli.model.chat import ChatFormat, encode_prompt
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.status import JobStatus
@@ -109,7 +111,7 @@ def test_a_native_job_runs_and_reads_back(api, tiny, client):
     assert [it["custom_id"] for it in shown["items"]] == [None, "sea"]
     lines = [json.loads(x) for x in httpx.get(f"{api.url}/v1/jobs/{job['id']}/results").text.splitlines()]
     assert [x["output"] for x in lines] == reference(tiny, ["Once upon a time"], 12) + reference(tiny, ["The sea"], 5)
-    assert lines[1]["usage"]["completion_tokens"] <= 5
+    assert lines[1]["usage"]["completion_tokens"] <= 5 and "sample" not in lines[0]
 
     # cancelling a finished job leaves it as it is; retrying it has nothing to do
     assert httpx.delete(f"{api.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded"
@@ -188,6 +190,16 @@ def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api
     with httpx.stream("GET", url, headers={"Last-Event-ID": str(events[-1]["id"])}, timeout=60) as r:
         assert sse_events(list(r.iter_lines()) + [""]) == []
     assert time.monotonic() - t0 < 1.0
+
+
+def test_results_name_each_sample_of_a_job_submitted_with_several(api):
+    r = CliRunner().invoke(main, ["submit", "--model", "tiny", "--prompt", "Hi", "--num_samples", "2", "--seed", "5",
+                                  "--max_tokens", "4"])
+    assert r.exit_code == 0, r.output
+    job_id = r.output.split()[-1]
+    wait_for(lambda: httpx.get(f"{api.url}/v1/jobs/{job_id}").json()["status"] == "succeeded", 60, "the job")
+    lines = [json.loads(x) for x in httpx.get(f"{api.url}/v1/jobs/{job_id}/results").text.splitlines()]
+    assert [x["sample"] for x in lines] == [1, 2] and all(x["prompt"] == "Hi" for x in lines)  # as `gencli results`
 
 
 # --- OpenAI's client --------------------------------------------------------------------------------
