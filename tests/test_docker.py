@@ -79,28 +79,32 @@ def test_the_compose_file_is_valid_compose():
     validator.validate(interpolate(compose(), {"GENCLI_REDIS_PASSWORD": "x"}))
 
 
+def help_after(argv: list[str]) -> subprocess.CompletedProcess:
+    """`gencli ... --help` with every option of argv before it: click parses them all first, so an
+    unknown option or a bad value (--device, --batch_size) fails here as it would in the container."""
+    assert argv[0] == "gencli", argv
+    return subprocess.run([sys.executable, "-m", "gencli.cli", *argv[1:], "--help"], capture_output=True, text=True,
+                          timeout=60)
+
+
 def test_every_service_command_is_a_gencli_command_that_parses():
     spec = interpolate(compose(), {"GENCLI_REDIS_PASSWORD": "x"})
     checked = []
     for name in GENCLI_SERVICES:
         svc = spec["services"][name]
-        commands = [svc["command"], svc["healthcheck"]["test"][1:]]
-        for argv in commands:
-            assert argv[0] == "gencli", f"{name}: {argv}"
-            # --help after every option: click parses them all first, so an unknown option or a bad
-            # value (--device, --batch_size) fails here as it would in the container
-            r = subprocess.run([sys.executable, "-m", "gencli.cli", *argv[1:], "--help"], capture_output=True,
-                               text=True, timeout=60)
+        for argv in (svc["command"], svc["healthcheck"]["test"][1:]):
+            r = help_after(argv)
             assert r.returncode == 0, f"{name}: {' '.join(argv)}: {r.stderr}"
             checked.append(argv[1])
     assert {"serve", "worker", "health"} <= set(checked)
     # the image's own default command and health check, likewise
-    text = DOCKERFILE.read_text()
-    for argv in (json.loads(m) for m in re.findall(r"^\s*(?:CMD|HEALTHCHECK.*CMD)\s+(\[.*\])\s*$", text, re.M)):
-        if argv[0] == "gencli":
-            r = subprocess.run([sys.executable, "-m", "gencli.cli", *argv[1:], "--help"], capture_output=True,
-                               text=True, timeout=60)
-            assert r.returncode == 0, f"Dockerfile: {argv}: {r.stderr}"
+    found = [json.loads(m) for m in re.findall(r"^\s*(?:CMD|HEALTHCHECK.*CMD)\s+(\[.*\])\s*$",
+                                               DOCKERFILE.read_text(), re.M)]
+    image_commands = [argv for argv in found if argv[0] == "gencli"]
+    assert [argv[1] for argv in image_commands] == ["health", "serve"]
+    for argv in image_commands:
+        r = help_after(argv)
+        assert r.returncode == 0, f"Dockerfile: {argv}: {r.stderr}"
 
 
 def test_every_variable_the_stack_sets_is_one_gencli_reads():
@@ -112,7 +116,7 @@ def test_every_variable_the_stack_sets_is_one_gencli_reads():
         unknown = sorted(set(env) - reads)
         assert not unknown, f"{name} sets variables gencli never reads: {unknown}"
     image_env = re.findall(r"^\s+(GENCLI_[A-Z_]+)=", DOCKERFILE.read_text(), re.M)
-    assert set(image_env) - {"GENCLI_IMAGE_VARIANT"} <= reads  # (GENCLI_IMAGE_VARIANT: a label for people)
+    assert "GENCLI_HOME" in image_env and set(image_env) <= reads
 
 
 def test_env_example_lists_exactly_what_the_compose_file_reads():
