@@ -37,7 +37,7 @@ from sqlalchemy.sql.expression import FunctionElement, literal
 
 from gencli.storage.status import ItemStatus, JobStatus
 
-__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobStatus", "db_now", "make_engine",
+__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobAttempt", "JobStatus", "db_now", "make_engine",
            "make_sessionmaker", "normalize_url", "utcnow"]
 
 
@@ -130,8 +130,28 @@ class Item(Base):
     error: Mapped[str | None] = mapped_column(Text)
     epoch: Mapped[int] = mapped_column(Integer, default=0)  # +1 at each retry: the attempt its tokens belong to
     ids: Mapped[list | None] = mapped_column(JSON)  # checkpoint: the ids generated so far in this epoch
+    # Provenance (see model/provenance.py): the resolved sampling it runs with, its seed included
+    # (drawn and recorded before its first token when none was given), recorded when an attempt
+    # starts it; and the attempt, device and dtype that made its output, recorded with the output.
+    sampling: Mapped[dict | None] = mapped_column(JSON)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(32))
+    dtype: Mapped[str | None] = mapped_column(String(16))
+    prompt_text: Mapped[str | None] = mapped_column(Text)  # the prompt as the search index reads it
 
     job: Mapped[Job] = relationship(back_populates="items")
+
+
+class JobAttempt(Base):
+    """One attempt (claim) of a job: what ran it (model hash, tokenizer, dtype, device, software)."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    provenance: Mapped[dict] = mapped_column(JSON)
 
 
 class File(Base):

@@ -7,6 +7,7 @@ tests/test_store.py checks that the migrated schema matches the models in db.py.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 
@@ -109,11 +110,84 @@ def _0004_files(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _0005_provenance_and_search(conn: Connection) -> None:
+    """Provenance and history search: each attempt's record (model hash, tokenizer, dtype,
+    device, software) in `job_attempts`; per item the sampling it ran with (seed included, a drawn
+    one too), the attempt, device and dtype that produced its output, and its prompt as plain text
+    for the full-text index over prompts and outputs (SQLite FTS5 kept by triggers, or a
+    PostgreSQL GIN index over the same text)."""
+    for ddl in (
+        "ALTER TABLE items ADD COLUMN sampling JSON",
+        "ALTER TABLE items ADD COLUMN attempt INTEGER",
+        "ALTER TABLE items ADD COLUMN device VARCHAR(32)",
+        "ALTER TABLE items ADD COLUMN dtype VARCHAR(16)",
+        "ALTER TABLE items ADD COLUMN prompt_text TEXT",
+    ):
+        conn.execute(sa.text(ddl))
+    md = sa.MetaData()
+    sa.Table("jobs", md, sa.Column("id", sa.String(32), primary_key=True))  # exists: named for the key
+    attempts = sa.Table(
+        "job_attempts", md,
+        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("attempt", sa.Integer, primary_key=True),
+        sa.Column("worker", sa.String(200)),
+        sa.Column("started_at", sa.DateTime, nullable=False),
+        sa.Column("provenance", sa.JSON, nullable=False),
+    )
+    attempts.create(conn)
+    rows = conn.execute(sa.text("SELECT id, prompt FROM items")).all()
+    for row in rows:  # the rows of an older store: their prompts as text, once
+        prompt = json.loads(row.prompt) if isinstance(row.prompt, str) else row.prompt
+        conn.execute(sa.text("UPDATE items SET prompt_text = :t WHERE id = :i"),
+                     {"t": prompt_text(prompt), "i": row.id})
+    if conn.dialect.name == "sqlite":
+        for ddl in SQLITE_SEARCH_DDL:
+            conn.execute(sa.text(ddl))
+        conn.execute(sa.text("INSERT INTO items_fts(items_fts) VALUES ('rebuild')"))
+    elif conn.dialect.name == "postgresql":
+        conn.execute(sa.text(f"CREATE INDEX ix_items_search ON items USING GIN ({PG_SEARCH_VECTOR})"))
+
+
+# The search index: prompt text and output, words folded to lower case, no stemming (so a word
+# is found as typed, in any language), on both databases.
+SQLITE_SEARCH_DDL = (
+    "CREATE VIRTUAL TABLE items_fts USING fts5(prompt_text, output, content='items', content_rowid='id')",
+    "CREATE TRIGGER items_fts_insert AFTER INSERT ON items BEGIN "
+    "INSERT INTO items_fts(rowid, prompt_text, output) VALUES (new.id, new.prompt_text, new.output); END",
+    "CREATE TRIGGER items_fts_delete AFTER DELETE ON items BEGIN "
+    "INSERT INTO items_fts(items_fts, rowid, prompt_text, output) VALUES ('delete', old.id, old.prompt_text, "
+    "old.output); END",
+    "CREATE TRIGGER items_fts_update AFTER UPDATE OF prompt_text, output ON items BEGIN "
+    "INSERT INTO items_fts(items_fts, rowid, prompt_text, output) VALUES ('delete', old.id, old.prompt_text, "
+    "old.output); "
+    "INSERT INTO items_fts(rowid, prompt_text, output) VALUES (new.id, new.prompt_text, new.output); END",
+)
+PG_SEARCH_VECTOR = "to_tsvector('simple', coalesce(prompt_text, '') || ' ' || coalesce(output, ''))"
+SEARCH_TABLES = {"items_fts", "items_fts_data", "items_fts_idx", "items_fts_docsize", "items_fts_config"}
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as the search index reads it: its text, or its messages' contents one per line."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        parts = []
+        for m in prompt:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):  # content parts: their text
+                parts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "\n".join(parts)
+    return ""
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_jobs_and_items", _0001_jobs_and_items),
     ("0002_job_result", _0002_job_result),
     ("0003_leases_checkpoints_deployment", _0003_leases_checkpoints_deployment),
     ("0004_files", _0004_files),
+    ("0005_provenance_and_search", _0005_provenance_and_search),
 ]
 
 _log = sa.Table(

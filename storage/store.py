@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, literal, null, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import load_only
@@ -22,12 +22,13 @@ from gencli.storage.db import (
     Item,
     ItemStatus,
     Job,
+    JobAttempt,
     JobStatus,
     db_now,
     make_engine,
     make_sessionmaker,
 )
-from gencli.storage.migrations import migrate
+from gencli.storage.migrations import migrate, prompt_text
 
 _stores: dict[str, Store] = {}
 
@@ -106,7 +107,8 @@ class Store:
                 if items:  # a prep job has none
                     rows = [
                         dict(job_id=fields["id"], idx=i, line=it.get("line", i + 1), custom_id=it.get("custom_id"),
-                             prompt=it["prompt"], params=it.get("params"), status=ItemStatus.PENDING.value, epoch=0)
+                             prompt=it["prompt"], params=it.get("params"), status=ItemStatus.PENDING.value, epoch=0,
+                             prompt_text=prompt_text(it["prompt"]))
                         for i, it in enumerate(items)
                     ]
                     s.execute(Item.__table__.insert(), rows)
@@ -278,7 +280,8 @@ class Store:
                 update(Item)
                 .where(Item.job_id == job_id, retryable)
                 .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
-                        completion_tokens=None, ids=None, epoch=Item.epoch + 1)
+                        completion_tokens=None, ids=None, epoch=Item.epoch + 1, sampling=null(), attempt=None,
+                        device=None, dtype=None)
             ).rowcount
 
     # --- worker side -------------------------------------------------------------------
@@ -385,8 +388,10 @@ class Store:
 
     def save_item(self, job_id: str, owner: str, idx: int, *, epoch: int, status: ItemStatus, output: str | None,
                   finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
-                  ids: list[int] | None = None, error: str | None = None) -> bool:
-        """Record one item's result, only while the lease is ours and the item is still in this epoch."""
+                  ids: list[int] | None = None, error: str | None = None, attempt: int | None = None,
+                  device: str | None = None, dtype: str | None = None) -> bool:
+        """Record one item's result (and the attempt, device and dtype that made it), only while
+        the lease is ours and the item is still in this epoch."""
         with self.Write.begin() as s:
             if not self._lock_lease(s, job_id, owner):
                 return False
@@ -394,8 +399,51 @@ class Store:
                 update(Item)
                 .where(Item.job_id == job_id, Item.idx == idx, Item.epoch == epoch)
                 .values(status=status.value, output=output, finish_reason=finish_reason, ids=ids,
-                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error)
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error,
+                        attempt=attempt, device=device, dtype=dtype)
             ).rowcount == 1
+
+    def record_attempt(self, job_id: str, owner: str, *, worker: str, provenance: dict) -> int | None:
+        """Record what runs this claim of the job (model, tokenizer, device, software), numbered
+        1, 2, ... over all the job's claims (retries included); the number, or None when the lease
+        is not ours. One INSERT ... SELECT: only the lease holder can add, so numbers never clash."""
+        n = (select(func.count()).select_from(JobAttempt).where(JobAttempt.job_id == job_id)
+             .scalar_subquery() + 1)
+        ours = select(Job.id).where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+        with self.Write.begin() as s:
+            row = s.execute(
+                insert(JobAttempt)
+                .from_select(["job_id", "attempt", "worker", "started_at", "provenance"],
+                             select(literal(job_id), n, literal(worker), db_now(),
+                                    literal(provenance, JobAttempt.provenance.type))
+                             .where(ours.exists()))
+                .returning(JobAttempt.attempt)
+            ).first()
+        return row.attempt if row else None
+
+    def attempts(self, job_id: str) -> list[JobAttempt]:
+        """The job's recorded attempts, first first."""
+        with self.Session() as s:
+            return list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)
+                                  .order_by(JobAttempt.attempt)))
+
+    def start_items(self, job_id: str, owner: str, sampling: list[tuple[int, int, dict]]) -> bool:
+        """Record the sampling (seed included) each of these (idx, epoch, sampling) items runs
+        with, before its first token, where none is recorded for its epoch yet; only while the
+        lease is ours. A takeover reads it back, so a resumed item samples what it would have."""
+        if not sampling:
+            return True
+        with self.Write.begin() as s:
+            if not self._lock_lease(s, job_id, owner):
+                return False
+            s.execute(
+                update(Item.__table__)
+                .where(Item.job_id == job_id, Item.idx == bindparam("i"), Item.epoch == bindparam("e"),
+                       Item.sampling.is_(None), Item.status == ItemStatus.PENDING.value)
+                .values(sampling=bindparam("v")),
+                [{"i": i, "e": e, "v": v} for i, e, v in sampling],
+            )
+        return True
 
     def finish(self, job_id: str, owner: str, status: JobStatus, *, run_seconds: float = 0.0, **fields) -> bool:
         """End the job (stats and error fields as keywords), only while the lease is ours.
