@@ -7,7 +7,9 @@
 3. Split by conversation: the dataset's own split (DailyDialog's release folders), else a seeded
    sample of `val_fraction` of the conversations for val (at least one when there are two or more).
 4. Write `train.bin`, `val.bin` (and `test.bin` for a given test split), with `.mask.bin` beside each
-   when asked, then `meta.json`, each atomically (see writer.py).
+   when asked, then `meta.json`, each atomically (see writer.py). Each output's sha256 is taken over
+   the bytes as they are written (no second read) and kept in meta.json's "outputs", beside the
+   inputs' hashes; a skipped run (step 1) checks the files' sizes, not their hashes.
 The same inputs and spec give the same bytes, meta.json included. The ids are held in memory until
 they are written (4 bytes a token, 5 with a mask): fine for chat datasets of some GB of text.
 """
@@ -35,12 +37,14 @@ from gencli.prep.encode import ConversationEncoder, Encoded
 from gencli.prep.spec import PrepError, PrepResult, PrepSpec
 from gencli.prep.writer import atomic_files, read_meta, write_meta
 
-PREP_VERSION = 1  # of the output format: bump when the same spec would write different bytes
+PREP_VERSION = 2  # of the output format: bump when the same spec would write different bytes
 THREADS = 2  # tokenizer threads
 PIECE_TURNS = 8192  # turns per encode call (about 0.5 MB of chitchat text)
 PROGRESS_INTERVAL = 0.1  # seconds
 SPLITS = ("train", "val", "test")
 SOURCES = {"chat": chat, "chitchat": chitchat, "dailydialog": dailydialog}
+HASHED = ("sha256: of each input as read before the run, of each output's bytes as written; "
+          "a skipped (up-to-date) run checks the outputs' sizes, not their hashes")
 
 Progress = Callable[[int, int], None]
 
@@ -185,6 +189,8 @@ def _meta(spec: PrepSpec, fp: str, inputs: list[InputFile], hashes: list[str], t
             name: {"tokens": f"{name}.bin", **({"mask": f"{name}.mask.bin"} if spec.loss_mask else {})}
             for name in names
         },
+        "outputs": written.outputs,
+        "hashed": HASHED,
         "split": {"method": method, "seed": spec.seed, "val_fraction": spec.val_fraction},
         "loss_mask": spec.loss_mask,
         "counts": counts,
@@ -220,6 +226,7 @@ class _Written:
     dtype: str
     tokens: list[int]  # per split
     literals: Counter
+    outputs: dict[str, dict] = field(default_factory=dict)  # file name -> {"sha256", "bytes"} of what was written
 
 
 def _write(out: Path, pieces: list[Future[Encoded]], assign: np.ndarray, names: list[str], tok: Tokenizer,
@@ -234,7 +241,15 @@ def _write(out: Path, pieces: list[Future[Encoded]], assign: np.ndarray, names: 
     last = time.monotonic()
     if progress:
         progress(0, total)
+    digests = {name: hashlib.sha256() for name in bins + masks}
+    sizes = dict.fromkeys(bins + masks, 0)
     with atomic_files(out, bins + masks, remove=every - set(bins + masks)) as files:
+
+        def put(name: str, data: bytes) -> None:
+            files[name].write(data)
+            digests[name].update(data)
+            sizes[name] += len(data)
+
         for future in pieces:
             enc = future.result()
             k = len(enc.lengths)
@@ -244,9 +259,9 @@ def _write(out: Path, pieces: list[Future[Encoded]], assign: np.ndarray, names: 
                 if per_token is None and which[0] != j:
                     continue
                 ids, mask = (enc.ids, enc.mask) if per_token is None else _select(enc, per_token == j)
-                files[f"{name}.bin"].write(ids.astype(dtype, copy=False).tobytes())
+                put(f"{name}.bin", ids.astype(dtype, copy=False).tobytes())
                 if loss_mask:
-                    files[f"{name}.mask.bin"].write(mask.astype(np.uint8).tobytes())
+                    put(f"{name}.mask.bin", mask.astype(np.uint8).tobytes())
                 written.tokens[j] += len(ids)
             written.literals.update(enc.literals)
             done += k
@@ -255,6 +270,8 @@ def _write(out: Path, pieces: list[Future[Encoded]], assign: np.ndarray, names: 
                 last = time.monotonic()
     if progress:
         progress(done, total)
+    written.outputs = {name: {"sha256": digests[name].hexdigest(), "bytes": sizes[name]}
+                       for name in sorted(digests)}
     return written
 
 

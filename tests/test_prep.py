@@ -1,6 +1,7 @@
 """`gencli prep`: every source and format on small real files, exact tokens, splits, masks,
 reproducibility, the fingerprint, a killed run, malformed input, and the command itself."""
 
+import hashlib
 import itertools
 import json
 import os
@@ -317,6 +318,29 @@ def test_fingerprint_skips_until_inputs_or_flags_change(tmp_path):
     assert not prepare(spec(tmp_path, "chat", src, format="legacy")).skipped
     (tmp_path / "out" / "val.bin").unlink()  # a file gone
     assert not prepare(spec(tmp_path, "chat", src, format="legacy")).skipped
+
+
+@pytest.mark.parametrize("given_splits", [False, True])
+def test_meta_records_each_input_and_output_files_hash(tmp_path, given_splits):
+    src = (write_release(tmp_path, splits=True) if given_splits
+           else write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in TINY * 20]))
+    s = spec(tmp_path, "dailydialog" if given_splits else "chat", src, loss_mask=True, val_fraction=0.2)
+    meta = prepare(s, force=True).meta
+    out = tmp_path / "out"
+    written = {p.name for p in out.iterdir()} - {"meta.json"}
+    assert set(meta["outputs"]) == written == {f for files in meta["files"].values() for f in files.values()}
+    for name, rec in meta["outputs"].items():
+        data = (out / name).read_bytes()
+        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    for inp in meta["inputs"]:
+        data = Path(inp["path"]).read_bytes()
+        assert (inp["sha256"], inp["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert "as written" in meta["hashed"]
+    first = files_bytes(out)
+    assert prepare(s, force=True).meta == meta  # rewritten, same hashes
+    assert files_bytes(out) == first  # meta.json included
+    again = prepare(s)
+    assert again.skipped and again.meta["outputs"] == meta["outputs"]
 
 
 def test_stale_outputs_of_another_run_are_removed(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from importlib import metadata
 
 import pytest
 from click.testing import CliRunner
@@ -102,6 +104,39 @@ def test_prep_queue_flag_submits_a_job(tmp_path, prep_worker, client):
     job = client.job(r.stdout.strip())
     assert job.wait(60) is JobStatus.SUCCEEDED
     assert (tmp_path / "o" / "meta.json").exists()
+
+
+def test_prep_job_records_its_files_hashes_and_its_attempts_software(tmp_path, prep_worker, client):
+    src = chat_file(tmp_path / "d.jsonl", 20, "delta")
+    out = tmp_path / "o"
+    argv = ["prep", "chat", "--path", str(src), "--out", str(out), "--loss-mask", "--queue"]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 0, r.output
+    job = client.job(r.stdout.strip())
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    result = job.record().result
+    data = src.read_bytes()
+    assert [(i["path"], i["sha256"], i["bytes"]) for i in result["inputs"]] == [
+        (str(src), hashlib.sha256(data).hexdigest(), len(data))]
+    assert set(result["outputs"]) == {"train.bin", "val.bin", "train.mask.bin", "val.mask.bin"}
+    for name, rec in result["outputs"].items():
+        data = (out / name).read_bytes()
+        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    shown = CliRunner().invoke(main, ["results", job.id, "--format", "jsonl"])
+    assert shown.exit_code == 0, shown.output
+    assert {k: json.loads(shown.stdout)[k] for k in ("inputs", "outputs")} == {
+        k: result[k] for k in ("inputs", "outputs")}
+    [attempt] = client.store.attempts(job.id)
+    assert attempt.attempt == 1 and attempt.worker == prep_worker.name
+    assert attempt.provenance["kind"] == "prep" and attempt.provenance["device"] == "cpu"
+    assert attempt.provenance["software"]["gencli"] == metadata.version("gencli")
+
+    again = client.job(CliRunner().invoke(main, argv).stdout.strip())  # up to date: the existing meta's hashes
+    assert again.wait(60) is JobStatus.SUCCEEDED
+    skipped = again.record().result
+    assert skipped["skipped"] is True
+    assert (skipped["inputs"], skipped["outputs"]) == (result["inputs"], result["outputs"])
+    assert [a.provenance["kind"] for a in client.store.attempts(again.id)] == ["prep"]
 
 
 @pytest.mark.parametrize(

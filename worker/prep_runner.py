@@ -1,7 +1,9 @@
 """Running a dataset-prep job on a worker: `prep.prepare` with its progress streamed.
 
 Progress goes out through the job's stream like tokens do ({"t": "progress", "done", "total"}),
-so `gencli tail JOB` shows it; the dataset's counts land in the job's `result`. Cancelling stops
+so `gencli tail JOB` shows it; the dataset's counts, and the sha256 and size of every input and
+output file (from meta.json), land in the job's `result`; the attempt's provenance (software,
+device) is recorded when it starts (store.record_attempt). Cancelling stops
 the prep between chunks; its files are written under temporary names until complete, so a
 stopped or killed job leaves nothing half-written under a final name.
 """
@@ -13,6 +15,7 @@ import time
 
 import redis
 
+from gencli.model.provenance import software
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
 from gencli.storage.db import JobStatus
@@ -22,11 +25,13 @@ log = logging.getLogger("gencli.worker")
 PROGRESS_EVERY = 0.25  # seconds between progress events
 
 SUMMARY_KEYS = ("source", "chat_format", "tokenizer", "dtype", "counts", "mean_tokens_per_turn",
-                "literal_special_strings", "malformed", "fingerprint")
+                "literal_special_strings", "malformed", "fingerprint",
+                "inputs", "outputs")  # [{path, split, sha256, bytes}], {file: {sha256, bytes}}
 
 
 def summary(result: PrepResult, spec: PrepSpec) -> dict:
-    """What the store keeps of a prep run: its counts and where the files are."""
+    """What the store keeps of a prep run: its counts, where the files are, and what went in and
+    came out (each file's sha256 and bytes; for a skipped run, the existing meta.json's)."""
     meta = result.meta
     out = {k: meta[k] for k in SUMMARY_KEYS if k in meta}
     out.update(out=spec.out, skipped=result.skipped)
@@ -40,6 +45,10 @@ def run_prep_job(ctx: WorkerContext, job_id: str) -> str:
 def _run(ctx: WorkerContext, run: RunningJob) -> str:
     job_id = run.job_id
     job = ctx.store.get_job(job_id)
+    provenance = {"kind": "prep", "device": "cpu", "software": software()}
+    if ctx.store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=provenance) is None:
+        log.warning("prep job %s: lease lost to another worker before it started; stopping", job_id)
+        return "lease lost"
     run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": run.attempt})
     last = 0.0
     t0 = time.perf_counter()
