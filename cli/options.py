@@ -1,6 +1,10 @@
-"""Option groups shared by the commands (generate now; submit reuses the sampling ones)."""
+"""Option groups shared by the commands (generate now; submit reuses the sampling ones), and
+parameter types (list's --since)."""
 
 from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
 
 import click
 
@@ -75,3 +79,30 @@ def _stops(value: tuple[str, ...]) -> tuple[str, ...]:
 
 def sampling_params(max_tokens: int, temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
+
+
+class Since(click.ParamType):
+    """A point in time to list from: 30m, 2h, 3d or 1w ago (naive UTC, the store's times), or an
+    ISO date or date and time (naive, taken as UTC, unless it names its zone)."""
+
+    name = "WHEN"
+    forms = "30m, 2h, 3d or 1w ago, or an ISO date or date-time such as 2025-01-31 or 2025-01-31T14:00 (UTC)"
+    _seconds = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+    def convert(self, value, param, ctx) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        ago = re.fullmatch(r"(\d+)([mhdw])", value.strip().lower())
+        if ago:
+            return _utcnow() - timedelta(seconds=int(ago[1]) * self._seconds[ago[2]])
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a time: use {self.forms}", param, ctx)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+SINCE = Since()

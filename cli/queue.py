@@ -12,7 +12,7 @@ import click
 
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
-from gencli.cli.options import sampling_options
+from gencli.cli.options import SINCE, sampling_options
 from gencli.model.errors import GencliError
 from gencli.storage.status import JobStatus
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
@@ -234,16 +234,24 @@ def status():
 @click.option("--model", default=None)
 @click.option("--kind", type=click.Choice(["generate", "prep"]), default=None)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-def list_jobs(status_, model, kind, limit):
+@click.option("-q", "--query", default=None, metavar="TEXT",
+              help="Only jobs with a prompt or output holding every word of TEXT (whole words, any case).")
+@click.option("--since", type=SINCE, default=None, help=f"Only jobs created since then: {SINCE.forms}.")
+@click.option("--after", default=None, metavar="ID", help="The page after this job (the last id of the page before).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job (with -q, its matching lines whole).")
+def list_jobs(status_, model, kind, limit, query, since, after, as_json):
     """Recent jobs with status, model, worker/device, tokens and tokens/s."""
     client = _client()
-    jobs = client.list_jobs(status=status_, model=model, kind=kind, limit=limit)
+    jobs = client.list_jobs(status=status_, model=model, kind=kind, limit=limit, after=after, query=query,
+                            since=since)
+    matches = client.matching_items([j.id for j in jobs], query) if query is not None else {}
     running = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.kind == "generate"]
     live = client.store.live_tokens([j.id for j in running])  # running jobs: their progress so far
     now = client.store_time() if running else None
-    click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} {'tok/s':>7}")
+    if not as_json:
+        click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} "
+                   f"{'tok/s':>7}")
     for j in jobs:
-        where = f"{j.worker or '-'}/{j.final_device or j.device or '-'}"
         tokens, tps = j.completion_tokens, j.tokens_per_s
         if j.id in live:
             tokens = live[j.id]
@@ -251,8 +259,39 @@ def list_jobs(status_, model, kind, limit):
             tps = tokens / elapsed if elapsed > 0 else None
         elif j.kind == "prep" and j.result and not j.result.get("skipped"):
             tokens = sum(c.get("tokens", 0) for c in j.result.get("counts", {}).values())
+        if as_json:
+            click.echo(json.dumps(_job_line(j, tokens, tps, matches.get(j.id)), ensure_ascii=False))
+            continue
+        where = f"{j.worker or '-'}/{j.final_device or j.device or '-'}"
         shown = f"{tps:.1f}" if tps else "-"
         click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {j.n_items:>5} {tokens:>7} {shown:>7}")
+        if matches.get(j.id):
+            it = matches[j.id][0]
+            click.echo(f"  {_label(it)}: {_snippet(it.prompt_text, 45)} -> {_snippet(it.output, 45)}")
+
+
+def _job_line(j, tokens: int, tps: float | None, matches: list | None) -> dict:
+    """A job as `list --json` prints it (with -q, its matching items whole)."""
+    out = {"id": j.id, "kind": j.kind, "model": j.model, "status": j.status, "created_at": _iso(j.created_at),
+           "finished_at": _iso(j.finished_at), "n_items": j.n_items, "completion_tokens": tokens,
+           "tokens_per_s": tps, "worker": j.worker, "device": j.final_device or j.device}
+    if matches is not None:
+        out["matches"] = [{"line": it.line, "custom_id": it.custom_id, "prompt": it.prompt, "output": it.output}
+                          for it in matches]
+    return out
+
+
+def _iso(t) -> str | None:
+    """A stored time (naive UTC) in ISO 8601, zone Z."""
+    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
+
+
+def _snippet(text: str | None, width: int) -> str:
+    """The start of a text on one line (runs of whitespace, newlines too, as one space)."""
+    if text is None:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
 @click.command()

@@ -7,7 +7,6 @@ tests/test_store.py checks that the migrated schema matches the models in db.py.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 
@@ -135,11 +134,12 @@ def _0005_provenance_and_search(conn: Connection) -> None:
         sa.Column("provenance", sa.JSON, nullable=False),
     )
     attempts.create(conn)
-    rows = conn.execute(sa.text("SELECT id, prompt FROM items")).all()
-    for row in rows:  # the rows of an older store: their prompts as text, once
-        prompt = json.loads(row.prompt) if isinstance(row.prompt, str) else row.prompt
+    # the rows of an older store: their prompts as text, once (read as JSON, so each database's
+    # driver decodes it alike: psycopg hands back a JSON string prompt already decoded)
+    items = sa.table("items", sa.column("id"), sa.column("prompt", sa.JSON))
+    for row in conn.execute(sa.select(items.c.id, items.c.prompt)).all():
         conn.execute(sa.text("UPDATE items SET prompt_text = :t WHERE id = :i"),
-                     {"t": prompt_text(prompt), "i": row.id})
+                     {"t": prompt_text(row.prompt), "i": row.id})
     if conn.dialect.name == "sqlite":
         for ddl in SQLITE_SEARCH_DDL:
             conn.execute(sa.text(ddl))

@@ -7,10 +7,14 @@ job was taken over) can no longer write results, so a job gets one set of output
 
 from __future__ import annotations
 
+import re
+import secrets
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
-from sqlalchemy import and_, bindparam, case, func, insert, literal, null, or_, select, update
+from sqlalchemy import and_, bindparam, case, column, func, insert, literal, null, or_, select, table, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import load_only
@@ -28,7 +32,7 @@ from gencli.storage.db import (
     make_engine,
     make_sessionmaker,
 )
-from gencli.storage.migrations import migrate, prompt_text
+from gencli.storage.migrations import PG_SEARCH_VECTOR, migrate, prompt_text
 
 _stores: dict[str, Store] = {}
 
@@ -54,6 +58,38 @@ class Claim:
 
 class StoreOpenError(GencliError):
     """The store's URL cannot be opened (garbage, a missing database, a directory that cannot be made)."""
+
+
+class SearchError(GencliError):
+    """A search query that cannot be searched (it has no words)."""
+
+
+def new_job_id() -> str:
+    """32 hex characters that sort by time: the first 12 the Unix time in milliseconds (this
+    machine's clock: it is only an id; order is by created_at), the rest random."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+def search_words(query: str) -> list[str]:
+    """The words of a search query: its whitespace-separated parts that hold a letter or digit."""
+    words = [w for w in query.replace("\x00", " ").split() if _WORD.search(w)]
+    if not words:
+        raise SearchError(f"nothing to search for in {query[:40]!r}: give one or more words")
+    return words
+
+
+_WORD = re.compile(r"[^\W_]")
+
+
+def _naive_utc(t: datetime) -> datetime:
+    """A time as the store keeps them: naive UTC (a naive time is taken as UTC already). An aware
+    time past either end of the calendar once in UTC becomes that end."""
+    if t.tzinfo is None:
+        return t
+    try:
+        return t.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError:
+        return datetime.min if t.year == 1 else datetime.max
 
 
 def _hidden(url: str) -> str:
@@ -98,7 +134,7 @@ class Store:
             existing = self.job_by_key(idempotency_key)
             if existing:
                 return existing, False
-        fields = dict(id=uuid.uuid4().hex, kind=kind, model=model, status=JobStatus.QUEUED.value, params=params,
+        fields = dict(id=new_job_id(), kind=kind, model=model, status=JobStatus.QUEUED.value, params=params,
                       priority=priority, idempotency_key=idempotency_key, attempts=0, cancel_requested=False,
                       oom_retries=0, n_items=len(items), completion_tokens=0, run_seconds=0.0)
         try:
@@ -132,6 +168,8 @@ class Store:
 
     def get_job(self, job_id: str) -> Job | None:
         """A job by id, or by a unique prefix of at least 6 characters."""
+        if "\x00" in job_id:  # no id holds one, and PostgreSQL refuses text with one
+            return None
         with self.Session() as s:
             job = s.get(Job, job_id)
             if job or len(job_id) < 6:
@@ -144,12 +182,21 @@ class Store:
             return list(s.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.idx)))
 
     def list_jobs(self, *, status: str | None = None, model: str | None = None, kind: str | None = None,
-                  limit: int = 50, after: str | None = None) -> list[Job]:
-        """Newest first; `after` (a job id, the last of a page) gives the page that follows it."""
+                  limit: int = 50, after: str | None = None, query: str | None = None,
+                  since: datetime | None = None) -> list[Job]:
+        """Newest first; `after` (a job id, the last of a page) gives the page that follows it.
+
+        `query`: jobs with an item whose prompt or output holds every word of it (whole words, any
+        case; see search_words); `since`: created at or after it (naive: UTC)."""
+        if any(v and "\x00" in v for v in (status, model, kind)):
+            return []  # no job holds one, and PostgreSQL refuses text with one
         q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        if query is not None:
+            q = q.where(Job.id.in_(select(Item.job_id).where(self._matches(query))))
+        if since is not None:
+            q = q.where(Job.created_at >= _naive_utc(since))
         if after:
-            with self.Session() as s:
-                mark = s.get(Job, after)
+            mark = self.get_job(after)
             if mark is None:
                 raise StoreError(f"no job {after} to page after")
             older = and_(Job.created_at == mark.created_at, Job.id < mark.id)
@@ -162,6 +209,32 @@ class Store:
             q = q.where(Job.kind == kind)
         with self.Session() as s:
             return list(s.scalars(q))
+
+    def matching_items(self, job_ids: list[str], query: str) -> dict[str, list[Item]]:
+        """The items of these jobs that match the query (as list_jobs(query=...) does), by job,
+        each job's in order."""
+        out: dict[str, list[Item]] = {job_id: [] for job_id in job_ids}
+        if not job_ids:
+            return out
+        with self.Session() as s:
+            for it in s.scalars(select(Item).where(Item.job_id.in_(job_ids), self._matches(query))
+                                .order_by(Item.job_id, Item.idx)):
+                out[it.job_id].append(it)
+        return out
+
+    def _matches(self, query: str):
+        """The condition on items that their prompt text or output holds every word of query: the
+        FTS5 index on SQLite (each word quoted, so nothing the user types is an FTS5 operator), the
+        GIN index's expression on PostgreSQL."""
+        words = search_words(query)
+        if self.engine.dialect.name == "sqlite":
+            phrases = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+            return Item.id.in_(select(column("rowid")).select_from(table("items_fts"))
+                               .where(text("items_fts MATCH :search").bindparams(search=phrases)))
+        if self.engine.dialect.name == "postgresql":
+            return text(f"{PG_SEARCH_VECTOR} @@ plainto_tsquery('simple', :search)").bindparams(
+                search=" ".join(words))
+        raise SearchError(f"searching needs the store on SQLite or PostgreSQL, not {self.engine.dialect.name}")
 
     def queued_for(self, seconds: float) -> list[Job]:
         """Jobs put on the queue (submitted, retried or taken over) more than `seconds` ago by the

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from services import pg_schema
 
 from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
-from gencli.storage.migrations import MIGRATIONS, migrate
+from gencli.storage.migrations import MIGRATIONS, SEARCH_TABLES, migrate
 from gencli.storage.store import Store, StoreError
 
 
@@ -80,11 +80,16 @@ def count(store: Store, table) -> int:
 # --- migrations -----------------------------------------------------------------------------------
 
 
+def drop_every_table(engine) -> None:
+    """Start again from nothing (Store() migrates on open): every table the migrations make."""
+    with engine.begin() as c:
+        for t in ("items_fts", "job_attempts", "items", "jobs", "gencli_migrations", "gencli_deployment", "files"):
+            c.execute(sa.text(f"DROP TABLE IF EXISTS {t}"))  # items_fts: SQLite's search index
+
+
 def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_stores):
     engine = open_stores(store_url).engine
-    with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment", "files"):
-            c.execute(sa.text(f"DROP TABLE {t}"))
+    drop_every_table(engine)
     first_name, first = MIGRATIONS[0]
     with engine.begin() as c:  # a store made by the first release
         first(c)
@@ -104,19 +109,19 @@ def test_an_old_store_upgrades_in_order_and_keeps_its_rows(store_url, open_store
 
 def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_stores):
     engine = open_stores(store_url).engine  # Store() migrates on open: start again from nothing
-    with engine.begin() as c:
-        for t in ("items", "jobs", "gencli_migrations", "gencli_deployment", "files"):
-            c.execute(sa.text(f"DROP TABLE {t}"))
+    drop_every_table(engine)
     assert sa.inspect(engine).get_table_names() == []
 
-    names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment", "0004_files"]
+    names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment", "0004_files",
+             "0005_provenance_and_search"]
     assert migrate(engine) == names == [name for name, _ in MIGRATIONS]
     with engine.connect() as c:
         assert sorted(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == names
     assert migrate(engine) == []
 
     insp = sa.inspect(engine)
-    assert set(insp.get_table_names()) == set(Base.metadata.tables) | {"gencli_migrations"}
+    search = SEARCH_TABLES if engine.dialect.name == "sqlite" else set()  # FTS5's table and its shadows
+    assert set(insp.get_table_names()) == set(Base.metadata.tables) | {"gencli_migrations"} | search
     for name, table in Base.metadata.tables.items():
         got = {c["name"]: c for c in insp.get_columns(name)}
         assert set(got) == {c.name for c in table.columns}, name

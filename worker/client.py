@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from functools import lru_cache
 
 import redis
@@ -258,12 +259,19 @@ class Client:
 
     # --- reading the record (answered by the store: Redis may be down) ----------------------
     def list_jobs(self, *, status: str | None = None, model: str | None = None, kind: str | None = None,
-                  limit: int = 20, after: str | None = None) -> list:
-        """Newest first; `after`: the last job id of the page before."""
+                  limit: int = 20, after: str | None = None, query: str | None = None,
+                  since: datetime | None = None) -> list:
+        """Newest first; `after`: the last job id of the page before. `query`: jobs whose prompts or
+        outputs hold every word of it; `since`: created since then (naive: UTC)."""
         try:
-            return self.store.list_jobs(status=status, model=model, kind=kind, limit=limit, after=after)
+            return self.store.list_jobs(status=status, model=model, kind=kind, limit=limit, after=after,
+                                        query=query, since=since)
         except StoreError as e:
             raise JobNotFound(str(e)) from None
+
+    def matching_items(self, job_ids: list[str], query: str) -> dict[str, list[Item]]:
+        """The items of these jobs whose prompt or output holds every word of query, by job."""
+        return self.store.matching_items(job_ids, query)
 
     def job_counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
         """(jobs per status, queued jobs per (kind, model))."""

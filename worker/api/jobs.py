@@ -5,7 +5,8 @@ from the store and work with Redis down; the stream needs Redis."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+from datetime import datetime
+from typing import Annotated, Literal
 
 import redis
 from fastapi import APIRouter, Header, Query, Request
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.storage.status import JobStatus
+from gencli.storage.store import SearchError
 from gencli.worker.api import sse
 from gencli.worker.api.errors import APIError
 from gencli.worker.client import Client, Job, RedisUnavailable
@@ -109,13 +111,20 @@ def submit(body: JobRequest, request: Request, idempotency_key: str | None = Hea
 @router.get("/v1/jobs")
 def list_jobs(request: Request, status: JobStatus | None = None, model: str | None = None,
               kind: Literal["generate", "prep"] | None = None, limit: int = Query(default=20, ge=1, le=1000),
-              after: str | None = Query(default=None, description="the last id of the page before")):
+              after: str | None = Query(default=None, description="the last id of the page before"),
+              q: str | None = Query(default=None, max_length=1000,
+                                    description="jobs with a prompt or output holding every word of it"),
+              since: Annotated[datetime | None, Query(description="jobs created since then (ISO 8601; UTC unless "
+                                                                  "it names its zone)")] = None):
     """Jobs, newest first, a page at a time: `after` = the page's `last_id` gives the next."""
     client = client_of(request)
     if after is not None:
-        client.job(after)  # 404 for an id that is not there
-    found = client.list_jobs(status=status and status.value, model=model, kind=kind, limit=limit + 1,
-                                   after=after)
+        after = client.job(after).id  # 404 for an id that is not there
+    try:
+        found = client.list_jobs(status=status and status.value, model=model, kind=kind, limit=limit + 1,
+                                 after=after, query=q, since=since)
+    except SearchError as e:
+        raise APIError(422, str(e), param="q") from None
     page = found[:limit]
     return {"object": "list", "data": [job_json(j) for j in page], "has_more": len(found) > limit,
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
