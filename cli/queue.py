@@ -296,11 +296,14 @@ def _snippet(text: str | None, width: int) -> str:
 
 @click.command()
 @click.argument("job_id")
-def show(job_id):
+@click.option("--provenance", is_flag=True,
+              help="Also what made each output: model and tokenizer hashes, dtype, device, software, seed.")
+def show(job_id, provenance):
     """A job's parameters, each prompt and output, and its error."""
     client = _client()
     job = client.job(job_id)
     j = job.record()
+    made = job.provenance() if provenance else None
     click.echo(f"job {j.id}  {j.kind}  {j.status}  model {j.model}  priority {j.priority}")
     click.echo(f"created {_utc(j.created_at)}  started {_utc(j.started_at)}  finished {_utc(j.finished_at)}")
     click.echo(f"worker {j.worker or '-'}  device {j.device or '-'}  attempts {j.attempts}")
@@ -314,6 +317,8 @@ def show(job_id):
         click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
         if j.error_where:
             click.echo(f"  at {j.error_where}")
+    if made is not None:
+        _show_attempts(made["attempts"], j)
     for it in job.items():
         click.secho(f"--- {_label(it)} [{it.status}{', ' + it.finish_reason if it.finish_reason else ''}]", bold=True)
         click.echo(f"prompt: {json.dumps(it.prompt, ensure_ascii=False)}")
@@ -321,13 +326,54 @@ def show(job_id):
             click.secho(f"error: {it.error}", fg="red")
         if it.output is not None:
             click.echo(f"output: {it.output}")
+        if made is not None and j.kind != "prep":
+            _show_line_provenance(made["items"][it.idx])
+
+
+def _show_attempts(attempts: list[dict], j) -> None:
+    if not attempts:
+        click.echo("provenance: no attempt recorded (the job never ran, or ran before gencli recorded it)")
+    for a in attempts:
+        click.echo(f"attempt {a['attempt']}: {a.get('worker') or '-'}, started {a['started_at']}")
+        sw = a.get("software") or {}
+        versions = "  ".join(f"{k} {v}" for k, v in sw.items())
+        if "model" in a:
+            m = a["model"]
+            click.echo(f"  model {m['name']} ({m['kind']}) at {m['path']}")
+            click.echo(f"    sha256 {m['sha256']}")
+            t = a["tokenizer"]
+            click.echo(f"  tokenizer {t['name']}  ranks sha256 {t['ranks_sha256']}  chat format {a['chat_format']}")
+            gpu = f" ({a['gpu']})" if a.get("gpu") else ""
+            click.echo(f"  {a['dtype']} on {a['device']}{gpu}; batch invariant: "
+                       f"{'yes' if a['batch_invariant'] else 'no'} ({a['note']})")
+        for key in ("inputs", "outputs"):  # a prep job's
+            for f in (a.get(key) or []):
+                click.echo(f"  {key[:-1]} {f.get('path') or f.get('name')}  sha256 {f['sha256']}")
+        click.echo(f"  {versions}")
+
+
+def _show_line_provenance(p: dict) -> None:
+    sampling = p.get("sampling")
+    if sampling:
+        seed = f"{sampling['seed']}{' (drawn)' if sampling.get('seed_drawn') else ''}"
+        top_k = sampling["top_k"] if sampling["top_k"] is not None else "none"
+        click.echo(f"sampling: temperature {sampling['temperature']:g}  top_k {top_k}  top_p {sampling['top_p']:g}  "
+                   f"max_tokens {sampling['max_tokens']}  stop {json.dumps(sampling['stop'])}  seed {seed}")
+    else:
+        click.echo("sampling: not recorded (the line has not started, or ran before gencli recorded it)")
+    if "attempt" in p:
+        invariant = "yes" if p.get("batch_invariant") else "no"
+        click.echo(f"made by attempt {p['attempt']} on {p.get('device')} in {p.get('dtype')}; "
+                   f"batch invariant: {invariant}")
 
 
 @click.command()
 @click.argument("job_id")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True)
-def results(job_id, fmt):
-    """A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage}, or text."""
+@click.option("--no-provenance", "--no_provenance", "no_provenance", is_flag=True,
+              help="Leave out each jsonl line's provenance object.")
+def results(job_id, fmt, no_provenance):
+    """A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage, provenance}, or text."""
     job = _client().job(job_id)
     if not job.status.done:
         raise GencliError(f"job {job.id} is {job.status.value}: its results come when it ends (gencli tail {job.id})")
@@ -336,11 +382,11 @@ def results(job_id, fmt):
         if record.result:
             click.echo(json.dumps(record.result, ensure_ascii=False) if fmt == "jsonl" else prep_summary(record.result))
         return
-    rows = job.result()
+    rows = job.result(provenance=fmt == "jsonl" and not no_provenance)
     for r in rows:
         if fmt == "jsonl":
             click.echo(json.dumps({k: r[k] for k in ("custom_id", "sample", "prompt", "output", "finish_reason",
-                                                     "usage") if k in r},
+                                                     "usage", "provenance") if k in r},
                                   ensure_ascii=False))
         else:  # each output whole, under its label when there are several (as tail shows them)
             if len(rows) > 1:

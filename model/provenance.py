@@ -13,6 +13,8 @@ Determinism: a row computes bit for bit what it computes alone (model/engine.py)
 float32 a greedy or seeded output does not depend on its batch, and a replay gives the same bytes.
 In bf16 or fp16 on a GPU the kernels a step picks may depend on the batch's shape, so seeded and
 greedy outputs may differ with the batch; the record says which holds.
+
+torch is imported only where a model is at hand: the client reads the records without it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 HASH_CACHE = ".gencli-sha256.json"
 
 
@@ -37,9 +37,12 @@ def checkpoint_files(path: Path) -> list[Path]:
         if path.name == "gencli.json" or (path.suffix == ".safetensors" and (path.parent / "gencli.json").is_file()):
             return checkpoint_files(path.parent)
         return [path]  # a nanoGPT ckpt.pt: config and weights in one file
-    names = (["gencli.json", "model.safetensors"] if (path / "gencli.json").is_file()
-             else ["config.json", "model.safetensors" if (path / "model.safetensors").is_file() else "pytorch_model.bin"]
-             if (path / "config.json").is_file() else ["ckpt.pt"])
+    if (path / "gencli.json").is_file():
+        names = ["gencli.json", "model.safetensors"]
+    elif (path / "config.json").is_file():
+        names = ["config.json", "model.safetensors" if (path / "model.safetensors").is_file() else "pytorch_model.bin"]
+    else:
+        names = ["ckpt.pt"]
     return [path / n for n in names if (path / n).is_file()]
 
 
@@ -124,6 +127,8 @@ def tokenizer_record(tokenizer) -> dict:
 
 def software() -> dict:
     """The versions that made an output."""
+    import torch
+
     try:
         gencli = metadata.version("gencli")
     except metadata.PackageNotFoundError:
@@ -140,12 +145,15 @@ def determinism(device: str, dtype: str) -> dict:
             "note": f"{dtype} on {device}: greedy and seeded outputs may depend on the batch they ran in"}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype) -> str:
+    """torch.float32 -> "float32"."""
     return str(dtype).removeprefix("torch.")
 
 
-def gpu_name(device: torch.device) -> str | None:
+def gpu_name(device) -> str | None:
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(device)
     return None
 

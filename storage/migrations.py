@@ -162,7 +162,11 @@ SQLITE_SEARCH_DDL = (
     "old.output); "
     "INSERT INTO items_fts(rowid, prompt_text, output) VALUES (new.id, new.prompt_text, new.output); END",
 )
-PG_SEARCH_VECTOR = "to_tsvector('simple', coalesce(prompt_text, '') || ' ' || coalesce(output, ''))"
+# PostgreSQL indexes the first SEARCH_CHARS characters of each prompt and output: a tsvector holds
+# at most 1 MB, and a longer text (a huge prompt given with --truncate) must not fail its write.
+SEARCH_CHARS = 100_000
+PG_SEARCH_VECTOR = (f"to_tsvector('simple', left(coalesce(prompt_text, ''), {SEARCH_CHARS}) || ' ' || "
+                    f"left(coalesce(output, ''), {SEARCH_CHARS}))")
 SEARCH_TABLES = {"items_fts", "items_fts_data", "items_fts_idx", "items_fts_docsize", "items_fts_config"}
 
 

@@ -177,6 +177,13 @@ class Store:
             found = s.scalars(select(Job).where(Job.id.startswith(job_id)).limit(2)).all()
             return found[0] if len(found) == 1 else None
 
+    def prefix_matches(self, prefix: str) -> int:
+        """How many job ids begin with prefix, counting to 2 at most (an ambiguous prefix)."""
+        if "\x00" in prefix:
+            return 0
+        with self.Session() as s:
+            return len(s.scalars(select(Job.id).where(Job.id.startswith(prefix, autoescape=True)).limit(2)).all())
+
     def items(self, job_id: str) -> list[Item]:
         with self.Session() as s:
             return list(s.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.idx)))

@@ -17,6 +17,7 @@ from tailing import reference, sse_events, wait_for
 
 from gencli.cli.main import main
 from gencli.model.chat import ChatFormat, encode_prompt
+from gencli.model.provenance import model_identity
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.status import JobStatus
 
@@ -112,6 +113,10 @@ def test_a_native_job_runs_and_reads_back(api, tiny, client):
     lines = [json.loads(x) for x in httpx.get(f"{api.url}/v1/jobs/{job['id']}/results").text.splitlines()]
     assert [x["output"] for x in lines] == reference(tiny, ["Once upon a time"], 12) + reference(tiny, ["The sea"], 5)
     assert lines[1]["usage"]["completion_tokens"] <= 5 and "sample" not in lines[0]
+    made = lines[0]["provenance"]  # what made it, as `gencli results` gives it
+    assert made["model"]["sha256"] == model_identity(tiny)["sha256"] and made["sampling"]["max_tokens"] == 12
+    bare = httpx.get(f"{api.url}/v1/jobs/{job['id']}/results", params={"provenance": "false"}).text.splitlines()
+    assert all("provenance" not in json.loads(x) for x in bare)
 
     # cancelling a finished job leaves it as it is; retrying it has nothing to do
     assert httpx.delete(f"{api.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded"

@@ -48,7 +48,8 @@ def test_model_core_imports_nothing_else_from_gencli():
 def test_queue_and_prep_commands_load_without_torch():
     """submit, tail, status and the rest start in about a second: torch is imported only by the
     commands that run a model (generate, worker, workers, train)."""
-    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "prep", "regen", "demo"]
+    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "replay", "prep", "regen",
+             "demo"]
     code = (
         "import sys, click\n"
         "from gencli.cli.main import main\n"
@@ -99,5 +100,6 @@ def test_the_command_list_loads_no_command_and_its_summaries_are_the_commands_ow
 def test_queue_commands_help_loads_no_store_or_celery():
     """`gencli submit --help` and the other queue commands' help start in a fraction of a second:
     their modules import the submit client (SQLAlchemy, Celery) only when they run."""
-    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "prep", "regen", "demo"]
+    light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "replay", "prep", "regen",
+             "demo"]
     assert _loaded_after([[name, "--help"] for name in light], ("torch", "celery", "sqlalchemy")) == []

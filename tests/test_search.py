@@ -69,6 +69,15 @@ def test_a_word_in_a_prompt_finds_its_job(store):
     assert {job: [it.idx for it in items] for job, items in matches.items()} == {fox: [0], dog: []}
 
 
+def test_a_prompt_longer_than_a_tsvector_holds_is_recorded_and_found_by_its_start(store):
+    """PostgreSQL's tsvector holds at most 1 MB: a 4 MB prompt (kept whole, --truncate feeds its end)
+    must not fail its write; its first SEARCH_CHARS characters are indexed there, all of it on SQLite."""
+    words = " ".join(f"w{n:07d}" for n in range(500_000))  # 4.5 MB of distinct words
+    job = submit(store, "puffin " + words)
+    assert store.items(job)[0].prompt == "puffin " + words
+    assert found(store, "puffin") == {job}
+
+
 def test_a_word_in_an_output_finds_its_job(store):
     job = submit(store, "Once upon a time", "The sea")
     assert found(store, "dragon") == set()

@@ -24,6 +24,7 @@ import redis
 from gencli.model.chat import ChatFormat, encode_prompt
 from gencli.model.errors import GencliError
 from gencli.model.params import check_overrides, check_sampling, fit_prompt, resolve_sampling
+from gencli.model.provenance import determinism
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
@@ -300,6 +301,8 @@ class Client:
     def job(self, job_id: str) -> Job:
         found = self.store.get_job(job_id)
         if found is None:
+            if len(job_id) >= 6 and self.store.prefix_matches(job_id) > 1:
+                raise JobNotFound(f"{job_id} begins several job ids (they begin with their time): give more of it")
             raise JobNotFound(f"no job {job_id}: see gencli list")
         return Job(self, found.id)
 
@@ -368,18 +371,49 @@ class Job:
         """Samples per prompt (submit --num_samples): each prompt's are consecutive items."""
         return (self.record().params.get("meta") or {}).get("num_samples", 1)
 
-    def result(self, timeout: float | None = None) -> list[dict]:
+    def result(self, timeout: float | None = None, *, provenance: bool = False) -> list[dict]:
         """Wait for the job; one dict per prompt (and sample): custom_id, prompt, output,
-        finish_reason, usage, and "sample" (1, 2, ...) when the job has several per prompt."""
+        finish_reason, usage, "sample" (1, 2, ...) when the job has several per prompt, and with
+        provenance, what made the output (see `provenance`)."""
         self.wait(timeout)
         n = self.samples
+        items = self.items()
+        made = self.provenance(items)["items"] if provenance else {}
         return [
             {"custom_id": it.custom_id, "line": it.line, "prompt": it.prompt, "output": it.output,
              "finish_reason": it.finish_reason, "status": it.status, "error": it.error,
              "usage": {"prompt_tokens": it.prompt_tokens, "completion_tokens": it.completion_tokens}}
             | ({"sample": it.idx % n + 1} if n > 1 else {})
-            for it in self.items()
+            | ({"provenance": made[it.idx]} if provenance else {})
+            for it in items
         ]
+
+    def provenance(self, items: list[Item] | None = None) -> dict:
+        """What made the job's outputs, from the store: {"attempts": [each claim's record: model
+        (name, path, sha256 of its files), tokenizer (name, ranks' sha256), chat format, dtype,
+        device, GPU, software, batch invariance], "items": {idx: one line's record}}. A line's
+        record is its attempt's, with the device and dtype that made it (the CPU after an
+        out-of-memory fall-back), the sampling it ran with (its seed, drawn or given) and the
+        job's chat and truncate flags; a line no attempt finished has what is known of it."""
+        record = self.record()
+        attempts = self.client.store.attempts(self.id)
+        by_number = {a.attempt: a for a in attempts}
+        out = {}
+        for it in items if items is not None else self.items():
+            a = by_number.get(it.attempt) or (attempts[-1] if attempts else None)
+            line = dict(a.provenance) if a else {}
+            if a:
+                line |= {"attempt": a.attempt, "worker": a.worker}
+            if it.device:
+                line |= {"device": it.device, "dtype": it.dtype}
+                if it.device != (a.provenance.get("device") if a else None):
+                    line["gpu"] = None
+                line |= determinism(it.device, it.dtype)
+            line |= {"chat": bool(record.params.get("chat")), "truncate": bool(record.params.get("truncate")),
+                     "sampling": it.sampling}
+            out[it.idx] = line
+        return {"attempts": [{"attempt": a.attempt, "worker": a.worker, "started_at": a.started_at.isoformat() + "Z",
+                              **a.provenance} for a in attempts], "items": out}
 
     def cancel(self) -> JobStatus:
         """A queued job never runs; a running one stops within a few tokens. The cancel is recorded

@@ -131,6 +131,7 @@ class WorkerContext:
     slots: int = 8  # sequences decoded together, over all jobs
     max_jobs: int = 8  # jobs held at once
     max_slots_per_job: int | None = None  # None: no cap
+    provenance: dict | None = None  # what runs its jobs (model/provenance.py runtime_record), recorded per attempt
     running: dict[str, RunningJob] = field(default_factory=dict)  # job id -> the job, running now
     generator: TextGenerator | None = field(init=False, default=None)
     batcher: Batcher | None = field(init=False, default=None)

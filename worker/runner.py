@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ import redis
 from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
+from gencli.model.provenance import dtype_name
 from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus
 from gencli.worker.context import (
@@ -58,6 +60,16 @@ class ItemRun:
     published: int = 0  # tok events with an id of the item in the log (counted by the outbox)
 
 
+class ModelChanged(Exception):
+    """A replay job reached a worker whose model is not the one its original ran on."""
+
+
+def sampling_record(params: SamplingParams, stop: tuple[str, ...], seed: int, drawn: bool) -> dict:
+    """What an item samples with, as the store records it (model/params.py's keys, resolved)."""
+    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
+            "top_p": params.top_p, "stop": list(stop), "seed": seed, "seed_drawn": drawn}
+
+
 class PublishRefused(Exception):
     """Redis answered a publish with an error (full to its maxmemory, say): the job fails."""
 
@@ -77,6 +89,7 @@ class GenerationJob:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[int, ItemRun] = {}
         self.priority = 0
+        self.attempt: int | None = None  # this claim's number among the job's recorded attempts
         self.stats = {"oom_retries": 0, "final_batch_size": ctx.batcher.engine.limit, "final_device": ctx.device}
 
     def execute(self) -> str:
@@ -85,18 +98,27 @@ class GenerationJob:
         run.stoppable = True  # its rows leave the batch at a hard time limit; the process lives on
         job = store.get_job(job_id)
         self.priority = job.priority
+        self.attempt = store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=ctx.provenance)
+        if self.attempt is None:
+            log.warning("job %s: lease lost before it started", job_id)
+            return "lease lost"
         start = run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": ctx.device,
                                "attempt": run.attempt})
         earlier = read_log(ctx.redis, ctx.keys, job_id, upto=start - 1)  # no stale publish lands after the claim
         streamed = _streamed_ids(earlier) if whole(earlier, 0, start - 1) else None
-        runs, resynced = self._resume_items(job, streamed)
+        status, error = JobStatus.SUCCEEDED, {}
+        try:
+            runs, resynced = self._resume_items(job, streamed)
+        except LeaseLost:
+            log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
+            return "lease lost"
         if resynced:
             run.publish([{"t": "resync", "items": [{"i": r.idx, "e": r.epoch, "text": r.stream.text}
                                                    for r in resynced]}])
         t0 = time.perf_counter()
         tokens_before = sum(len(r.stream.ids) for r in runs)
-        status, error = JobStatus.SUCCEEDED, {}
         try:
+            self._check_model(job)
             self._decode(runs)
         except JobCancelled:
             status = JobStatus.CANCELLED
@@ -192,12 +214,22 @@ class GenerationJob:
         finally:
             run.progress = None  # no checkpoint after this: the items are saved, or the job is stopped
 
+    def _check_model(self, job) -> None:
+        """A replay job (gencli replay --queue) runs only on the model its original ran on."""
+        want = ((job.params.get("meta") or {}).get("replay") or {}).get("model_sha256")
+        have = self.ctx.provenance["model"]["sha256"]
+        if want and want != have:
+            raise ModelChanged(f"this replay needs the model with sha256 {want}; worker {self.ctx.worker_name} "
+                               f"serves {self.ctx.model_name} with sha256 {have}")
+
     def _save(self, r: ItemRun) -> None:
         status = ItemStatus.CANCELLED if r.stream.finish_reason == "cancelled" else ItemStatus.SUCCEEDED
+        weights = (r.engine or self.ctx.batcher.engine).model.lm_head.weight
         if not self.ctx.store.save_item(self.run.job_id, self.run.owner, r.idx, epoch=r.epoch, status=status,
                                         output=r.stream.text, finish_reason=r.stream.finish_reason,
                                         prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.stream.ids),
-                                        ids=r.stream.ids):
+                                        ids=r.stream.ids, attempt=self.attempt, device=str(weights.device),
+                                        dtype=dtype_name(weights.dtype)):
             self.ctx.batcher.stop(self, "drop")
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
 
@@ -214,7 +246,7 @@ class GenerationJob:
         (epoch, id, finish) the whole replay log holds, or None when the log lost events."""
         gen = self.ctx.generator
         chat, truncate = bool(job.params.get("chat")), bool(job.params.get("truncate"))
-        runs, resynced = [], []
+        runs, resynced, finished, starting = [], [], [], []
         for item in self.ctx.store.items(self.run.job_id):
             if item.status != ItemStatus.PENDING.value:
                 continue
@@ -224,6 +256,12 @@ class GenerationJob:
             except GencliError as e:
                 self._save_failed(item.idx, item.epoch, str(e))
                 continue
+            if item.sampling:  # an earlier attempt started it: the same seed, so it samples what it would have
+                seed = item.sampling["seed"]
+            else:  # recorded before its first token, a drawn seed too, so the line can be replayed
+                drawn = seed is None
+                seed = secrets.randbelow(2**63) if drawn else seed
+                starting.append((item.idx, item.epoch, sampling_record(params, stop, seed, drawn)))
             stream = gen.new_stream(stop)
             checkpoint = list(item.ids or [])
             logged = [(t, f) for epoch, t, f in (streamed or {}).get(item.idx, []) if epoch == item.epoch]
@@ -244,9 +282,13 @@ class GenerationJob:
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
             if stream.finished:  # made whole, but the worker died before recording it
-                self._save(r)
+                finished.append(r)
             else:
                 runs.append(r)
+        if not self.ctx.store.start_items(self.run.job_id, self.run.owner, starting):
+            raise LeaseLost(f"job {self.run.job_id}: lease lost")
+        for r in finished:
+            self._save(r)
         return runs, resynced
 
 

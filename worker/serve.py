@@ -30,6 +30,7 @@ from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams
+from gencli.model.provenance import model_identity, runtime_record
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import open_store
@@ -103,12 +104,17 @@ def serve(
         loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
         log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
                  loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        identity = model_identity(loaded.path, settings.home)
+        log.info("worker %s: model sha256 %s (%.2f s)", name, identity["sha256"], time.perf_counter() - t0)
         ctx = WorkerContext(settings=settings, store=store, redis=r, keys=keys, worker_name=name,
                             model_name=model_name, loaded=loaded, slots=batch_size,
-                            max_jobs=max_jobs or batch_size, max_slots_per_job=_per_job(batch_size, max_slots_per_job))
+                            max_jobs=max_jobs or batch_size, max_slots_per_job=_per_job(batch_size, max_slots_per_job),
+                            provenance=runtime_record(loaded, model_name, identity))
         _warm_up(ctx)
         info = {"block_size": loaded.model.config.block_size, "tokenizer": loaded.tokenizer.spec_name,
-                "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size}
+                "chat_format": loaded.chat_format.value, "vocab_size": loaded.model.config.vocab_size,
+                "sha256": identity["sha256"]}
         queues.append(queue_for(model_name))
 
         @app.task(name=GENERATE_TASK)

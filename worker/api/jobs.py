@@ -154,15 +154,18 @@ def retry_job(job_id: str, request: Request):
 
 @router.get("/v1/jobs/{job_id}/results", response_class=Response,
             responses={200: {"content": {"application/jsonl": {}}}})
-def results(job_id: str, request: Request):
-    """A finished job's outputs, one JSON line per prompt: custom_id, prompt, output, finish_reason, usage
-    (and "sample", 1, 2, ..., for a job submitted with several samples per prompt)."""
+def results(job_id: str, request: Request, provenance: bool = Query(default=True)):
+    """A finished job's outputs, one JSON line per prompt: custom_id, prompt, output, finish_reason, usage,
+    "sample" (1, 2, ...) for a job submitted with several samples per prompt, and what made the
+    output ("provenance": model and tokenizer hashes, dtype, device, software, seed; `provenance=false`
+    leaves it out)."""
     job = client_of(request).job(job_id)
     if not job.status.done:
         raise APIError(409, f"job {job.id} is {job.status.value}: its results come when it ends "
                             f"(GET /v1/jobs/{job.id}/stream follows it)", code="not_finished")
-    keep = ("custom_id", "sample", "prompt", "output", "finish_reason", "status", "error", "usage")
-    lines = [json.dumps({k: r[k] for k in keep if k in r}, ensure_ascii=False) for r in job.result()]
+    keep = ("custom_id", "sample", "prompt", "output", "finish_reason", "status", "error", "usage", "provenance")
+    lines = [json.dumps({k: r[k] for k in keep if k in r}, ensure_ascii=False)
+             for r in job.result(provenance=provenance)]
     return Response("".join(line + "\n" for line in lines), media_type="application/jsonl")
 
 

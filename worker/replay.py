@@ -1,0 +1,201 @@
+"""`gencli replay`: run a job's lines again from their records and compare them byte for byte.
+
+Each line is re-run with what the store recorded of it: its prompt, the job's chat and truncate
+flags, the sampling it ran with (its seed included, a drawn one too), on the model at the recorded
+path, which must still hash to the recorded sha256 (else the replay is refused, with both
+hashes). A cancelled line is re-run for as many tokens as it made. In-process the lines decode
+together on one engine, as a worker decodes them (every row computes what it computes alone);
+with `queue`, the replay is a job on the model's workers, which refuse it when their model's hash
+differs. On the CPU in float32 the promise is identical bytes (model/provenance.py); elsewhere
+the summary says the promise does not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gencli.model.errors import GencliError
+from gencli.model.params import SamplingParams, resolve_sampling
+
+
+class ReplayError(GencliError):
+    """The job cannot be replayed as asked: a changed model, no record, no such device."""
+
+
+@dataclass
+class Line:
+    """One line to replay, and what came of it."""
+
+    idx: int
+    line: int
+    custom_id: str | None
+    prompt: object
+    params: SamplingParams
+    seed: int | None
+    stop: tuple[str, ...]
+    ids: list[int]  # what the job recorded
+    output: str
+    finish_reason: str | None
+    result: str = ""  # "equal" or "differs"
+    at: int | None = None  # the first token (0-based) that differs
+    replayed: str = ""
+    replayed_ids: list[int] | None = None
+
+    def compare(self, ids: list[int], text: str, finish_reason: str | None) -> None:
+        self.replayed_ids, self.replayed = list(ids), text
+        if ids == self.ids and text == self.output and (self.finish_reason in ("cancelled", finish_reason)):
+            self.result = "equal"
+            return
+        self.result = "differs"
+        pairs = zip(self.ids, ids, strict=False)
+        self.at = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(self.ids), len(ids)))
+
+
+@dataclass
+class Plan:
+    """The lines to replay, those left out (with why), and the record they are checked against."""
+
+    lines: list[Line]
+    skipped: list[tuple[object, str]]  # (item, why)
+    model_path: str
+    model_sha256: str
+    tokenizer: dict
+    chat_format: str
+    device: str
+    dtype: str
+
+
+def plan(job, *, line: int | None = None) -> Plan:
+    """What replaying `job` (a client Job) means: its lines' records, checked for completeness."""
+    record = job.record()
+    if record.kind != "generate":
+        raise ReplayError(f"job {job.id} is a {record.kind} job: only generation jobs are replayed")
+    if not record.status or record.status in ("queued", "running"):
+        raise ReplayError(f"job {job.id} is {record.status}: replay it when it has ended (gencli tail {job.id})")
+    items = job.items()
+    if line is not None:
+        items = [it for it in items if it.line == line]
+        if not items:
+            raise ReplayError(f"job {job.id} has no prompt at line {line}")
+    made = job.provenance(items)
+    attempts = made["attempts"]
+    if not attempts:
+        raise ReplayError(f"job {job.id} has no recorded attempt (it never ran, or ran before gencli recorded "
+                          "provenance): nothing to replay against")
+    lines, skipped, used = [], [], set()
+    for it in items:
+        p = made["items"][it.idx]
+        if it.status not in ("succeeded", "cancelled") or it.ids is None or it.output is None:
+            skipped.append((it, f"{it.status}: no output to compare"))
+            continue
+        if it.sampling:
+            s = it.sampling
+            params = SamplingParams(max_tokens=s["max_tokens"], temperature=s["temperature"], top_k=s["top_k"],
+                                    top_p=s["top_p"])
+            seed, stop = s["seed"], tuple(s["stop"])
+        else:  # a line of an older gencli: its parameters as given, replayable when greedy or seeded
+            params, seed, stop = resolve_sampling(record.params, it.params, 10**9)
+            if params.temperature != 0 and seed is None:
+                skipped.append((it, "sampled without a recorded seed"))
+                continue
+            if (it.params or {}).get("max_tokens", record.params.get("max_tokens")) is None:
+                budget = len(it.ids) + (it.finish_reason == "stop")  # a stop id is made, not kept
+                params = SamplingParams(max_tokens=max(budget, 1), temperature=params.temperature,
+                                        top_k=params.top_k, top_p=params.top_p)
+        if it.status == "cancelled":  # as far as it went
+            if not it.ids:
+                skipped.append((it, "cancelled before its first token"))
+                continue
+        lines.append(Line(it.idx, it.line, it.custom_id, it.prompt, params, seed, stop, list(it.ids), it.output,
+                          it.finish_reason))
+        used.add(p.get("attempt"))
+    if not lines:
+        why = "; ".join(f"line {it.line}: {w}" for it, w in skipped) or "no lines"
+        raise ReplayError(f"job {job.id} has nothing to replay ({why})")
+    by_number = {a["attempt"]: a for a in attempts}
+    records = [by_number[n] for n in sorted(n for n in used if n in by_number)] or [attempts[-1]]
+    shas = {a["model"]["sha256"] for a in records if "model" in a}
+    if len(shas) > 1:
+        raise ReplayError(f"job {job.id}'s lines were made by different models ({', '.join(sorted(shas))}): "
+                          "replay them one line at a time with --line")
+    first = records[0]
+    if "model" not in first:
+        raise ReplayError(f"job {job.id}'s attempt {first['attempt']} recorded no model")
+    return Plan(lines, skipped, first["model"]["path"], first["model"]["sha256"], first["tokenizer"],
+                first["chat_format"], first["device"], first["dtype"])
+
+
+def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None = None, slots: int = 8,
+             home=None) -> tuple[str, str]:
+    """Replay the plan in this process; the device and dtype it ran on ("cpu", "float32")."""
+    import torch
+
+    from gencli.model.checkpoint import load_model
+    from gencli.model.device import resolve_device
+    from gencli.model.provenance import dtype_name, model_identity, tokenizer_record
+    from gencli.model.textgen import TextGenerator
+
+    path = model_path or p.model_path
+    try:
+        now = model_identity(path, home)["sha256"]
+    except OSError as e:
+        raise ReplayError(f"the recorded model {path} cannot be read ({e.strerror or e}): pass --model with a "
+                          "copy of it") from None
+    if now != p.model_sha256:
+        raise ReplayError(f"the model at {path} changed since job {job.id} ran: recorded sha256 {p.model_sha256}, "
+                          f"now {now}; replay needs the same weights (--model PATH to a copy of them)")
+    if device is None and p.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReplayError(f"job {job.id} ran on {p.device}, which this machine lacks: --device cpu replays it in "
+                          "float32, where equality with a GPU's output is not promised")
+    loaded = load_model(path, tokenizer=p.tokenizer["name"], chat_format=p.chat_format,
+                        device=resolve_device(device) if device else p.device)
+    tok = tokenizer_record(loaded.tokenizer)
+    if tok["ranks_sha256"] != p.tokenizer["ranks_sha256"]:
+        raise ReplayError(f"tokenizer {tok['name']} is not the one job {job.id} ran with: recorded ranks sha256 "
+                          f"{p.tokenizer['ranks_sha256']}, now {tok['ranks_sha256']}")
+    gen = TextGenerator(loaded)
+    record = job.record()
+    chat, truncate = bool(record.params.get("chat")), bool(record.params.get("truncate"))
+    prompts, params = [], []
+    for ln in p.lines:
+        ids = gen.fit(gen.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
+        prompts.append(ids)
+        params.append(_as_far_as_it_went(ln))
+    streams = gen.generate(prompts, params, seeds=[ln.seed for ln in p.lines], stop=[ln.stop for ln in p.lines],
+                           slots=min(slots, len(p.lines)))
+    for ln, s in zip(p.lines, streams, strict=True):
+        ln.compare(s.ids, s.text, s.finish_reason)
+    return str(loaded.device), dtype_name(loaded.model.lm_head.weight.dtype)
+
+
+def run_queued(job, p: Plan, *, timeout: float | None = None):
+    """Replay the plan as a job on the model's workers; (the replay job, its device, its dtype)."""
+    from gencli.worker.prompts import PromptItem
+
+    record = job.record()
+    items = []
+    for ln in p.lines:
+        sp = _as_far_as_it_went(ln)
+        extra = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
+                 "seed": ln.seed, "stop": list(ln.stop)}
+        items.append(PromptItem(ln.prompt, ln.line, ln.custom_id, extra))
+    replay = job.client.submit(items, model=record.model, chat=bool(record.params.get("chat")),
+                               truncate=bool(record.params.get("truncate")),
+                               meta={"replay": {"of": job.id, "model_sha256": p.model_sha256}})
+    status = replay.wait(timeout)
+    done = replay.record()
+    if status.value != "succeeded":
+        why = done.error_message or f"see gencli show {replay.id}"
+        raise ReplayError(f"replay job {replay.id} {status.value}: {why}")
+    for ln, it in zip(p.lines, replay.items(), strict=True):
+        ln.compare(it.ids or [], it.output or "", it.finish_reason)
+    got = replay.items()[0]
+    return replay, got.device or done.final_device or "-", got.dtype or "-"
+
+
+def _as_far_as_it_went(ln: Line) -> SamplingParams:
+    """A cancelled line is re-run for the tokens it made; the others with their own budget."""
+    if ln.finish_reason != "cancelled":
+        return ln.params
+    return SamplingParams(max_tokens=len(ln.ids), temperature=ln.params.temperature, top_k=ln.params.top_k,
+                          top_p=ln.params.top_p)
