@@ -21,7 +21,8 @@ COMMANDS = {
     "list": ("gencli.cli.queue:list_jobs", "Recent jobs with status, model, worker/device, tokens and tokens/s."),
     "show": ("gencli.cli.queue:show", "A job's parameters, each prompt and output, and its error."),
     "results": ("gencli.cli.queue:results",
-                "A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage, provenance}, or text."),
+                "A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage, "
+                "provenance}, or text."),
     "replay": ("gencli.cli.replay:replay",
                "Run a job's lines again from their records and compare each output byte for byte."),
     "cancel": ("gencli.cli.queue:cancel",

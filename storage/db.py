@@ -37,8 +37,8 @@ from sqlalchemy.sql.expression import FunctionElement, literal
 
 from gencli.storage.status import ItemStatus, JobStatus
 
-__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobAttempt", "JobStatus", "db_now", "make_engine",
-           "make_sessionmaker", "normalize_url", "utcnow"]
+__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobAttempt", "JobStatus", "db_now",
+           "make_engine", "make_sessionmaker", "normalize_url", "utcnow"]
 
 
 def utcnow() -> datetime:
