@@ -7,6 +7,7 @@ import json
 import click
 
 from gencli.cli.queue import EXIT_FAILED, _client, label
+from gencli.worker.app import queue_for
 
 
 @click.command()
@@ -30,10 +31,14 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
     if queued:
         if device or model_path:
             raise click.UsageError("--device and --model are for an in-process replay: --queue runs on the workers")
+        model = job.record().model
+        if not client.live_workers(queue_for(model)):
+            click.secho(f"[no live worker serves model {model} yet: the replay waits for one"
+                        f"{'' if timeout is not None else ' (--timeout SECONDS gives up)'}]", err=True, fg="yellow")
         try:
             replay_job, ran_on, dtype = run_queued(job, p, timeout=timeout)
         except TimeoutError as e:
-            raise ReplayError(f"{e}: it goes on; compare later with gencli replay {job.id} --queue") from None
+            raise ReplayError(f"replay {e}: it stays on the queue; gencli show that job when it has run") from None
         where = f"job {replay_job.id} on {ran_on} in {dtype}"
     else:
         ran_on, dtype = run_here(job, p, device=device, model_path=model_path, home=client.settings.home)

@@ -116,6 +116,9 @@ def test_a_changed_model_is_refused_in_process_and_on_the_workers_with_both_hash
         assert "on job " in out
     finally:
         w.stop()
+    r = cli("replay", job.id, "--queue", "--timeout", "1")  # nobody serves it now: said, and given up on
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"no live worker serves model {model}" in r.stderr and "still queued after 1" in r.output, r.output
     before = model_identity(path)["sha256"]
     create_model(path, preset="tiny", tokenizer="cl100k_base", chat_format="chatml", seed=12)  # new weights
     after = model_identity(path)["sha256"]
