@@ -63,7 +63,7 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
             click.echo(f"{label(it.custom_id, it.line)}: skipped ({why})")
     promise = "" if (ran_on.startswith("cpu") and dtype == "float32") else \
         f"; {dtype} on {ran_on}: byte equality is promised only on the CPU in float32"
-    if p.device != ran_on.split(" ")[0] or p.dtype != dtype:
+    if p.device != ran_on or p.dtype != dtype:
         promise += f"; the job ran on {p.device} in {p.dtype}"
     summary = f"replayed {len(p.lines)} line(s) of job {job.id} on {where}: {equal} equal, " \
               f"{len(p.lines) - equal} differ{', ' + str(len(p.skipped)) + ' skipped' if p.skipped else ''}{promise}"

@@ -10,7 +10,6 @@ A source module (`chat`, `chitchat`, `dailydialog`) has two functions:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +47,6 @@ class Problems:
         self.count += 1
         if len(self.first) < self.keep:
             self.first.append(message)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def existing_file(path: str | Path, what: str) -> Path:

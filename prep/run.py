@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from gencli.model.chat import ChatFormat
+from gencli.model.provenance import file_sha256
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.prep import chat, chitchat, dailydialog
-from gencli.prep.common import InputFile, Problems, file_sha256
+from gencli.prep.common import InputFile, Problems
 from gencli.prep.encode import ConversationEncoder, Encoded
 from gencli.prep.spec import PrepError, PrepResult, PrepSpec
 from gencli.prep.writer import atomic_files, read_meta, write_meta

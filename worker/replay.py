@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
+from gencli.storage.status import JobStatus
 
 
 class ReplayError(GencliError):
@@ -70,7 +71,7 @@ def plan(job, *, line: int | None = None) -> Plan:
     record = job.record()
     if record.kind != "generate":
         raise ReplayError(f"job {job.id} is a {record.kind} job: only generation jobs are replayed")
-    if not record.status or record.status in ("queued", "running"):
+    if not JobStatus(record.status).done:
         raise ReplayError(f"job {job.id} is {record.status}: replay it when it has ended (gencli tail {job.id})")
     items = job.items()
     if line is not None:
