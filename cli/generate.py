@@ -144,8 +144,8 @@ def _oom_message(device: torch.device) -> str:
 @click.option("--interactive", "-i", is_flag=True, help="Multi-turn chat (/reset, /exit).")
 @click.option("--verbose", "-v", is_flag=True, help="Load time, device, time to first token, tokens/s.")
 @click.pass_context
-def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens, temperature, top_k, top_p, seed,
-             stop, truncate, prompts, prompt_file, each_line, chat, num_samples, batch_size, out, interactive,
+def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max_tokens, temperature, top_k, top_p,
+             seed, stop, truncate, prompts, prompt_file, each_line, chat, num_samples, batch_size, out, interactive,
              verbose):
     """Generate text on this machine, streaming tokens as they are made.
 
@@ -165,7 +165,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
+    loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev, dtype=dtype)
     gen = TextGenerator(loaded)
     max_tokens = max_tokens or default_max_tokens(gen.block_size)
     params = sampling_params(max_tokens, temperature, top_k, top_p)
@@ -173,7 +173,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, max_tokens
         click.echo(
             f"[loaded {loaded.kind} model {model_path} ({loaded.model.num_params() / 1e6:.1f}M params, "
             f"{loaded.tokenizer.spec_name}, {loaded.chat_format.value}) in {time.perf_counter() - t0:.2f} s "
-            f"on {describe(dev)}]",
+            f"on {describe(dev)} in {loaded.dtype}]",
             err=True,
         )
     runner = DirectRunner(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))

@@ -15,7 +15,7 @@ from gencli.worker.app import queue_for
 @click.option("--line", type=int, default=None, help="Replay only this prompt line.")
 @click.option("--device", default=None,
               help="Run on this device (cpu, cuda:N) instead of the recorded one; equality is promised on "
-                   "the CPU in float32.")
+                   "the CPU in float32 or int8.")
 @click.option("--model", "model_path", default=None,
               help="A copy of the recorded model at another path (its sha256 must equal the record's).")
 @click.option("--queue", "queued", is_flag=True, help="Run the replay as a job on the model's workers.")
@@ -61,8 +61,8 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
     for it, why in p.skipped:
         if not as_json:
             click.echo(f"{label(it.custom_id, it.line)}: skipped ({why})")
-    promise = "" if (ran_on.startswith("cpu") and dtype == "float32") else \
-        f"; {dtype} on {ran_on}: byte equality is promised only on the CPU in float32"
+    promise = "" if (ran_on.startswith("cpu") and dtype in ("float32", "int8")) else \
+        f"; {dtype} on {ran_on}: byte equality is promised only on the CPU in float32 or int8"
     if p.device != ran_on or p.dtype != dtype:
         promise += f"; the job ran on {p.device} in {p.dtype}"
     summary = f"replayed {len(p.lines)} line(s) of job {job.id} on {where}: {equal} equal, " \

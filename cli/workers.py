@@ -10,6 +10,7 @@ import time
 
 import click
 
+from gencli.cli.options import dtype_option
 from gencli.model.device import inventory
 from gencli.model.errors import GencliError
 from gencli.storage.settings import get_settings
@@ -39,6 +40,7 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @click.option("--prep", is_flag=True, help="Also serve dataset-prep jobs (alone, without --model: only those).")
 @click.option("--device", envvar="GENCLI_DEVICE", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:N or mps.")
+@dtype_option
 @click.option("--queues", default="", help="Extra queues to serve, comma-separated (the model's own is always served).")
 @click.option("--name", default=None,
               help="Worker name, unique among live workers (default: device.pid@host, e.g. gpu0.4242@host).")
@@ -50,8 +52,8 @@ _fmt = click.option("--chat-format", "--chat_format", "chat_format", type=click.
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's, usually one per core).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model_path, model_name, prep, device, queues, name, batch_size, max_jobs, max_slots_per_job, tokenizer,
-           chat_format, threads, loglevel):
+def worker(model_path, model_name, prep, device, dtype, queues, name, batch_size, max_jobs, max_slots_per_job,
+           tokenizer, chat_format, threads, loglevel):
     """Serve one model's jobs on one device, and/or dataset prep, until stopped (SIGTERM finishes the running jobs)."""
     from gencli.worker.serve import serve
 
@@ -60,7 +62,7 @@ def worker(model_path, model_name, prep, device, queues, name, batch_size, max_j
 
         torch.set_num_threads(threads)
     extra = tuple(q for q in (x.strip() for x in queues.split(",")) if q)
-    code = serve(get_settings(), model_path=model_path, model_name=model_name, device=device, name=name,
+    code = serve(get_settings(), model_path=model_path, model_name=model_name, device=device, dtype=dtype, name=name,
                  batch_size=batch_size, max_jobs=max_jobs, max_slots_per_job=max_slots_per_job, tokenizer=tokenizer,
                  chat_format=chat_format, prep=prep, extra_queues=extra, loglevel=loglevel)
     if code:  # Celery said why in the log above ("Unrecoverable error: ..."); a supervisor restarts it
@@ -72,12 +74,13 @@ def worker(model_path, model_name, prep, device, queues, name, batch_size, max_j
 @_name
 @click.option("--gpus", default=None, help="all, or GPU indices like 0,1: one worker per GPU.")
 @click.option("--cpus", type=click.IntRange(min=1), default=None, help="N CPU workers.")
+@dtype_option
 @_batch
 @_max_jobs
 @_per_job
 @_tok
 @_fmt
-def workers(model_path, model_name, gpus, cpus, batch_size, max_jobs, max_slots_per_job, tokenizer, chat_format):
+def workers(model_path, model_name, gpus, cpus, dtype, batch_size, max_jobs, max_slots_per_job, tokenizer, chat_format):
     """Start one pinned worker per GPU (or N CPU workers) and restart any that dies."""
     if (gpus is None) == (cpus is None):
         raise click.UsageError("give --gpus or --cpus")
@@ -85,8 +88,9 @@ def workers(model_path, model_name, gpus, cpus, batch_size, max_jobs, max_slots_
     host = os.uname().nodename
     tag = os.getpid()  # names unique per supervisor: two on one host never collide
     base = [sys.executable, "-m", "gencli.cli", "worker", "--model", model_path, "--batch_size", str(batch_size)]
-    for flag, value in (("--model-name", model_name), ("--tokenizer", tokenizer), ("--chat-format", chat_format),
-                        ("--max-jobs", max_jobs), ("--max-slots-per-job", max_slots_per_job)):
+    for flag, value in (("--model-name", model_name), ("--dtype", dtype), ("--tokenizer", tokenizer),
+                        ("--chat-format", chat_format), ("--max-jobs", max_jobs),
+                        ("--max-slots-per-job", max_slots_per_job)):
         if value:
             base += [flag, str(value)]
     specs = []

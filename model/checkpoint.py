@@ -25,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gencli.model.chat import ChatFormat
-from gencli.model.errors import CheckpointError, GencliError
+from gencli.model.errors import CheckpointError, DeviceError, GencliError
 from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.kernels import int8_supported
 from gencli.model.tokenizer import Tokenizer, load_encoding
 
 META_FILE = "gencli.json"
@@ -47,6 +48,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    @property
+    def dtype(self) -> str:
+        """What it computes in: float32, bfloat16, float16 or int8."""
+        return self.model.dtype_name
+
 
 def load_model(
     path: str | os.PathLike,
@@ -54,10 +60,13 @@ def load_model(
     tokenizer: str | None = None,
     chat_format: str | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint of any supported kind, check it against its tokenizer, place it."""
+    """Read a checkpoint of any supported kind, check it against its tokenizer, place it in dtype
+    (a torch dtype, or one of DTYPES: auto is the device's default; int8 quantizes on the CPU)."""
     path = Path(path).expanduser()
+    device = torch.device(device)
+    dtype, int8 = resolve_dtype(dtype, device)
     kind, state, config, meta = read_checkpoint(path)
     tok_name = tokenizer or meta.get("tokenizer") or DEFAULT_TOKENIZER
     fmt = ChatFormat.parse(chat_format or meta.get("chat_format") or ChatFormat.LEGACY.value)
@@ -73,10 +82,8 @@ def load_model(
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: weights do not match the config: {' '.join(first[:3])[:400]}") from None
-    device = torch.device(device)
-    dtype = dtype or default_dtype(device)
     model.to(device=device, dtype=dtype)
-    model.prepare_for_inference()
+    model.prepare_for_inference(int8=int8)
     return LoadedModel(model=model, tokenizer=tok, chat_format=fmt, kind=kind, path=path)
 
 
@@ -88,6 +95,26 @@ def _build(path: Path, config: GPTConfig) -> GPT:
     if config.n_embd % config.n_head:
         raise CheckpointError(f"{path}: bad model config: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
     return GPT(config)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype takes
+
+
+def resolve_dtype(spec: torch.dtype | str | None, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(the dtype the weights load in, whether they are then quantized to int8) for a --dtype value."""
+    if isinstance(spec, torch.dtype):
+        return spec, False
+    spec = (spec or "auto").strip().lower()
+    if spec not in DTYPES:
+        raise DeviceError(f"unknown dtype {spec!r}: use {', '.join(DTYPES)}")
+    if spec == "int8":
+        if device.type != "cpu":
+            raise DeviceError(f"--dtype int8 runs on the CPU only: use --device cpu, or --dtype auto on {device}")
+        if not int8_supported():
+            raise DeviceError("--dtype int8 needs PyTorch's fbgemm kernels (x86-64 builds), which this torch "
+                              f"{torch.__version__} lacks: use --dtype float32")
+        return torch.float32, True
+    return (default_dtype(device) if spec == "auto" else getattr(torch, spec)), False
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -229,8 +229,8 @@ class Engine:
         seqs = [s for s, _ in rows]
         counts = [n for _, n in rows]
         slots, starts = [s.slot for s in seqs], [s.cached for s in seqs]
-        if self.invariant and len(rows) == 1 and counts[0] == 1:
-            # A product over one row takes another kernel than over two or more, which rounds
+        if self.invariant and len(rows) == 1 and counts[0] == 1 and self.model.min_rows > 1:
+            # A float product over one row takes another kernel than over two or more, which rounds
             # differently: a lone one-id row goes twice, so it computes what it would in company.
             slots, starts, counts = slots * 2, starts * 2, counts * 2
         at = SlotBatch(slots, starts, counts, self.device)
@@ -271,7 +271,8 @@ class Engine:
         limit = os.environ.get(INJECT_OOM_ENV)
         if limit and rows >= int(limit):
             raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={limit}: forward pass over {rows} rows")
-        return self.model.forward_cached(idx, self.cache, at, ready, min_rows=2 if self.invariant else 1)
+        return self.model.forward_cached(idx, self.cache, at, ready,
+                                         min_rows=self.model.min_rows if self.invariant else 1)
 
     def _shrink(self, rows: int) -> None:
         """Out of memory in a pass over `rows` rows: halve the sequences run at once, preempting

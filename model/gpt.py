@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gencli.model import kernels
 from gencli.model.loss import IGNORE, linear_cross_entropy
 
 if TYPE_CHECKING:
@@ -43,33 +44,33 @@ class GPTConfig:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run through oneDNN at CPU inference (`GPT.prepare_for_inference`).
+    """nn.Linear that runs through a CPU inference kernel (model/kernels.py) once
+    `GPT.prepare_for_inference` gives it one: oneDNN over prepacked float32 weights, or int8.
+    Training, and a pass with grad where the plain weight is kept, takes F.linear."""
 
-    For the few-row products of decoding, F.linear's MKL sgemm takes a slow path on some CPUs
-    (AMD EPYC, for one); oneDNN's matmul reads the same (out, in) weight in place, no copy,
-    and a GPT-2-small decoding step takes about 1.7x less time at batch 1 and at batch 8 on
-    2 cores of one (see bench.decode). Training, and anything with grad enabled, takes F.linear.
-    """
-
-    onednn = False  # set by GPT.prepare_for_inference where oneDNN works
+    kernel = None  # set by GPT.prepare_for_inference
 
     def forward(self, x):
-        if self.onednn and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.kernel is not None and (not torch.is_grad_enabled() or self.weight.numel() == 0):
+            return self.kernel(x)  # (with grad: weights in the kernel's form; model.train() brings them back)
         return F.linear(x, self.weight, self.bias)
 
+    def set_kernel(self, kernel, *, release: bool) -> None:
+        """Run through kernel; release: free the plain weight, which the kernel holds in its own form."""
+        self.kernel = kernel
+        if release:
+            self.weight.data = self.weight.data.new_empty(0)
 
-def _onednn_linear_works(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's linear runs here and agrees with F.linear (CPU float32 weights only)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return False
-    try:
-        x = torch.arange(24.0).view(3, 8).sin()  # fixed values: leave the global RNG alone
-        w, b = torch.arange(40.0).view(5, 8).cos(), torch.ones(5)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
-    except (AttributeError, RuntimeError, NotImplementedError):  # torch built without oneDNN
-        return False
+    def drop_kernel(self) -> None:
+        """Back to F.linear over the plain weight (restored from the kernel's copy where it was freed)."""
+        if self.kernel is not None and self.weight.numel() == 0:
+            self.weight.data = self.kernel.dense()
+        self.kernel = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel is not None and self.weight.numel() == 0:
+            destination[prefix + "weight"] = self.kernel.dense()
 
 
 class LayerNorm(nn.Module):
@@ -154,10 +155,12 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix
         self._head_t: torch.Tensor | None = None
+        self.quantized = False  # int8 kernels (prepare_for_inference)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._num_params = sum(p.numel() for p in self.parameters())
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -168,32 +171,64 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, the tied embedding/head matrix counted once (as built: a weight that an
+        inference kernel holds in its own form still counts)."""
+        return self._num_params
+
+    @property
+    def dtype_name(self) -> str:
+        """What its weights compute in: float32, bfloat16, ..., or int8 once quantized."""
+        return "int8" if self.quantized else str(self.lm_head.weight.dtype).removeprefix("torch.")
+
+    @property
+    def min_rows(self) -> int:
+        """The fewest rows a product runs over for each row to get what it would in any company:
+        int8's products are exact integers at any row count; a float32 product over one row takes
+        another kernel than over two or more (the engine runs a lone row twice)."""
+        return 1 if self.quantized else 2
 
     def train(self, mode: bool = True):
-        self._head_t = None  # weights may change: drop the inference copy of the head
-        self._set_onednn(False)
+        if mode:
+            self._drop_kernels()  # weights will change: back to the plain ones
         return super().train(mode)
 
-    def _set_onednn(self, on: bool) -> None:
+    def _drop_kernels(self) -> None:
+        if self.quantized:
+            raise RuntimeError("an int8 model keeps no float weights to train or prepare again: load the "
+                               "checkpoint in float32")
+        self._head_t = None
         for m in self.modules():
             if isinstance(m, Linear):
-                m.onednn = on
+                m.drop_kernel()
 
-    def prepare_for_inference(self) -> GPT:
+    def prepare_for_inference(self, *, int8: bool = False) -> GPT:
         """Switch to eval mode and pick the fastest way to run the Linear layers here.
 
-        On the CPU in float32, every Linear layer (the LM head included) runs through oneDNN
-        (see `Linear`), with no extra copy of any weight. Otherwise (another device or dtype, a
-        torch without oneDNN) the LM head keeps a (C, V) row-major copy: x @ W.T through
-        F.linear takes a slow BLAS path for a handful of rows against a (V, C) matrix this
-        large, and the pre-transposed copy reads the same bytes in a plain matrix product,
-        about twice as fast at batch 1 on the CPU.
+        On the CPU in float32, every Linear layer runs through oneDNN over weights prepacked once
+        (kernels.PackedLinear); each packed copy replaces its plain weight, except the LM head's,
+        which is also the token embedding (so it has both). int8 (CPU only): every Linear layer,
+        the LM head included, runs on int8 weights through fbgemm (kernels.Int8Linear), and the
+        float weights are freed, except the embedding's, which looks up a few rows a step in float32.
+        Elsewhere (a GPU, bfloat16, a torch without oneDNN) the LM head keeps a (C, V) row-major copy:
+        x @ W.T through F.linear takes a slow BLAS path for a handful of rows against a (V, C)
+        matrix this large, and the pre-transposed copy reads the same bytes in a plain product.
         """
+        if self.quantized and int8:
+            return self  # prepared already
+        self._drop_kernels()  # a second call (the weights changed since) prepares them again
         self.eval()
-        onednn = _onednn_linear_works(self.lm_head.weight)
-        self._set_onednn(onednn)
-        self._head_t = None if onednn else self.lm_head.weight.detach().t().contiguous()
+        head = self.lm_head.weight
+        cpu32 = head.device.type == "cpu" and head.dtype == torch.float32
+        if int8 and not (cpu32 and kernels.int8_supported()):
+            raise ValueError("int8 runs on the CPU, from float32 weights, with PyTorch's fbgemm kernels (x86-64)")
+        kernel = kernels.Int8Linear if int8 else kernels.PackedLinear if cpu32 and kernels.onednn_works() else None
+        if kernel is None:
+            self._head_t = head.detach().t().contiguous()
+            return self
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.set_kernel(kernel(m.weight, m.bias), release=m is not self.lm_head)
+        self.quantized = int8
         return self
 
     def _head(self, x):

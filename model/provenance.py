@@ -10,7 +10,8 @@ size and mtime, so a worker that loads an unchanged model does not read its weig
 the checkpoint's folder is read-only, the cache lives in `$GENCLI_HOME/model-hashes/` instead.
 
 Determinism: a row computes bit for bit what it computes alone (model/engine.py), so on the CPU in
-float32 a greedy or seeded output does not depend on its batch, and a replay gives the same bytes.
+float32, and in int8 (exact integer products of rows quantized each on its own: model/kernels.py),
+a greedy or seeded output does not depend on its batch, and a replay gives the same bytes.
 In bf16 or fp16 on a GPU the kernels a step picks may depend on the batch's shape, so seeded and
 greedy outputs may differ with the batch; the record says which holds.
 
@@ -138,16 +139,11 @@ def software() -> dict:
 
 def determinism(device: str, dtype: str) -> dict:
     """Whether a greedy or seeded output is independent of its batch, and replays byte for byte."""
-    if device.startswith("cpu") and dtype == "float32":
+    if device.startswith("cpu") and dtype in ("float32", "int8"):
         return {"batch_invariant": True,
-                "note": "float32 on the CPU: the same bytes alone, in any batch, resumed or replayed"}
+                "note": f"{dtype} on the CPU: the same bytes alone, in any batch, resumed or replayed"}
     return {"batch_invariant": False,
             "note": f"{dtype} on {device}: greedy and seeded outputs may depend on the batch they ran in"}
-
-
-def dtype_name(dtype) -> str:
-    """torch.float32 -> "float32"."""
-    return str(dtype).removeprefix("torch.")
 
 
 def gpu_name(device) -> str | None:
@@ -162,7 +158,7 @@ def runtime_record(loaded, name: str, identity: dict) -> dict:
     """One attempt's provenance: model (name, path, kind, hashes), tokenizer, chat format, dtype,
     device (and GPU), software, and the determinism that holds for it."""
     dev = loaded.device
-    dtype = dtype_name(loaded.model.lm_head.weight.dtype)
+    dtype = loaded.dtype
     return {
         "model": {"name": name, "path": str(Path(loaded.path).resolve()), "kind": loaded.kind, **identity},
         "tokenizer": tokenizer_record(loaded.tokenizer),

@@ -6,7 +6,7 @@ path, which must still hash to the recorded sha256 (else the replay is refused, 
 hashes). A cancelled line is re-run for as many tokens as it made. In-process the lines decode
 together on one engine, as a worker decodes them (every row computes what it computes alone);
 with `queue`, the replay is a job on the model's workers, which refuse it when their model's hash
-differs. On the CPU in float32 the promise is identical bytes (model/provenance.py); elsewhere
+differs. On the CPU in float32 or int8 the promise is identical bytes (model/provenance.py); elsewhere
 the summary says the promise does not hold.
 """
 
@@ -133,7 +133,7 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
 
     from gencli.model.checkpoint import load_model
     from gencli.model.device import resolve_device
-    from gencli.model.provenance import dtype_name, model_identity, tokenizer_record
+    from gencli.model.provenance import model_identity, tokenizer_record
     from gencli.model.textgen import TextGenerator
 
     path = model_path or p.model_path
@@ -148,8 +148,10 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
     if device is None and p.device.startswith("cuda") and not torch.cuda.is_available():
         raise ReplayError(f"job {job.id} ran on {p.device}, which this machine lacks: --device cpu replays it in "
                           "float32, where equality with a GPU's output is not promised")
-    loaded = load_model(path, tokenizer=p.tokenizer["name"], chat_format=p.chat_format,
-                        device=resolve_device(device) if device else p.device)
+    where = resolve_device(device) if device else torch.device(p.device)
+    same_kind = where.type == torch.device(p.device).type  # the recorded dtype where it can run: int8 on a CPU
+    loaded = load_model(path, tokenizer=p.tokenizer["name"], chat_format=p.chat_format, device=where,
+                        dtype=p.dtype if same_kind else "auto")
     tok = tokenizer_record(loaded.tokenizer)
     if tok["ranks_sha256"] != p.tokenizer["ranks_sha256"]:
         raise ReplayError(f"tokenizer {tok['name']} is not the one job {job.id} ran with: recorded ranks sha256 "
@@ -166,7 +168,7 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
                            slots=min(slots, len(p.lines)))
     for ln, s in zip(p.lines, streams, strict=True):
         ln.compare(s.ids, s.text, s.finish_reason)
-    return str(loaded.device), dtype_name(loaded.model.lm_head.weight.dtype)
+    return str(loaded.device), loaded.dtype
 
 
 def run_queued(job, p: Plan, *, timeout: float | None = None):

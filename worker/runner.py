@@ -28,7 +28,6 @@ import redis
 from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
-from gencli.model.provenance import dtype_name
 from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus
 from gencli.worker.context import (
@@ -224,12 +223,12 @@ class GenerationJob:
 
     def _save(self, r: ItemRun) -> None:
         status = ItemStatus.CANCELLED if r.stream.finish_reason == "cancelled" else ItemStatus.SUCCEEDED
-        weights = (r.engine or self.ctx.batcher.engine).model.lm_head.weight
+        model = (r.engine or self.ctx.batcher.engine).model
         if not self.ctx.store.save_item(self.run.job_id, self.run.owner, r.idx, epoch=r.epoch, status=status,
                                         output=r.stream.text, finish_reason=r.stream.finish_reason,
                                         prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.stream.ids),
-                                        ids=r.stream.ids, attempt=self.attempt, device=str(weights.device),
-                                        dtype=dtype_name(weights.dtype)):
+                                        ids=r.stream.ids, attempt=self.attempt, device=str(model.lm_head.weight.device),
+                                        dtype=model.dtype_name):
             self.ctx.batcher.stop(self, "drop")
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
 

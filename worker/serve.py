@@ -76,6 +76,7 @@ def serve(
     device: str,
     name: str | None,
     batch_size: int,
+    dtype: str = "auto",
     max_jobs: int | None = None,
     max_slots_per_job: int | None = None,
     tokenizer: str | None = None,
@@ -101,9 +102,9 @@ def serve(
         dev = resolve_device(device)
         name = name or default_name(device_label(str(dev)))
         t0 = time.perf_counter()
-        loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev)
-        log.info("worker %s: model %s (%s, %.1fM params) on %s, loaded in %.2f s", name, model_name, loaded.kind,
-                 loaded.model.num_params() / 1e6, describe(dev), time.perf_counter() - t0)
+        loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev, dtype=dtype)
+        log.info("worker %s: model %s (%s, %.1fM params) on %s in %s, loaded in %.2f s", name, model_name,
+                 loaded.kind, loaded.model.num_params() / 1e6, describe(dev), loaded.dtype, time.perf_counter() - t0)
         t0 = time.perf_counter()
         identity = model_identity(loaded.path, settings.home)
         log.info("worker %s: model sha256 %s (%.2f s)", name, identity["sha256"], time.perf_counter() - t0)
