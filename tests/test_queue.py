@@ -18,11 +18,12 @@ from gencli.storage.db import JobStatus
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
 
-def alone(model_dir, prompts, max_tokens):
-    """Greedy outputs of each prompt run alone, in-process, without the queue."""
-    tg = TextGenerator(load_model(model_dir))
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
-    return [tg.generate([tg.encode(p, chat=False)], sp)[0].text for p in prompts]
+def alone(model_dir, prompts, max_tokens, *, dtype="auto", temperature=0.0, seeds=None):
+    """Outputs of each prompt run alone, in-process, without the queue (greedy, or with its seed, no top-k cut)."""
+    tg = TextGenerator(load_model(model_dir, dtype=dtype))
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=None)
+    seeds = seeds or [None] * len(prompts)
+    return [tg.generate([tg.encode(p, chat=False)], sp, seeds=[s])[0].text for p, s in zip(prompts, seeds, strict=True)]
 
 
 PROMPTS = ["Once upon a time", "The sea is", "日本語のテキスト 🌍", "abc"]
@@ -246,6 +247,30 @@ def test_out_of_memory_ladder_halves_then_matches_an_unfailed_run(env, tiny, cli
         for d in job.stream():
             texts[d.item] += d.text
         assert texts == alone(tiny, prompts, 8)  # the retries streamed nothing twice
+    finally:
+        w.stop()
+
+
+def test_an_int8_worker_serves_jobs_batched_together_and_records_int8(env, tiny, client):
+    w = start_worker(env, tiny, "int8@test", "--model-name", "tiny-int8", "--dtype", "int8", "--batch_size", "8")
+    try:
+        assert " in int8, loaded in " in w.log.read_text()
+        prompts = ["one", "two two", "three three three", "four", "日本語 🌍"]
+        greedy = client.submit(prompts, model="tiny-int8", max_tokens=16, temperature=0)
+        sampled = client.submit(prompts[:3], model="tiny-int8", max_tokens=16, temperature=1.0, top_k=0)
+        assert greedy.wait(60) is JobStatus.SUCCEEDED and sampled.wait(60) is JobStatus.SUCCEEDED
+        assert [r["output"] for r in greedy.result()] == alone(tiny, prompts, 16, dtype="int8")
+        made = sampled.provenance()
+        seeds = [made["items"][i]["sampling"]["seed"] for i in range(3)]  # drawn by the worker, recorded
+        assert [r["output"] for r in sampled.result()] == alone(tiny, prompts[:3], 16, dtype="int8",
+                                                                 temperature=1.0, seeds=seeds)
+        for job in (greedy, sampled):
+            made = job.provenance()
+            assert [a["dtype"] for a in made["attempts"]] == ["int8"]
+            assert {(p["dtype"], p["device"], p["batch_invariant"]) for p in made["items"].values()} == \
+                {("int8", "cpu", True)}
+        r = CliRunner().invoke(main, ["replay", greedy.id])  # in this process, in the recorded int8
+        assert r.exit_code == 0 and "5 equal, 0 differ" in r.stderr and " on cpu in int8" in r.stderr, r.output
     finally:
         w.stop()
 
