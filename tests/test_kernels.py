@@ -118,7 +118,7 @@ def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company():
     greedy = SamplingParams(max_tokens=16, temperature=0)
     same = sum(a == b for x, y in zip(generate(fp32, prompts, greedy), generate(model, prompts, greedy), strict=True)
                for a, b in zip(x, y, strict=True))
-    assert same >= 0.5 * 16 * 6  # int8 follows float32 (on trained weights closely: bench.decode --quality)
+    assert same >= 0.5 * 16 * 6  # int8 follows float32 (on trained weights closely: python -m bench.quality)
 
 
 @needs_int8
