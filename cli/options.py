@@ -8,8 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
-from gencli.model.checkpoint import DTYPES
-from gencli.model.params import DEFAULTS, SamplingParams
+from gencli.model.params import DEFAULTS, DTYPES, SamplingParams
 
 
 def _apply(options):
@@ -28,7 +27,7 @@ dtype_option = click.option(
     default="auto",
     show_default=True,
     help="Weights: auto (float32 on the CPU, bfloat16 or float16 on a GPU), or int8 on the CPU: "
-         "about 2x faster, outputs close to float32's (README, benchmarks).",
+         "1.6x-2.3x faster, outputs close to float32's (README, Benchmarks).",
 )
 
 model_options = _apply(

@@ -28,6 +28,7 @@ from gencli.model.chat import ChatFormat
 from gencli.model.errors import CheckpointError, DeviceError, GencliError
 from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.kernels import int8_supported
+from gencli.model.params import DTYPES
 from gencli.model.tokenizer import Tokenizer, load_encoding
 
 META_FILE = "gencli.json"
@@ -95,9 +96,6 @@ def _build(path: Path, config: GPTConfig) -> GPT:
     if config.n_embd % config.n_head:
         raise CheckpointError(f"{path}: bad model config: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
     return GPT(config)
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype takes
 
 
 def resolve_dtype(spec: torch.dtype | str | None, device: torch.device) -> tuple[torch.dtype, bool]:

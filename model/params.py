@@ -18,6 +18,7 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 # top-k cut; seed None: a random seed.
 DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype takes (model/checkpoint.py)
 
 
 def _bad(where: str, name: str, value, rule: str, use: str) -> InvalidParameterError:
