@@ -217,7 +217,8 @@ def status():
     click.echo(f"workers ({len(workers)}):")
     for w in sorted(workers, key=lambda w: w["name"]):
         job = ", ".join(w.get("jobs") or []) or "idle"
-        click.echo(f"  {w['name']:<24} {w['device']:<8} model {w['model'] or '-':<20} {job}")
+        where = f"{w['device']} {w['dtype']}" if w.get("dtype") else w["device"]
+        click.echo(f"  {w['name']:<24} {where:<16} model {w['model'] or '-':<20} {job}")
     waiting: dict[str, int] = {}
     for (kind, model), n in client.store.queued_counts().items():
         q = PREP_QUEUE if kind == "prep" else queue_for(model)

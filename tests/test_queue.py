@@ -255,6 +255,8 @@ def test_an_int8_worker_serves_jobs_batched_together_and_records_int8(env, tiny,
     w = start_worker(env, tiny, "int8@test", "--model-name", "tiny-int8", "--dtype", "int8", "--batch_size", "8")
     try:
         assert " in int8, loaded in " in w.log.read_text()
+        shown = CliRunner().invoke(main, ["status"])
+        assert shown.exit_code == 0 and any(w.name in ln and " cpu int8 " in ln for ln in shown.output.splitlines())
         prompts = ["one", "two two", "three three three", "four", "日本語 🌍"]
         greedy = client.submit(prompts, model="tiny-int8", max_tokens=16, temperature=0)
         sampled = client.submit(prompts[:3], model="tiny-int8", max_tokens=16, temperature=1.0, top_k=0)

@@ -180,7 +180,8 @@ def _warm_up(ctx: WorkerContext) -> None:
 
 def _beat(ctx: WorkerContext, queues: tuple[str, ...]) -> str:
     batcher = ctx.batcher
-    return json.dumps({"name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device, "queues": list(queues),
+    return json.dumps({"name": ctx.worker_name, "model": ctx.model_name, "device": ctx.device,
+                       "dtype": ctx.loaded.dtype if ctx.loaded else None, "queues": list(queues),
                        "pid": os.getpid(), "host": socket.gethostname(), "jobs": list(ctx.running.copy()),
                        "engine": batcher.load() if batcher is not None else None})
 
