@@ -79,7 +79,6 @@ class Int8Linear:
             with _engine("fbgemm"):
                 self.packed = torch.ops.quantized.linear_prepack(q, None)
         self.bias = None if bias is None else bias.detach().float()
-        self.bytes = q.numel() + 8 * out  # int8 weights and a float64 scale per row
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
