@@ -33,9 +33,13 @@ def cli(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def _replay_ok(job_id: str, lines: int, *args: str) -> str:
+def _replay_ok(job_id: str, lines: int, *args: str, workers=()) -> str:
     r = cli("replay", job_id, *args)
-    assert r.exit_code == 0, r.output
+    if r.exit_code != 0:  # keep the evidence: the record and what the workers logged of this job
+        shown = cli("show", job_id, "--provenance").output
+        logs = "\n".join(f"--- {w.name}:\n" + "\n".join(ln for ln in w.log.read_text().splitlines() if job_id in ln)
+                         for w in workers)
+        raise AssertionError(f"{r.output}\n--- gencli show --provenance:\n{shown}\n{logs}")
     assert f"replayed {lines} line(s) of job {job_id}" in r.stderr and f"{lines} equal, 0 differ" in r.stderr, r.output
     assert r.stdout.count(": equal, ") == lines
     return r.output
@@ -83,12 +87,12 @@ def test_jobs_through_oom_a_takeover_and_a_cancelled_retry_replay_byte_for_byte(
         third.cancel()
         assert third.wait(30) is JobStatus.CANCELLED
         cut_seed = third.items()[0].sampling["seed"]
-        _replay_ok(third.id, 1)  # as far as it went
+        _replay_ok(third.id, 1, workers=(a, b))  # as far as it went
         assert third.retry() == 1 and third.wait(60) is JobStatus.SUCCEEDED
         assert third.items()[0].sampling["seed"] != cut_seed
 
         for j, n in ((drawn, 3), (seeded, 8), (third, 1)):
-            _replay_ok(j.id, n)
+            _replay_ok(j.id, n, workers=(a, b))
         shown = cli("show", drawn.id, "--provenance")
         assert shown.exit_code == 0, shown.output
         assert "attempt 1: " in shown.output and f"attempt 2: {b.name}" in shown.output
