@@ -39,6 +39,8 @@ TARGET_NATS = 0.02
 
 
 def val_loss(model, split, block_size: int) -> float:
+    """Mean loss per token from the model's own logits. Not Trainer.evaluate: GPT.loss multiplies by
+    the head's float32 weight directly, which would score an int8 model with a float32 head."""
     total, count = 0.0, 0
     starts = eval_starts(split, block_size, WINDOWS)
     with torch.inference_mode():

@@ -7,6 +7,7 @@ import json
 import click
 
 from gencli.cli.queue import EXIT_FAILED, _client, label
+from gencli.model.provenance import determinism
 from gencli.worker.app import queue_for
 
 
@@ -61,7 +62,7 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
     for it, why in p.skipped:
         if not as_json:
             click.echo(f"{label(it.custom_id, it.line)}: skipped ({why})")
-    promise = "" if (ran_on.startswith("cpu") and dtype in ("float32", "int8")) else \
+    promise = "" if determinism(ran_on, dtype)["batch_invariant"] else \
         f"; {dtype} on {ran_on}: byte equality is promised only on the CPU in float32 or int8"
     if p.device != ran_on or p.dtype != dtype:
         promise += f"; the job ran on {p.device} in {p.dtype}"

@@ -155,7 +155,6 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix
         self._head_t: torch.Tensor | None = None
-        self.quantized = False  # int8 kernels (prepare_for_inference)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -174,6 +173,11 @@ class GPT(nn.Module):
         """Parameters, the tied embedding/head matrix counted once (as built: a weight that an
         inference kernel holds in its own form still counts)."""
         return self._num_params
+
+    @property
+    def quantized(self) -> bool:
+        """Whether prepare_for_inference put it on int8 kernels."""
+        return isinstance(self.lm_head.kernel, kernels.Int8Linear)
 
     @property
     def dtype_name(self) -> str:
@@ -228,7 +232,6 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.set_kernel(kernel(m.weight, m.bias), release=m is not self.lm_head)
-        self.quantized = int8
         return self
 
     def _head(self, x):

@@ -42,7 +42,7 @@ def onednn_works() -> bool:
         yp = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         ref = F.linear(x, w, b)
         return torch.allclose(y, ref, atol=1e-5) and torch.allclose(yp, ref, atol=1e-5)
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError):  # a torch built without oneDNN: F.linear then
         return False
 
 

@@ -65,9 +65,10 @@ def tok_legacy(cl100k) -> Tokenizer:
 
 
 def build_gpt(
-    vocab_size: int, *, seed: int = 0, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, block_size: int = 64
+    vocab_size: int, *, seed: int = 0, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, block_size: int = 64,
+    prepare: bool = True,
 ) -> GPT:
-    """A tiny randomly initialised GPT, ready for inference on the CPU.
+    """A tiny randomly initialised GPT, ready for inference on the CPU (prepare=False: as built).
 
     The weights are drawn wider than GPT-2's init so logits are well separated: greedy choices are
     not near-ties that float rounding (batch vs alone) could flip.
@@ -78,7 +79,7 @@ def build_gpt(
     with torch.no_grad():
         model.transformer.wte.weight.normal_(0.0, 0.3)
         model.transformer.wpe.weight.normal_(0.0, 0.3)
-    return model.prepare_for_inference()
+    return model.prepare_for_inference() if prepare else model
 
 
 def force_tokens(model: GPT, favoured: dict[int, float]) -> GPT:

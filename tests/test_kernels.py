@@ -13,7 +13,6 @@ from gencli.cli.main import main
 from gencli.model.checkpoint import create_model, load_model, resolve_dtype
 from gencli.model.engine import generate
 from gencli.model.errors import DeviceError
-from gencli.model.gpt import GPT, GPTConfig
 from gencli.model.kernels import Int8Linear, PackedLinear, int8_supported
 from gencli.model.params import SamplingParams
 from gencli.model.provenance import runtime_record
@@ -74,38 +73,29 @@ def test_packed_float32_gives_back_its_exact_weight_and_matches_f_linear():
         torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def _tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=320))
-    with torch.no_grad():  # wider than GPT-2's init: logits well apart, greedy choices no near-ties
-        m.transformer.wte.weight.normal_(0.0, 0.3)
-        m.transformer.wpe.weight.normal_(0.0, 0.3)
-    return m
-
-
-def test_float32_preparation_frees_plain_weights_and_training_brings_them_back_exactly():
-    model, ref = _tiny(), _tiny()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.prepare_for_inference()
+def test_float32_preparation_frees_plain_weights_and_training_brings_them_back_exactly(make_gpt):
+    model = make_gpt(320, n_embd=64)  # prepared for inference
+    ref = make_gpt(320, n_embd=64, prepare=False).eval()  # the same weights as built, through F.linear
+    plain = ref.state_dict()
     fc = model.transformer.h[0].mlp.c_fc
     assert fc.weight.numel() == 0 and isinstance(fc.kernel, PackedLinear)  # one copy of each weight, not two
     assert model.lm_head.weight.numel() > 0  # the head is the embedding too: kept
     assert model.num_params() == ref.num_params()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # saved as the plain weights
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())  # saved as the plain weights
     x = torch.randint(0, 320, (3, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], ref.eval()(x)[0], rtol=1e-4, atol=1e-4)
         assert model(x)[0].shape == (3, 12, 320)
     model.train()
-    assert fc.kernel is None and all(torch.equal(p, before[k]) for k, p in model.state_dict().items())
+    assert fc.kernel is None and all(torch.equal(p, plain[k]) for k, p in model.state_dict().items())
     loss = model.loss(x[:, :-1].contiguous(), x[:, 1:].contiguous())
     loss.backward()  # trains as before
     assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
 
 
 @needs_int8
-def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company():
-    model = _tiny(3).prepare_for_inference(int8=True)
+def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company(make_gpt):
+    model = make_gpt(320, seed=3, n_embd=64).prepare_for_inference(int8=True)
     assert model.dtype_name == "int8" and model.min_rows == 1
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 320, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (6,), generator=g)]
@@ -114,7 +104,7 @@ def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company():
         alone = [generate(model, [p], params, seeds=[s])[0] for p, s in zip(prompts, seeds, strict=True)]
         assert generate(model, prompts, params, seeds=seeds) == alone
         assert generate(model, prompts, params, seeds=seeds, slots=2) == alone  # joining as others finish
-    fp32 = _tiny(3).prepare_for_inference()
+    fp32 = make_gpt(320, seed=3, n_embd=64)
     greedy = SamplingParams(max_tokens=16, temperature=0)
     same = sum(a == b for x, y in zip(generate(fp32, prompts, greedy), generate(model, prompts, greedy), strict=True)
                for a, b in zip(x, y, strict=True))
@@ -122,8 +112,8 @@ def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company():
 
 
 @needs_int8
-def test_an_int8_model_cannot_be_trained_or_saved():
-    model = _tiny().prepare_for_inference(int8=True)
+def test_an_int8_model_cannot_be_trained_or_saved(make_gpt):
+    model = make_gpt(320, n_embd=64).prepare_for_inference(int8=True)
     assert model.transformer.h[0].attn.c_attn.weight.numel() == 0  # float weights freed
     with pytest.raises(RuntimeError, match="int8 model keeps no float weights"):
         model.train()
