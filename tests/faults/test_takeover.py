@@ -163,21 +163,30 @@ def test_a_job_that_outlives_the_brokers_visibility_timeout_still_runs_once(env,
     """The broker hands the unacked message out again; the live lease keeps the copy from running."""
     model = f"tiny-vis-{env['id']}"
     short = {"GENCLI_VISIBILITY_TIMEOUT": "2"}
+    # a's decoding waits while this file exists (its lease still renewed): the job outlives the
+    # visibility timeout however fast the model decodes
+    stall = env["tmp"] / f"vis-stall-{env['id']}"
     a = start_worker(env, tiny, f"slowpoke-{env['id']}@test", "--model-name", model, "--batch_size", "1",
-                     extra_env=short)
+                     extra_env={**short, "GENCLI_INJECT_STALL": str(stall)})
     b = None
     try:
+        stall.touch()  # (a is warmed up already)
         job = client.submit(PROMPTS * 2, model=model, max_tokens=240, temperature=0)
         wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        # kombu's consumer restores unacked messages older than the visibility timeout when it
+        # connects (then only every 100 s): b connects after the message has grown that old
+        time.sleep(float(short["GENCLI_VISIBILITY_TIMEOUT"]) + 0.5)
         b = start_worker(env, tiny, f"idler-{env['id']}@test", "--model-name", model, extra_env=short)
-        assert job.wait(120) is JobStatus.SUCCEEDED
         wait_for(lambda: f"job {job.id} not run: leased" in b.log.read_text(), 30, "the redelivered copy")
+        stall.unlink()
+        assert job.wait(120) is JobStatus.SUCCEEDED
         rec = job.record()
         assert rec.attempts == 1 and rec.worker == a.name
         events = read_log(env["redis"].client(), env["keys"], job.id)
         assert [e["t"] for e in events].count("start") == 1 and [e["t"] for e in events].count("end") == 1
         assert [x["output"] for x in job.result()] == reference(tiny, PROMPTS * 2, 240)
     finally:
+        stall.unlink(missing_ok=True)
         a.stop()
         if b:
             b.stop()
