@@ -7,7 +7,7 @@ import json
 import click
 
 from gencli.cli.queue import EXIT_FAILED, _client, label
-from gencli.model.provenance import determinism
+from gencli.model.provenance import determinism, software
 from gencli.worker.app import queue_for
 
 
@@ -66,6 +66,10 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
         f"; {dtype} on {ran_on}: byte equality is promised only on the CPU in float32 or int8"
     if p.device != ran_on or p.dtype != dtype:
         promise += f"; the job ran on {p.device} in {p.dtype}"
+    now = software()
+    changed = [f"{k} {p.software[k]}" for k in ("gencli", "torch") if p.software.get(k) not in (None, now[k])]
+    if changed and equal != len(p.lines):  # other arithmetic: equality holds within one version of each
+        promise += f"; the job ran on {' and '.join(changed)}, this is gencli {now['gencli']}, torch {now['torch']}"
     summary = f"replayed {len(p.lines)} line(s) of job {job.id} on {where}: {equal} equal, " \
               f"{len(p.lines) - equal} differ{', ' + str(len(p.skipped)) + ' skipped' if p.skipped else ''}{promise}"
     if as_json:

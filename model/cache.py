@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 
 import torch
 from torch.nn import functional as F
@@ -35,6 +36,8 @@ class SlotCache:
         self.max_len = max_len  # positions a slot holds (the tensors hold whole key buckets)
         self.lengths = [0] * slots  # positions each slot holds
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
+        # On the CPU attention is three plain products (see attend); elsewhere the fused kernel.
+        self.plain_attention = torch.device(device).type == "cpu"
 
     @property
     def free(self) -> int:
@@ -80,6 +83,17 @@ class SlotCache:
         up to BUCKET), each group one call with a per-row mask. What a row computes so depends only
         on itself (its position, its query count, its bucket), never on its company: the kernels
         round differently for another number of keys or queries, but not for another batch size.
+
+        That last part holds on the CPU only for plain products. PyTorch's fused CPU attention
+        (scaled_dot_product_attention's flash kernel) splits its work by the batch size against the
+        thread count, and a row's result then changes in its last bits with the rows beside it
+        (measured with torch 2.13: at one query per row with 2 threads, one row alone differs from
+        the same row among 2 to 16; at 4 to 16 threads, other batch sizes too; at 3 queries too).
+        At temperature 1 such bits move the inverse-CDF draw across a boundary now and then: a
+        seeded output that changed with its company. So on the CPU a group computes q k^T, the
+        mask, a softmax and the product with v as three plain operations, whose every row comes
+        out the same for any batch and any thread count (tests/test_engine.py checks both). It is
+        as fast as the fused kernel when decoding and slower on long prompts (bench.decode).
         """
         if len(at.groups) == 1 and at.groups[0].T == q.size(2):
             return self._attend(layer, q, at.groups[0])
@@ -91,7 +105,11 @@ class SlotCache:
     def _attend(self, layer: int, q: torch.Tensor, g: Group) -> torch.Tensor:
         k = self.k[layer, g.slots, :, : g.length]
         v = self.v[layer, g.slots, :, : g.length]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
+        if not self.plain_attention:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
+        att = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (b, nh, T, L)
+        att.masked_fill_(g.hidden, float("-inf"))
+        return torch.matmul(torch.softmax(att, dim=-1), v)  # (b, nh, T, hs)
 
 
 BUCKET = 64  # attention reads a row's keys in whole buckets of this many positions
@@ -111,6 +129,7 @@ class Group:
         self.slots = _index(slots, device)
         pos = torch.tensor(starts, device=device).view(-1, 1, 1) + torch.arange(T, device=device).view(1, -1, 1)
         self.mask = (torch.arange(self.length, device=device).view(1, 1, -1) <= pos).unsqueeze(1)  # (b, 1, T, L)
+        self.hidden = ~self.mask  # the keys each query must not see
 
 
 def _index(ids: list[int], device):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -112,9 +112,15 @@ class Rung:
     running: list[Sequence]  # the sequences that held slots when it happened
 
 
+Observer = Callable[[Sequence, torch.Tensor], None]  # (sequence, the logits (V,) it is about to sample from)
+
+
 class Engine:
     def __init__(self, model: GPT, slots: int, *, max_len: int | None = None, allowed_ids: torch.Tensor | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS, max_per_group: int | None = None, invariant: bool = True):
+                 prefill_tokens: int = PREFILL_TOKENS, max_per_group: int | None = None, invariant: bool = True,
+                 observe: Observer | None = None):
+        """observe: called with each sequence and the raw logits each of its ids is sampled from, before
+        sampling (the batch-invariance tests and bench.exact compare them bit for bit with a run alone)."""
         if slots < 1:
             raise InvalidParameterError("the engine needs at least one slot")
         self.model = model
@@ -124,6 +130,7 @@ class Engine:
         self.scheduler = Scheduler(max_per_group)
         self.prefill_tokens = prefill_tokens
         self.invariant = invariant
+        self.observe = observe
         self.limit = slots  # rows run at once: lowered by running out of memory
         self.running: list[Sequence] = []  # in admission order
         self.rungs: list[Rung] = []
@@ -248,6 +255,9 @@ class Engine:
         for s, n in rows:
             s.cached += n
             self.cache.lengths[s.slot] = s.cached
+        if ready and self.observe is not None:
+            for j, b in enumerate(ready):
+                self.observe(seqs[b], logits[j])
         if ready:
             picked = self.sampler.sample(logits, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
             for b, token in zip(ready, picked):
@@ -305,7 +315,8 @@ def _free_memory() -> None:
 def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int | None = None,
              seeds: list[int | None] | None = None, budgets: list[int] | None = None,
              skip_draws: list[int] | None = None, stop_ids: frozenset[int] = frozenset(),
-             allowed_ids: torch.Tensor | None = None, invariant: bool = True) -> list[list[int]]:
+             allowed_ids: torch.Tensor | None = None, invariant: bool = True,
+             observe: Observer | None = None) -> list[list[int]]:
     """Every prompt's new ids (a stop id included where one ended it), decoded together on an engine
     of `slots` slots (default: one per prompt), its cache as long as the longest prompt needs."""
     if not prompts:
@@ -321,9 +332,9 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, sl
             raise InvalidParameterError("empty prompt: give at least one token")
         fit_prompt(ids, budget, model.config.block_size, truncate=False)
     max_len = max(len(p) + b for p, b in zip(prompts, budgets))
-    engine = Engine(model, slots or n, max_len=max_len, allowed_ids=allowed_ids, invariant=invariant)
-    seqs = [Sequence(list(p), params, b, seed=s, skip_draws=k, stop_ids=stop_ids)
-            for p, b, s, k in zip(prompts, budgets, seeds, skips)]
+    engine = Engine(model, slots or n, max_len=max_len, allowed_ids=allowed_ids, invariant=invariant, observe=observe)
+    seqs = [Sequence(list(p), params, b, seed=s, skip_draws=k, stop_ids=stop_ids, index=i)
+            for i, (p, b, s, k) in enumerate(zip(prompts, budgets, seeds, skips))]
     for s in seqs:
         engine.add(s)
     while engine:

@@ -64,6 +64,7 @@ class Plan:
     chat_format: str
     device: str
     dtype: str
+    software: dict  # the versions that made it (gencli, torch, Python)
 
 
 def plan(job, *, line: int | None = None) -> Plan:
@@ -123,7 +124,7 @@ def plan(job, *, line: int | None = None) -> Plan:
     if "model" not in first:
         raise ReplayError(f"job {job.id}'s attempt {first['attempt']} recorded no model")
     return Plan(lines, skipped, first["model"]["path"], first["model"]["sha256"], first["tokenizer"],
-                first["chat_format"], first["device"], first["dtype"])
+                first["chat_format"], first["device"], first["dtype"], first.get("software") or {})
 
 
 def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None = None, slots: int = 8,
