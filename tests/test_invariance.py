@@ -90,7 +90,7 @@ def _alone(model: GPT, rows) -> tuple[list[list[int]], list[list[torch.Tensor]]]
     outs, logits = [], []
     for prompt, sp, seed in rows:
         seen: list[torch.Tensor] = []
-        (out,) = generate(model, [prompt], sp, seeds=[seed], observe=lambda s, lg: seen.append(lg.clone()))
+        (out,) = generate(model, [prompt], sp, seeds=[seed], observe=lambda s, lg, seen=seen: seen.append(lg.clone()))
         outs.append(out)
         logits.append(seen)
     return outs, logits

@@ -51,6 +51,9 @@ def broker_priority(priority: int) -> int:
 def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
     from celery import Celery  # here, not at import: `gencli submit --help` needs no Celery
 
+    from gencli.worker import broker
+
+    broker.install()  # kombu's Redis transport, repaired for a Redis that goes away while a job runs
     app = Celery("gencli", broker=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",

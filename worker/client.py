@@ -33,21 +33,13 @@ from gencli.worker.app import check_model_name, make_app, send_job
 from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
-from gencli.worker.redis_boot import resolve_redis_url
+from gencli.worker.redis_boot import resolve_redis_url, shown_url
 from gencli.worker.stream import Publisher, follow
 
 
 @lru_cache(maxsize=8)
 def _tokenizer(name: str, chat_format: str) -> Tokenizer:
     return Tokenizer(load_encoding(name), chatml=chat_format == ChatFormat.CHATML.value)
-
-
-def _hide_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 class RedisUnavailable(GencliError):
@@ -98,7 +90,7 @@ class Client:
     @property
     def shown_redis_url(self) -> str:
         """The Redis URL as messages show it: without its password."""
-        return _hide_password(self._redis_url or self.settings.redis_url)
+        return shown_url(self._redis_url or self.settings.redis_url)
 
     @property
     def redis(self) -> redis.Redis:

@@ -25,6 +25,15 @@ from gencli.model.errors import GencliError
 from gencli.storage.settings import Settings
 
 
+def shown_url(url: str) -> str:
+    """A Redis URL as messages show it: without its password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
 def ping(url: str, timeout: float = 1.0) -> bool:
     try:
         r = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)

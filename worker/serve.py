@@ -46,7 +46,7 @@ from gencli.worker.app import (
 )
 from gencli.worker.client import keys_for
 from gencli.worker.context import WorkerContext, end_event
-from gencli.worker.redis_boot import patient_client, resolve_redis_url
+from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
 
 log = logging.getLogger("gencli.worker")
@@ -137,7 +137,7 @@ def serve(
         log.info("worker %s: serving dataset prep jobs", name)
     queues += [q for q in extra_queues if q not in queues]
     quick = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)  # never waits long
-    _take_name(ctx, quick, tuple(queues))
+    _take_name(ctx, quick, tuple(queues), shown_url(redis_url))
     threading.Thread(target=_keep_lease, args=(ctx,), daemon=True, name="gencli-lease").start()
     threading.Thread(target=_heartbeat, args=(ctx, quick, app, tuple(queues), info), daemon=True,
                      name="gencli-heartbeat").start()
@@ -186,18 +186,25 @@ def _beat(ctx: WorkerContext, queues: tuple[str, ...]) -> str:
                        "engine": batcher.load() if batcher is not None else None})
 
 
-def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...]) -> None:
+def _take_name(ctx: WorkerContext, r: redis.Redis, queues: tuple[str, ...], url: str) -> None:
     """Register this worker's name, refusing one a live worker of another process holds (a process
     on this host that is gone leaves its name free at once)."""
     key = ctx.keys.worker(ctx.worker_name)
+    waited = False
     for _ in range(3):
         while True:  # a worker started while Redis is down waits for it, as its Celery consumer does
             try:
                 taken = r.set(key, _beat(ctx, queues), nx=True, ex=int(HEARTBEAT_SECONDS * 5))
                 break
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("waiting for Redis to register worker %s: %s", ctx.worker_name, e)
+                if not waited:  # said once; then a quiet wait
+                    log.warning("worker %s: Redis at %s does not answer (%s); waiting for it: start Redis, or "
+                                "fix GENCLI_REDIS_URL", ctx.worker_name, url, e)
+                    waited = True
                 time.sleep(1.0)
+        if waited:
+            log.info("worker %s: Redis at %s answers", ctx.worker_name, url)
+            waited = False
         if taken:
             r.sadd(ctx.keys.workers, ctx.worker_name)
             return
@@ -340,6 +347,7 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
     """Every couple of seconds: heartbeat, and taking over dead workers' jobs."""
     s = ctx.settings
     last_reap = 0.0
+    failing = False  # an outage is logged when it starts and when it ends, not at every beat
     while True:
         try:
             if info is not None:
@@ -355,6 +363,12 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
                                 job.id, job.worker)
                     send_job(app, r, ctx.keys, job.id, kind=job.kind, model=job.model, priority=TAKEOVER_PRIORITY)
                 _resend_lost(ctx, r, app)
+            if failing:
+                log.info("heartbeat: beating again")
+                failing = False
         except Exception as e:  # Redis or the store away for a moment: keep beating
-            log.warning("heartbeat: %s: %s", type(e).__name__, e)
+            if not failing:
+                log.warning("heartbeat: %s: %s (retrying every %g s, quietly until it works again)",
+                            type(e).__name__, e, HEARTBEAT_SECONDS)
+                failing = True
         time.sleep(HEARTBEAT_SECONDS)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import uuid
+from contextlib import ExitStack
 
 import pytest
-from services import RedisServer, Worker, start_worker
-from tailing import Tailer, wait_for
+from services import RedisServer, Worker, pg_schema, start_worker
+from tailing import Tailer, reference, wait_for
 
 from gencli.model.checkpoint import create_model
 from gencli.storage.db import JobStatus
@@ -18,20 +18,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def private(tmp_path, monkeypatch):
-    """A redis-server of this test's own (so it can be restarted), a store, a namespace, short leases."""
+def private(request, tmp_path, monkeypatch):
+    """A redis-server of this test's own (so it can be restarted), a store (a SQLite file, or with
+    indirect parametrization "postgresql" a schema of its own), a namespace, short leases."""
     server = RedisServer(tmp_path)
-    values = {
-        "GENCLI_HOME": str(tmp_path / "home"),
-        "GENCLI_REDIS_URL": server.url,
-        "GENCLI_DB_URL": f"sqlite:///{tmp_path / 'store.db'}",
-        "GENCLI_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
-        "GENCLI_LEASE_SECONDS": "3",
-    }
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    yield {"vars": values, "tmp": tmp_path, "redis": server}
-    server.stop()
+    with ExitStack() as stack:
+        stack.callback(server.stop)
+        if getattr(request, "param", "sqlite") == "postgresql":
+            db_url = stack.enter_context(pg_schema(request.getfixturevalue("pg_database")))
+        else:
+            db_url = f"sqlite:///{tmp_path / 'store.db'}"
+        values = {
+            "GENCLI_HOME": str(tmp_path / "home"),
+            "GENCLI_REDIS_URL": server.url,
+            "GENCLI_DB_URL": db_url,
+            "GENCLI_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
+            "GENCLI_LEASE_SECONDS": "3",
+        }
+        for k, v in values.items():
+            monkeypatch.setenv(k, v)
+        yield {"vars": values, "tmp": tmp_path, "redis": server}
 
 
 def test_redis_restart_with_jobs_queued_and_one_running_every_job_ends(private):
@@ -57,7 +63,9 @@ def test_redis_restart_with_jobs_queued_and_one_running_every_job_ends(private):
         seqs = [d.seq for d in tailer.deltas]
         assert seqs == sorted(set(seqs))
         assert tailer.texts(2) == [x["output"] for x in running.result()]
-        assert all(len(j.result()) == 1 for j in queued)
+        assert [x["output"] for x in running.result()] == reference(model, ["once upon a time", "the ship sailed"],
+                                                                    120)
+        assert [j.result()[0]["output"] for j in queued] == reference(model, [f"prompt {i}" for i in range(3)], 8)
         assert worker.alive()
     finally:
         worker.stop()
@@ -73,11 +81,40 @@ def test_a_worker_started_while_redis_is_down_drains_the_queue_when_it_returns(p
     worker = Worker(model, private["vars"], name="early@test",
                     log=private["tmp"] / "early.log", args=("--model-name", "tiny-late"))
     try:
-        time.sleep(3)
+        wait_for(lambda: "does not answer" in worker.log.read_text(), 30, "the worker saying what it waits for")
         assert worker.alive()  # waiting for Redis, not exited
         server.start()
         worker.wait_ready(server.client(), timeout=90)
         for job in jobs:
             assert job.wait(90) is JobStatus.SUCCEEDED, job.record().error_message
+        said = worker.log.read_text()
+        assert said.count("does not answer") == 1, said  # said once, then a quiet wait
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("private", ["sqlite", "postgresql"], indirect=True)
+def test_a_worker_holding_a_job_rides_out_a_redis_outage_and_serves_the_next_job(private):
+    """Redis killed while the worker decodes a long job and started again seconds later (empty):
+    the job ends once with the output it has alone, and the same worker process, still up,
+    serves the next job. (kombu's Redis transport used to raise AttributeError when Celery tore
+    down the broken connection with the job's message unacked, and Celery ended the worker.)"""
+    model = str(create_model(private["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base",
+                             chat_format="chatml", seed=3))
+    worker = start_worker(private, model, "outage@test", "--model-name", "tiny-outage")
+    try:
+        client = Client(get_settings())
+        prompts = [f"line {i} of a long job" for i in range(16)]
+        job = client.submit(prompts, model="tiny-outage", max_tokens=200, temperature=0)
+        wait_for(lambda: job.record().status == "running", 60, "the job to start")
+        private["redis"].restart(down_seconds=5)
+        assert job.wait(180) is JobStatus.SUCCEEDED, job.record().error_message
+        assert [x["output"] for x in job.result()] == reference(model, prompts, 200)
+        wait_for(lambda: "Connected to redis" in worker.log.read_text().rsplit("Connection to broker lost", 1)[-1],
+                 60, "Celery's consumer to reconnect")
+        assert worker.alive(), worker.log.read_text()[-3000:]
+        after = client.submit(["and then"], model="tiny-outage", max_tokens=8, temperature=0)
+        assert after.wait(60) is JobStatus.SUCCEEDED
+        assert after.record().worker == "outage@test" and worker.alive()
     finally:
         worker.stop()

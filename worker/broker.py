@@ -1,0 +1,78 @@
+"""The broker transport: kombu's Redis transport, with the one repair gencli needs.
+
+When Redis goes away while a worker holds a job's message (unacked: gencli acks late), Celery's
+consumer throws its broken connection away: it first `collect()`s it, which closes the
+connection's transport (the transport forgets its client) but leaves its default channel open when
+closing that channel meets the dead Redis (deleting the remote-control fanout queue fails), then
+closes the connection, which closes that channel again. Closing a channel puts its unacked
+messages back on their queue, and to reach Redis the channel asks its transport's client for the
+URL: gone, so kombu raises AttributeError("'NoneType' object has no attribute 'hostname'"), which
+Celery calls an unrecoverable error, and the worker process exits (with no job running there are
+no unacked messages, and it survives). kombu has had this class of bug before (celery/kombu#582).
+
+Here a channel whose transport has been torn down does not try: its unacked messages stay where
+Redis holds them (restored by kombu once the visibility timeout passes), and the ack of a job that
+ends after the reconnection, which Celery sends through that same old channel, is dropped the same
+way (it would meet the same AttributeError, in the consumer's loop). For gencli nothing is lost
+either way: the job runs on under its store lease; a Redis that restarted empty holds no message
+to restore or ack; a message Redis kept comes back after the visibility timeout and is refused,
+its job having ended (a claim takes a job once); a queued job whose message is gone is sent again
+by a worker (worker/serve.py's `_resend_lost`). On a clean shutdown the transport is whole and
+the messages go back on their queues as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger("gencli.worker")
+
+
+class QoS(kombu_redis.QoS):
+    def _orphaned(self) -> bool:
+        """Whether this channel's connection to Redis was torn down (see the module's docstring)."""
+        transport = self.channel.connection
+        return transport is None or transport.client is None
+
+    def restore_unacked(self, client=None):
+        if client is None and self._orphaned():
+            if self._delivered:
+                log.warning("broker connection lost with %d message(s) unacked: they stay in Redis (their jobs "
+                            "run on under their store leases)", len(self._delivered))
+            self._delivered.clear()
+            return None
+        return super().restore_unacked(client)
+
+    def ack(self, delivery_tag):
+        if self._orphaned():  # a message of a connection since lost: nothing to tell Redis through it
+            self._delivered.pop(delivery_tag, None)
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if self._orphaned():
+            self._delivered.pop(delivery_tag, None)
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def install() -> None:
+    """Make redis:// and rediss:// broker URLs use this transport in this process. kombu picks a
+    transport by the URL's scheme through its alias table; replacing the two entries there (rather
+    than naming a transport in Celery's settings) keeps everything else the scheme decides as it
+    was: TLS for rediss://, the URL in Celery's logs, Flower's broker page."""
+    ours = f"{__name__}:Transport"
+    for scheme in ("redis", "rediss"):
+        if TRANSPORT_ALIASES.get(scheme) in ("kombu.transport.redis:Transport", ours):
+            TRANSPORT_ALIASES[scheme] = ours
