@@ -14,12 +14,15 @@ def redis_group():
 
 @redis_group.command()
 def status():
-    """Which Redis gencli uses, and whether it answers."""
-    from gencli.worker.redis_boot import ping, private_status
+    """Which Redis gencli uses, and whether it answers (exit status 1 when none answers)."""
+    from gencli.worker.redis_boot import ping, private_status, shown_url
 
     s = get_settings()
     if s.redis_url_given:
-        click.echo(f"GENCLI_REDIS_URL {s.redis_url}: {'answers' if ping(s.redis_url) else 'does not answer'}")
+        answers = ping(s.redis_url)
+        click.echo(f"GENCLI_REDIS_URL {shown_url(s.redis_url)}: {'answers' if answers else 'does not answer'}")
+        if not answers:
+            raise SystemExit(1)
         return
     default = ping(s.redis_url)
     click.echo(f"default {s.redis_url}: {'answers (used)' if default else 'does not answer'}")
@@ -30,6 +33,8 @@ def status():
         url, answers = private
         click.echo(f"private {url}: {'answers' if answers else 'not running'}"
                    f"{' (used)' if answers and not default else ''}")
+    if not default and not (private and private[1]):
+        raise SystemExit(1)
 
 
 @redis_group.command()

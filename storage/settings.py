@@ -46,7 +46,7 @@ class Settings:
     def from_env(cls) -> Settings:
         env = os.environ
         home = Path(env.get("GENCLI_HOME") or platformdirs.user_data_dir("gencli")).expanduser()
-        redis_url = env.get("GENCLI_REDIS_URL") or ""
+        redis_url = _redis_url(env.get("GENCLI_REDIS_URL") or "")
         return cls(
             home=home,
             redis_url=redis_url or DEFAULT_REDIS_URL,
@@ -67,6 +67,20 @@ class Settings:
     @property
     def history_file(self) -> Path:
         return self.home / "history"
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url takes
+
+
+def _redis_url(v: str) -> str:
+    """GENCLI_REDIS_URL checked for being a Redis URL at all (whether one answers is checked on use)."""
+    if not v:
+        return v
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES or not rest.strip("/"):
+        raise GencliError(f"GENCLI_REDIS_URL={v!r} is not a Redis URL: use redis://HOST:PORT/DB "
+                          "(e.g. redis://127.0.0.1:6379/0), rediss:// for TLS, or unix:///path/to/redis.sock")
+    return v
 
 
 def _namespace(v: str | None) -> str | None:

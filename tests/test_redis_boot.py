@@ -64,6 +64,25 @@ def test_a_given_url_that_does_not_answer_is_an_error(tmp_path):
     assert not ping(url)
 
 
+def test_gencli_redis_status_exits_non_zero_when_the_redis_in_use_does_not_answer(monkeypatch):
+    url = dead_url()
+    monkeypatch.setenv("GENCLI_REDIS_URL", url)
+    r = CliRunner().invoke(main, ["redis", "status"])
+    assert r.exit_code == 1 and r.output == f"GENCLI_REDIS_URL {url}: does not answer\n", r.output
+
+
+@pytest.mark.parametrize("url", ["notaurl", "localhost:6379", "http://127.0.0.1:6379", "redis://"])
+@pytest.mark.parametrize("command", [["redis", "status"], ["submit", "--model", "m", "--prompt", "hi"], ["list"]])
+def test_a_redis_url_that_is_not_one_is_said_so_in_one_line(tmp_path, monkeypatch, url, command):
+    monkeypatch.setenv("GENCLI_REDIS_URL", url)
+    monkeypatch.setenv("GENCLI_DB_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    r = CliRunner().invoke(main, command)
+    assert r.exit_code == 1, r.output
+    assert r.output == f"Error: GENCLI_REDIS_URL={url!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. " \
+                       "redis://127.0.0.1:6379/0), rediss:// for TLS, or unix:///path/to/redis.sock\n"
+    assert not (tmp_path / "store.db").exists()  # nothing made either
+
+
 @needs_redis_server
 def test_without_a_given_url_a_private_redis_is_started_once_and_reused(tmp_path):
     settings = settings_for(tmp_path, redis_url=dead_url(), redis_url_given=False)
