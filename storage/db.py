@@ -1,8 +1,9 @@
 """The SQL store: engine set-up and the tables of jobs and their items (prompts and outputs).
 
-Any SQLAlchemy URL works. SQLite runs in WAL mode with a busy timeout, and every write
-transaction starts with BEGIN IMMEDIATE, so several worker processes can write to one file
-without "database is locked"; reads never wait for writers. `postgresql://` URLs use psycopg 3.
+The store is SQLite (`sqlite:///path`) or PostgreSQL (`postgresql://...`, through psycopg 3).
+SQLite runs in WAL mode with a busy timeout, and every write transaction starts with BEGIN
+IMMEDIATE, so several worker processes can write to one file without "database is locked";
+reads never wait for writers.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ class Deployment(Base):
 
 
 WRITE_OPTION = "gencli_write"
+BACKENDS = ("sqlite", "postgresql")  # the databases the store's SQL is written for
+BUSY_SECONDS = 30  # how long a SQLite write waits for another process's write lock
 
 
 def normalize_url(url: str) -> str:
@@ -187,21 +190,27 @@ def normalize_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None: not SQLite, or in memory)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database).expanduser()
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
-    if u.database and u.database != ":memory:":
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
+    engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below be the only one
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

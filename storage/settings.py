@@ -25,7 +25,7 @@ class Settings:
     home: Path  # GENCLI_HOME: data dir (history, default store, private Redis)
     redis_url: str  # GENCLI_REDIS_URL
     redis_url_given: bool  # False: the default, and gencli may start a private Redis
-    db_url: str  # GENCLI_DB_URL: any SQLAlchemy URL; default a SQLite file in home
+    db_url: str  # GENCLI_DB_URL: sqlite:///PATH or postgresql://...; default a SQLite file in home
     lease_seconds: float  # GENCLI_LEASE_SECONDS: a running job's lease; a dead worker's job is
     #                       taken over this long after its last renewal
     max_deliveries: int  # GENCLI_MAX_DELIVERIES: a job that crashed its worker this often fails
@@ -63,6 +63,11 @@ class Settings:
             max_queued=_opt_int(env.get("GENCLI_MAX_QUEUED"), "GENCLI_MAX_QUEUED"),
             namespace=_namespace(env.get("GENCLI_NAMESPACE")),
         )
+
+    @property
+    def default_store(self) -> bool:
+        """Whether the store is the default SQLite file in GENCLI_HOME (whose directory gencli makes)."""
+        return self.db_url == f"sqlite:///{self.home / 'gencli.db'}"
 
     @property
     def history_file(self) -> Path:

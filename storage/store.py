@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 
 from sqlalchemy import and_, bindparam, case, column, func, insert, literal, null, or_, select, table, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import load_only
 
 from gencli.model.errors import GencliError
 from gencli.storage.db import (
+    BACKENDS,
+    BUSY_SECONDS,
     Deployment,
     File,
     Item,
@@ -31,17 +33,29 @@ from gencli.storage.db import (
     db_now,
     make_engine,
     make_sessionmaker,
+    sqlite_path,
 )
 from gencli.storage.migrations import PG_SEARCH_VECTOR, migrate, prompt_text
 
 _stores: dict[str, Store] = {}
 
 
-def open_store(url: str) -> Store:
-    """The store at url, migrated, shared within this process."""
+def open_store(url: str, *, make_dir: bool = False) -> Store:
+    """The store at url, migrated, shared within this process. A SQLite file may be made in a
+    directory that exists; make_dir also makes its directory (the default store, in GENCLI_HOME)."""
     if url not in _stores:
+        path = _sqlite_file(url)
+        if path is not None and make_dir:
+            path.parent.mkdir(parents=True, exist_ok=True)
         _stores[url] = Store(url)
     return _stores[url]
+
+
+def _sqlite_file(url: str):
+    try:
+        return sqlite_path(url)
+    except ArgumentError:  # not a URL at all: Store says so
+        return None
 
 
 class StoreError(Exception):
@@ -57,7 +71,11 @@ class Claim:
 
 
 class StoreOpenError(GencliError):
-    """The store's URL cannot be opened (garbage, a missing database, a directory that cannot be made)."""
+    """The store's URL cannot be opened (garbage, a missing database, a directory that does not exist)."""
+
+
+class StoreBusy(StoreOpenError):
+    """The store is there but another process holds its write lock (SQLite's "database is locked")."""
 
 
 class SearchError(GencliError):
@@ -102,15 +120,34 @@ def _hidden(url: str) -> str:
 class Store:
     def __init__(self, url: str):
         self.url = url
+        shown = _hidden(url)
+        fix = "fix GENCLI_DB_URL (sqlite:///PATH or postgresql://USER@HOST/DB; unset, a SQLite file in GENCLI_HOME)"
+        try:
+            backend = make_url(url).get_backend_name()
+        except ArgumentError:
+            raise StoreOpenError(f"GENCLI_DB_URL {shown} is not a database URL: {fix}") from None
+        if backend not in BACKENDS:
+            raise StoreOpenError(f"the store cannot be on {backend} ({shown}): gencli keeps it in SQLite or "
+                                 f"PostgreSQL: {fix}")
+        path = sqlite_path(url)
+        if path is not None and not path.parent.is_dir():
+            raise StoreOpenError(f"the SQLite store {shown} is in {path.parent}, which does not exist: create that "
+                                 f"directory, or {fix}")
         try:
             self.engine = make_engine(url)
             migrate(self.engine)
-        except (ArgumentError, SQLAlchemyError, OSError, ImportError) as e:
+        except OperationalError as e:
+            reason = str(e.orig).strip().splitlines()[0]
+            if "database is locked" in reason:  # not a misconfiguration: the file is fine, and busy
+                raise StoreBusy(f"the store at {shown} is busy: another process has held its write lock for over "
+                                f"{BUSY_SECONDS} s (a stopped or hung gencli process?): try again once it lets go") \
+                    from None
+            raise StoreOpenError(f"cannot open the store at {shown}: {reason}: {fix}") from None
+        except (SQLAlchemyError, OSError, ImportError) as e:
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-            if isinstance(e, ImportError):
+            if isinstance(e, ImportError) and backend == "postgresql":
                 reason += " (for postgresql:// URLs: pip install 'gencli[postgres]')"
-            raise StoreOpenError(f"cannot open the store at {_hidden(url)}: {reason}: fix GENCLI_DB_URL "
-                                 "(any SQLAlchemy URL; unset, a SQLite file in GENCLI_HOME)") from None
+            raise StoreOpenError(f"cannot open the store at {shown}: {reason}: {fix}") from None
         self.Session = make_sessionmaker(self.engine)  # reads
         self.Write = make_sessionmaker(self.engine, write=True)
         self._deployment: str | None = None

@@ -228,6 +228,47 @@ class Worker:
                 self.proc.wait(10)
 
 
+def holds_job_lock(store, job_id: str) -> bool:
+    """Whether another process holds a write lock the job's takeover would wait for: SQLite's one
+    write lock, or on PostgreSQL the job's row (a worker stopped inside a transaction holds it)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from gencli.storage.db import sqlite_path
+
+    path = sqlite_path(store.url)
+    if path is not None:
+        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:  # database is locked
+            return True
+        finally:
+            conn.close()
+    try:
+        with store.engine.begin() as c:
+            c.exec_driver_sql("SELECT 1 FROM jobs WHERE id = %(id)s FOR UPDATE NOWAIT", {"id": job_id})
+        return False
+    except OperationalError:  # lock_not_available
+        return True
+
+
+def stop_between_writes(worker: Worker, store, job_id: str) -> None:
+    """SIGSTOP a worker at a moment it is not inside a store write, as a worker paused past its lease
+    is (stopped inside one, it would hold SQLite's write lock, or the job's row, until woken, and no
+    takeover could happen meanwhile on either database)."""
+    for _ in range(100):
+        worker.kill(signal.SIGSTOP)
+        if not holds_job_lock(store, job_id):
+            return
+        worker.kill(signal.SIGCONT)
+        time.sleep(0.02)
+    raise RuntimeError(f"worker {worker.name} was inside a store write at each of 100 stops")
+
+
 def start_worker(env: dict, model: str | None, name: str, *args: str, extra_env: dict | None = None) -> Worker:
     """A worker on the test module's Redis, store and namespace (env: the conftest `env` fixture), ready."""
     w = Worker(model, env["vars"], name=name, log=env["tmp"] / f"{name}.log", args=args, extra_env=extra_env)

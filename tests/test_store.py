@@ -517,8 +517,10 @@ def test_a_writer_killed_mid_transaction_leaves_committed_rows_only(store_url, o
 
 
 @pytest.mark.parametrize("url, reason", [
-    ("garbage", "Could not parse SQLAlchemy URL"),
-    ("sqlite:////proc/no-such-dir/store.db", "No such file or directory"),
+    ("garbage", "'garbage' is not a database URL"),
+    ("mysql://root:secret@127.0.0.1/gencli", "the store cannot be on mysql (mysql://root:***@127.0.0.1/gencli): gencli "
+                                             "keeps it in SQLite or PostgreSQL"),
+    ("sqlite:////proc/no-such-dir/store.db", "is in /proc/no-such-dir, which does not exist: create that directory"),
     ("sqlite:////proc/store.db", "unable to open database file"),
     ("postgresql://postgres:secret@127.0.0.1:5432/gencli_no_such_db", "does not exist"),
 ])
@@ -537,5 +539,46 @@ def test_a_store_url_that_cannot_be_opened_is_one_line_naming_it(url, reason, mo
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 1, r.output
         (line,) = r.output.strip().splitlines()
-        assert line.startswith("Error: cannot open the store at ") and reason in line and "fix GENCLI_DB_URL" in line
-        assert "secret" not in line and "Traceback" not in r.output
+        assert line.startswith("Error: ") and reason in line and "fix GENCLI_DB_URL" in line, line
+        assert "secret" not in line and "Traceback" not in r.output and "MySQLdb" not in line
+
+
+def test_a_sqlite_store_in_a_directory_that_does_not_exist_is_refused_and_nothing_is_made(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from gencli.cli.main import main
+
+    monkeypatch.setenv("GENCLI_DB_URL", f"sqlite:///{tmp_path / 'typo' / 'dir' / 'x.db'}")
+    r = CliRunner().invoke(main, ["list"])
+    assert r.exit_code == 1 and "which does not exist: create that directory" in r.output, r.output
+    assert not (tmp_path / "typo").exists()
+    # in a directory that exists, a new deployment's first store is made; the default one, in a new
+    # GENCLI_HOME, with its directory
+    monkeypatch.setenv("GENCLI_DB_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    assert CliRunner().invoke(main, ["list"]).exit_code == 0 and (tmp_path / "x.db").is_file()
+    monkeypatch.delenv("GENCLI_DB_URL")
+    monkeypatch.setenv("GENCLI_HOME", str(tmp_path / "new" / "home"))
+    assert CliRunner().invoke(main, ["list"]).exit_code == 0 and (tmp_path / "new" / "home" / "gencli.db").is_file()
+
+
+def test_a_store_whose_write_lock_another_process_holds_is_busy_not_misconfigured(tmp_path, monkeypatch):
+    """SQLite's "database is locked" at open (migrations take the write lock) after the busy timeout
+    is said as what it is: the URL is right, the file is busy."""
+    import sqlite3
+
+    from gencli.storage import db
+    from gencli.storage.store import StoreBusy
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).engine.dispose()
+    holder = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as a worker stopped in the middle of a write holds it
+    monkeypatch.setattr(db, "BUSY_SECONDS", 1)
+    try:
+        with pytest.raises(StoreBusy) as e:
+            Store(url)
+        msg = str(e.value)
+        assert "is busy: another process has held its write lock" in msg and "GENCLI_DB_URL" not in msg
+    finally:
+        holder.execute("ROLLBACK")
+    Store(url).engine.dispose()  # once it lets go, the store opens

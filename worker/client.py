@@ -71,7 +71,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, *, start_redis: bool = True):
         self.settings = settings or get_settings()
-        self.store = open_store(self.settings.db_url)
+        self.store = open_store(self.settings.db_url, make_dir=self.settings.default_store)
         self.keys = keys_for(self.settings, self.store)
         self._start_redis = start_redis
         self._redis_url: str | None = None

@@ -33,7 +33,7 @@ from gencli.model.params import SamplingParams
 from gencli.model.provenance import model_identity, runtime_record
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
-from gencli.storage.store import open_store
+from gencli.storage.store import Store, StoreBusy, open_store
 from gencli.worker.app import (
     GENERATE_TASK,
     PREP_QUEUE,
@@ -90,7 +90,7 @@ def serve(
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     if model_path is None and not prep:
         raise GencliError("give --model PATH to serve a model, or --prep to serve dataset jobs (or both)")
-    store = open_store(settings.db_url)  # the record first: a store that cannot be opened says so at once
+    store = _open_store(settings)  # the record first: a store that cannot be opened says so at once
     keys = keys_for(settings, store)
     redis_url = resolve_redis_url(settings) if not settings.redis_url_given else settings.redis_url
     r = patient_client(redis_url)
@@ -157,6 +157,19 @@ def serve(
             quick.srem(keys.workers, name)
         except redis.RedisError:
             pass
+
+
+def _open_store(settings: Settings) -> Store:
+    """The store, waited for while another process holds its write lock (SQLite), as Redis is
+    waited for; any other reason it cannot be opened ends the worker with that reason."""
+    said = False
+    while True:
+        try:
+            return open_store(settings.db_url, make_dir=settings.default_store)
+        except StoreBusy as e:
+            if not said:
+                log.warning("%s; waiting for it", e)
+                said = True
 
 
 def _per_job(slots: int, given: int | None) -> int | None:

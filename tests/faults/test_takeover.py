@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from services import start_worker
+from services import start_worker, stop_between_writes
 from tailing import Tailer, reference, wait_for
 
 from gencli.storage.db import JobStatus
@@ -31,10 +31,11 @@ def test_a_worker_stopped_past_its_lease_and_woken_after_a_takeover_writes_nothi
         tailer = Tailer(job)
         tailer.start()
         wait_for(lambda: tailer.tokens() > 60, 60, "tokens from the first worker")
-        a.kill(signal.SIGSTOP)
+        stop_between_writes(a, client.store, job.id)
         b = start_worker(env, tiny, f"taker-{env['id']}@test", "--model-name", model, "--batch_size", "1")
         wait_for(lambda: job.record().worker == b.name, 60, "the takeover")
-        time.sleep(1.0)
+        seen = tailer.tokens()
+        wait_for(lambda: tailer.tokens() > seen + 20, 60, "tokens from the new owner")
         a.kill(signal.SIGCONT)  # it wakes mid-step, with tokens to publish and items to save
         assert job.wait(90) is JobStatus.SUCCEEDED
         tailer.join(30)
