@@ -1,9 +1,9 @@
 """Chat formats: how a conversation becomes token ids, and where a reply ends.
 
 - `chatml`: `<|im_start|>role\\ncontent<|im_end|>\\n` with real special ids; a reply ends at
-  `<|im_end|>`.
+  `<|im_end|>`, or at `<|im_start|>` when the model opens the next turn without closing its own.
 - `legacy`: `Human: ...\\nAssistant: ...\\n`, plain text; a reply ends where the model starts the
-  next `Human:` turn.
+  next turn, `Human:` or `Assistant:`, on a line of its own.
 Content always goes through `Tokenizer.encode` (encode_ordinary): only this template inserts
 special ids, so user text can never switch roles.
 """
@@ -116,5 +116,8 @@ def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict], *, 
 
 
 def stop_strings(fmt: ChatFormat) -> tuple[str, ...]:
-    """Text that ends a reply in this format (ChatML ends on a special id instead)."""
-    return ("\nHuman:",) if fmt is ChatFormat.LEGACY else ()
+    """Text that ends a reply in this format: the start of a next turn (ChatML ends on special ids
+    instead, Tokenizer.stop_ids)."""
+    if fmt is ChatFormat.LEGACY:
+        return tuple(f"\n{name}:" for name in LEGACY_NAMES.values())
+    return ()

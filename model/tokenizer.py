@@ -175,8 +175,10 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Special ids that end a generation: <|endoftext|>, and <|im_end|> under ChatML."""
-        return frozenset(i for i in (self.eot_id, self.im_end_id) if i is not None)
+        """Special ids that end a generation: <|endoftext|>, and under ChatML <|im_end|> and
+        <|im_start|> (a model that opens the next turn without closing its own has ended its reply;
+        masking the id out instead made it spell the next role's name as text)."""
+        return frozenset(i for i in (self.eot_id, self.im_end_id, self.im_start_id) if i is not None)
 
     def special_ids(self) -> frozenset[int]:
         return frozenset(self.encoding._special_tokens.values())
@@ -185,7 +187,7 @@ class Tokenizer:
         """Ids below vocab_size that generation may yield: ordinary tokens and the stop ids.
 
         Excluded: padding ids of a rounded-up vocab, holes in the ranks, and special ids this
-        format does not use (FIM tokens, <|im_start|>).
+        format does not use (FIM tokens, <|endofprompt|>; <|im_start|> and <|im_end|> outside ChatML).
         """
         specials = self.special_ids()
         allowed = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gencli.model.chat import ChatFormat, render
+from gencli.model.chat import ChatFormat, render, stop_strings
 from gencli.model.checkpoint import vocab_for
 from gencli.model.engine import generate
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
+from gencli.model.textstream import TextStream
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0)
 
@@ -124,6 +125,28 @@ def test_stop_id_finishes_with_stop(make_gpt, forced, loaded_for, tok_chatml, to
         assert s.text == "" and s.ids == []
 
 
+def test_a_chatml_reply_ends_where_the_model_opens_the_next_turn(make_gpt, forced, loaded_for, tok_chatml):
+    """A ChatML model that opens the next turn (<|im_start|>) without closing its own has ended its
+    reply there: finish_reason stop, and no role name spelled out as text after it."""
+    (well,) = tok_chatml.encode(" well")
+    model = forced(make_gpt(vocab_for(tok_chatml), block_size=64), {well: 5.0, tok_chatml.im_start_id: 4.0})
+    tg = TextGenerator(loaded_for(model, tok_chatml, ChatFormat.CHATML))
+    prompt = tg.encode([{"role": "user", "content": "hi"}], chat=True)
+    streams = tg.generate([prompt] * 8, SamplingParams(max_tokens=40, temperature=1.0, top_k=2), seeds=list(range(8)))
+    for s in streams:
+        assert s.finish_reason == "stop"
+        assert s.ids == [well] * len(s.ids) and s.text == " well" * len(s.ids)
+    assert any(s.ids for s in streams)  # some replies say something before they end
+
+
+@pytest.mark.parametrize("turn", ["Human", "Assistant"])
+def test_a_legacy_reply_ends_where_the_model_starts_the_next_turn(tok_legacy, turn):
+    stream = TextStream(tok_legacy, stop=stop_strings(ChatFormat.LEGACY), stop_ids=tok_legacy.stop_ids)
+    shown = "".join(stream.feed(i) for i in tok_legacy.encode(f" sure thing\n{turn}: and more"))
+    assert stream.finished and stream.finish_reason == "stop"
+    assert shown == stream.text == " sure thing"
+
+
 def test_cancel_returns_held_text(make_gpt, forced, loaded_for, tok_chatml):
     a = tok_chatml.encode("a")
     assert len(a) == 1
@@ -152,8 +175,9 @@ def test_never_generates_an_undecodable_id(make_gpt, forced, loaded_for, tok_cha
     vocab = vocab_for(tok_chatml)
     decodable = set(tok_chatml.decodable_ids(vocab))
     bad = [i for i in range(vocab) if i not in decodable]
-    # Padding ids, holes, FIM tokens, <|im_start|>, <|endofprompt|>.
-    assert {100258, 100259, 100260, 100264, 100276, vocab - 1} <= set(bad)
+    # Padding ids, holes, FIM tokens, <|endofprompt|> (<|im_start|> ends a reply, as <|im_end|> does).
+    assert {100258, 100259, 100260, 100276, vocab - 1} <= set(bad)
+    assert {tok_chatml.im_start_id, tok_chatml.im_end_id} <= tok_chatml.stop_ids <= decodable
     # Make the undecodable ids the likeliest by far, a few ordinary ids next.
     ordinary = tok_chatml.encode(" the cat sat on a mat")
     model = forced(make_gpt(vocab, block_size=256), {**{i: 20.0 for i in bad}, **{i: 8.0 for i in ordinary}})

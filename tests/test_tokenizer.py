@@ -34,7 +34,7 @@ def gpt2_like() -> tiktoken.Encoding:
 def test_cl100k_chatml_ids(tok_chatml, tok_legacy):
     assert tok_chatml.spec_name == "cl100k_base"
     assert (tok_chatml.im_start_id, tok_chatml.im_end_id, tok_chatml.eot_id) == (100264, 100265, 100257)
-    assert tok_chatml.stop_ids == {100257, 100265}
+    assert tok_chatml.stop_ids == {100257, 100264, 100265}  # <|endoftext|>, <|im_start|>, <|im_end|>
     assert tok_chatml.max_used_id == 100265
     assert tok_legacy.im_start_id is None and tok_legacy.im_end_id is None
     assert tok_legacy.eot_id == 100257
@@ -173,7 +173,7 @@ def test_render_legacy(tok_legacy):
     ]
     text = tok_legacy.decode(render(tok_legacy, ChatFormat.LEGACY, convo))
     assert text == "Be kind.\nHuman: hi\nAssistant: hello\nHuman: bye\nAssistant:"
-    assert stop_strings(ChatFormat.LEGACY) == ("\nHuman:",)
+    assert stop_strings(ChatFormat.LEGACY) == ("\nHuman:", "\nAssistant:")
     assert stop_strings(ChatFormat.CHATML) == ()
 
 
@@ -200,10 +200,10 @@ def test_chat_format_and_message_checks():
 def test_decodable_ids(tok_chatml, tok_legacy):
     vocab = vocab_for(tok_chatml)
     ok = set(tok_chatml.decodable_ids(vocab))
-    assert {0, 15339, 100255, 100257, 100265} <= ok  # ordinary, <|endoftext|>, <|im_end|>
-    assert not ok & {100256, 100258, 100259, 100260, 100261, 100263, 100264, 100276}  # holes, FIM, im_start
+    assert {0, 15339, 100255, 100257, 100264, 100265} <= ok  # ordinary, <|endoftext|>, <|im_start|>, <|im_end|>
+    assert not ok & {100256, 100258, 100259, 100260, 100261, 100263, 100276}  # holes, FIM, <|endofprompt|>
     assert not ok & set(range(100277, vocab))  # padding
-    assert len(ok) == 100256 + 2  # the ordinary ids 0..100255 plus the two stop ids
+    assert len(ok) == 100256 + 3  # the ordinary ids 0..100255 plus the three stop ids
     legacy = set(tok_legacy.decodable_ids(vocab))
     assert 100257 in legacy and 100265 not in legacy and 100264 not in legacy
     assert tok_chatml.decodable_ids(1000) == list(range(1000))
