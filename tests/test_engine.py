@@ -323,8 +323,10 @@ def test_non_finite_temperature_is_rejected(temperature):
         SamplingParams(temperature=temperature)
 
 
-def test_valid_edge_params_accepted():
-    SamplingParams(max_tokens=1, temperature=0, top_p=1.0, top_k=1)
+def test_valid_edge_params_accepted(gpt):
+    p = SamplingParams(max_tokens=1, temperature=0, top_p=1.0, top_k=1)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k) == (1, 0, 1.0, 1)
+    assert [len(o) for o in generate(gpt, PROMPTS, p)] == [1] * len(PROMPTS)  # and they run
 
 
 def test_empty_prompt_and_seed_count_refused(gpt):

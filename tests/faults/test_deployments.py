@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -36,6 +35,7 @@ class Deployment:
         self.vars = {"GENCLI_HOME": str(tmp / name), "GENCLI_REDIS_URL": redis_url,
                      "GENCLI_DB_URL": f"sqlite:///{tmp / name / 'store.db'}", "GENCLI_LEASE_SECONDS": "3"}
         self.tmp = tmp
+        (tmp / name).mkdir()
         self.procs: list[subprocess.Popen] = []
 
     def use(self, monkeypatch) -> Client:
@@ -93,7 +93,12 @@ def test_two_deployments_on_one_redis_neither_takes_drops_nor_lists_the_others(s
     bob = b.use(monkeypatch)
     assert bob.keys.namespace != a_keys.namespace  # two stores, two namespaces, no setting needed
     waiting = bob.submit(["bob's prompt"], model="tiny", max_tokens=5, temperature=0)
-    time.sleep(3)  # alice's worker serves a queue named like bob's: it must not see his job
+    # alice's worker serves a queue named like bob's: it must not see his job. A job of alice's
+    # submitted after his runs, so her worker has taken from its queue since his job was queued.
+    alice = a.use(monkeypatch)
+    later = alice.submit(["alice's first prompt"], model="tiny", max_tokens=5, temperature=0)
+    assert later.wait(60) is JobStatus.SUCCEEDED
+    bob = b.use(monkeypatch)
     assert waiting.status is JobStatus.QUEUED
     out = CliRunner().invoke(main, ["status"])
     assert "workers (0)" in out.output and "1 queued job(s)" in out.output, out.output

@@ -25,6 +25,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 PROMPTS = [f"story number {n}:" for n in range(4)]
 
 
+def _checkpointed(client, job_id: str) -> int:
+    """Ids the store holds of the job's lines: their checkpoints, and the outputs of those ended."""
+    return sum(len(it.ids or []) for it in client.store.items(job_id))
+
+
 def test_redis_flushed_while_a_job_runs_then_its_worker_dies_the_next_resumes_from_the_store(env, tiny, client):
     model = f"tiny-flush-{env['id']}"
     a = start_worker(env, tiny, f"flushed-{env['id']}@test", "--model-name", model, "--batch_size", "1")
@@ -37,7 +42,8 @@ def test_redis_flushed_while_a_job_runs_then_its_worker_dies_the_next_resumes_fr
         env["redis"].client().flushall()  # the log's head, the queue, the worker's message: all gone
         wait_for(lambda: len(read_log(env["redis"].client(), env["keys"], job.id)) > 20, 30,
                  "tokens logged after the flush")
-        time.sleep(0.5)  # a checkpoint or two after the flush
+        checkpointed = _checkpointed(client, job.id)
+        wait_for(lambda: _checkpointed(client, job.id) > checkpointed, 30, "a checkpoint after the flush")
         a.kill(signal.SIGKILL)
         b = start_worker(env, tiny, f"resumer-{env['id']}@test", "--model-name", model, "--batch_size", "1")
         assert job.wait(90) is JobStatus.SUCCEEDED, job.record().error_message
@@ -88,7 +94,7 @@ def test_redis_down_longer_than_the_lease_costs_a_live_worker_nothing(env, tiny,
         job = client.submit(PROMPTS, model=model, max_tokens=240, temperature=0)
         wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
         owner = job.record().worker
-        time.sleep(0.5)
+        wait_for(lambda: _checkpointed(client, job.id) > 0, 30, "the job's first checkpoint")
         server.proc.kill()
         server.proc.wait(10)
         lease = float(env["vars"]["GENCLI_LEASE_SECONDS"])
@@ -116,9 +122,10 @@ def test_a_worker_whose_redis_is_gone_stops_within_seconds_on_sigterm(env, tiny)
     w = start_worker(env, tiny, f"leaving-{env['id']}@test", "--model-name", f"tiny-leaving-{env['id']}")
     server = env["redis"]
     try:
+        logged = len(w.log.read_text())
         server.proc.kill()
         server.proc.wait(10)
-        time.sleep(2)  # its consumer is reconnecting now
+        wait_for(lambda: "Cannot connect to" in w.log.read_text()[logged:], 30, "its consumer to be reconnecting")
         t0 = time.monotonic()
         w.kill(signal.SIGTERM)
         w.proc.wait(30)
