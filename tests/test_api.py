@@ -282,6 +282,34 @@ def test_openai_refusals(oai, client, kwargs, status, needle):
     assert oai.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0, logprobs=None)
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.mark.parametrize("kind, kwargs, param, message", [
+    ("completions", {"prompt": [1, 2, 3]}, "prompt",
+     "prompt: token-id prompts are not supported yet: give the prompt as text"),
+    ("completions", {"prompt": [[1, 2], [3]]}, "prompt",
+     "prompt: token-id prompts are not supported yet: give the prompt as text"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, IMAGE]}]},
+     "messages[0].content[1]", ("messages[0].content[1]: 'image_url' content parts (images, audio, files) are not "
+                                "supported: gencli's models read text only")),
+    ("completions", {"prompt": ["Hi", "there"], "stop": [""]}, "stop",
+     "stop: an empty stop string is not allowed (it would end every choice at once): leave it out"),
+    ("chat", {"stop": ""}, "stop",
+     "stop: an empty stop string is not allowed (it would end every choice at once): leave it out"),
+])
+def test_openai_refusals_of_what_gencli_lacks_name_the_field(oai, client, kind, kwargs, param, message):
+    before = jobs_recorded(client)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        if kind == "chat":
+            oai.chat.completions.create(**{"model": "tiny", "max_tokens": 2,
+                                           "messages": [{"role": "user", "content": "Hi"}]} | kwargs)
+        else:
+            oai.completions.create(model="tiny", max_tokens=2, **kwargs)
+    assert e.value.param == param and e.value.body["message"] == message and e.value.type == "invalid_request_error"
+    assert jobs_recorded(client) == before
+
+
 def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(api, client):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 110,
             "stream": True, "temperature": 0}

@@ -71,22 +71,26 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str | int | list[int]] = Field(description="text, or a list of texts (token ids, as OpenAI "
+                                                                  "also takes, are refused by name)")
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """A content part: {"type": "text", "text": ...}. The other types (image_url, input_audio,
+    file, ...) are typed loosely so that each is refused by name (see prompts_of)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     name: str | None = None
 
 
@@ -117,13 +121,32 @@ def _seeds(seed: int | None, count: int) -> list[int]:
 def prompts_of(body: CompletionRequest | ChatRequest) -> list:
     """The request's prompts: a completion's texts, or a chat's one conversation (as gencli's messages)."""
     if isinstance(body, ChatRequest):
-        return [[{"role": "system" if m.role == "developer" else m.role,
-                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                 for m in body.messages]]
+        return [[{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content, i)}
+                 for i, m in enumerate(body.messages)]]
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not all(isinstance(p, str) for p in prompts):
+        raise APIError(422, "prompt: token-id prompts are not supported yet: give the prompt as text", param="prompt",
+                       code="unsupported_parameter")
     if not prompts or any(not p.strip() for p in prompts):
         raise APIError(422, "prompt is empty: give some text", param="prompt")
     return prompts
+
+
+def _text_of(content: str | list[ContentPart], i: int) -> str:
+    """A message's text: its content, or its text parts joined; any other part is refused by name."""
+    if isinstance(content, str):
+        return content
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        if part.type != "text":
+            raise APIError(422, f"{where}: {part.type!r} content parts (images, audio, files) are not supported: "
+                                "gencli's models read text only", param=where, code="unsupported_content")
+        if part.text is None:
+            raise APIError(422, f"{where}.text: required", param=f"{where}.text")
+        if part.model_extra:
+            field = f"{where}.{next(iter(part.model_extra))}"
+            raise APIError(422, f"{field}: unknown field: remove it", param=field)
+    return "".join(part.text for part in content)
 
 
 def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = None,
@@ -137,6 +160,9 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and len(stop) > MAX_STOP:
         raise APIError(422, f"stop takes up to {MAX_STOP} strings, got {len(stop)}", param="stop")
+    if stop is not None and "" in stop:
+        raise APIError(422, "stop: an empty stop string is not allowed (it would end every choice at once): leave it "
+                            "out", param="stop")
     if isinstance(body, ChatRequest):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
