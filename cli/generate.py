@@ -2,11 +2,13 @@
 
 Ctrl-C stops the sequences decoding now and keeps (and saves) what they made, and the prompts
 still waiting go on; a second Ctrl-C stops them all too, and exits with code 130, as does Ctrl-C
-at the interactive prompt.
+at the interactive prompt. An interactive line that is not UTF-8 is refused with one message, and
+the chat goes on.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from gencli.model.params import SamplingParams, check_overrides, default_max_tok
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
 from gencli.worker.prompts import PromptItem, read_prompts
+from gencli.worker.unicode import invalid_at, what_is_wrong
 
 
 @dataclass
@@ -209,6 +212,8 @@ def _encode(gen: TextGenerator, item: PromptItem, *, chat: bool, max_tokens: int
 def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
     """The interactive chat; returns the exit code."""
     history = _setup_readline()
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches the check below, as in the
+        sys.stdin.reconfigure(errors="surrogateescape")  # C locale, rather than raising inside input()
     gen = runner.gen
     messages: list[dict] = []
     turn = 0
@@ -223,6 +228,9 @@ def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
             except EOFError:
                 click.echo("")
                 return 0
+            if (at := invalid_at(line)) is not None:
+                click.secho(f"error: {what_is_wrong(line, at)} (the line was not sent)", err=True, fg="red")
+                continue
             _remember(history, line)
             text = line.strip()
             if not text:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import click
 
 from gencli.model.params import DEFAULTS, DTYPES, SamplingParams
+from gencli.worker.unicode import invalid_at, what_is_wrong
 
 
 def _apply(options):
@@ -85,6 +86,9 @@ sampling_options = _apply(
 def _stops(value: tuple[str, ...]) -> tuple[str, ...]:
     if any(s == "" for s in value):
         raise click.BadParameter("a stop string cannot be empty (it would end every line at once)")
+    for s in value:
+        if (at := invalid_at(s)) is not None:  # argv: a byte 0xff arrives as U+DCFF
+            raise click.BadParameter(what_is_wrong(s, at))
     return value
 
 

@@ -164,6 +164,118 @@ def test_bad_bodies_and_unknown_things(api):
     assert r.status_code in (404, 422)
 
 
+# --- text that is not valid Unicode: refused, never recorded ----------------------------------------
+
+LONE = "abc\ud83c"  # what the JSON text "abc\ud83c" decodes to: a lone surrogate at character 3
+WHY = "a lone surrogate (U+D83C) at character 3 is not valid Unicode: send UTF-8 text"
+
+
+def as_json(body) -> bytes:
+    """body as JSON text with its lone surrogates as \\u escapes, as curl sends them (httpx's and
+    openai's own encoders cannot encode such a str at all)."""
+    return json.dumps(body).encode()
+
+
+def queued(env, model: str) -> int:
+    """Messages on a model's queue, every priority's list."""
+    broker = env["redis"].client()
+    return sum(broker.llen(k) for k in env["keys"].queue_lists(f"gen.{model}"))
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/completions", {"prompt": LONE}, "prompt"),
+    ("/completions", {"prompt": ["fine", LONE]}, "prompt[1]"),
+    ("/completions", {"prompt": "fine", "stop": ["ok", LONE]}, "stop[1]"),
+    ("/completions", {"prompt": "fine", "user": LONE}, "user"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("/chat/completions", {"messages": [{"role": "system", "content": "hi"}, {"role": "user", "content": [
+        {"type": "text", "text": "fine"}, {"type": "text", "text": LONE}]}]}, "messages[1].content[1].text"),
+])
+def test_a_lone_surrogate_in_an_openai_request_is_a_422_naming_the_field(oai, env, client, route, body, param):
+    before, waiting = jobs_recorded(client), queued(env, "tiny")
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # the openai client, sending the JSON text as given
+        oai.post(route, cast_to=object, content=as_json({"model": "tiny", "max_tokens": 2, **body}))
+    assert e.value.param == param and e.value.code == "invalid_text" and e.value.type == "invalid_request_error"
+    assert e.value.body["message"] == f"{param}: {WHY}"
+    assert jobs_recorded(client) == before and queued(env, "tiny") == waiting
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": LONE}, "prompt", None),
+    ({"prompts": ["fine", {"prompt": "fine", "custom_id": LONE}]}, "prompts[1].custom_id", None),
+    ({"prompts": [{"messages": [{"role": "user", "content": LONE}]}]}, "prompts[0].messages[0].content", None),
+    ({"prompt": "fine", "stop": LONE}, "stop", None),
+    ({"prompt": "fine", LONE: 1}, None, f"a key: {WHY}"),
+])
+def test_a_lone_surrogate_in_a_native_job_is_a_422_and_nothing_is_recorded_or_queued(api, env, client, body, param,
+                                                                                     message):
+    model = f"nobody-{env['id']}"  # no worker takes its messages: one that was queued would stay there
+    before = jobs_recorded(client)
+    r = httpx.post(api.url + "/v1/jobs", content=as_json({"model": model, **body}),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = error_of(r)
+    assert err["param"] == param and err["code"] == "invalid_text"
+    assert err["message"] == (message or f"{param}: {WHY}")
+    assert jobs_recorded(client) == before and queued(env, model) == 0
+
+
+def test_a_nul_is_refused_in_a_body_a_query_and_a_path_on_either_store(api, env, client):
+    """PostgreSQL's text cannot hold U+0000 (a 500 there, once): refused alike on both stores."""
+    model = f"nobody-{env['id']}"
+    before = jobs_recorded(client)
+    nul = "a NUL character (U+0000) at character 3 is not taken: remove it"
+    for method, path, kwargs, param in [
+        ("POST", "/v1/jobs", {"json": {"model": model, "prompt": "abc\x00"}}, "prompt"),
+        ("GET", "/v1/files", {"params": {"purpose": "abc\x00"}}, "purpose"),
+        ("GET", "/v1/files/abc%00", {}, "file_id"),
+    ]:
+        r = httpx.request(method, api.url + path, **kwargs)
+        assert r.status_code == 422, r.text
+        assert error_of(r)["param"] == param and error_of(r)["message"] == f"{param}: {nul}"
+    assert jobs_recorded(client) == before and queued(env, model) == 0
+
+
+def test_a_body_that_is_not_utf8_is_a_422_and_records_nothing(api, env, client):
+    before = jobs_recorded(client)
+    for route in ("/v1/jobs", "/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(api.url + route, content=b'{"model": "tiny", "prompt": "abc\xff"}',
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert error_of(r)["message"] == "the body is not valid UTF-8 (byte 0xff at byte 32): send UTF-8 JSON"
+    assert jobs_recorded(client) == before
+
+
+def test_a_batch_with_text_that_is_not_valid_unicode_is_refused_with_its_line(oai, api, env, client, tmp_path):
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    lone = {**good, "custom_id": "b", "body": {**good["body"], "messages": [{"role": "user", "content": LONE}]}}
+    files = {
+        "escape": (as_json(good) + b"\n" + as_json(lone) + b"\n",
+                   f"input file line 2: body.messages[0].content: {WHY}"),
+        "bytes": (as_json(good) + b'\n{"custom_id": "c", "body": "abc\xff"}\n',
+                  "input file line 2: not valid UTF-8 (byte 0xff at character 31): save the file as UTF-8"),
+        "custom_id": (as_json(good) + b"\n" + as_json({**good, "custom_id": LONE}) + b"\n",
+                      f"input file line 2: custom_id: {WHY}"),
+    }
+    for name, (content, message) in files.items():
+        f = oai.files.create(file=(f"{name}.jsonl", content), purpose="batch")
+        before, waiting = jobs_recorded(client), queued(env, "tiny")
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert e.value.body["message"] == message and e.value.param == "input_file_id", name
+        assert e.value.code == "invalid_batch_line"
+        assert jobs_recorded(client) == before and queued(env, "tiny") == waiting
+
+    f = oai.files.create(file=("good.jsonl", as_json(good) + b"\n"), purpose="batch")  # the metadata too
+    before = jobs_recorded(client)
+    r = httpx.post(api.url + "/v1/batches", headers={"content-type": "application/json"}, content=as_json(
+        {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
+         "metadata": {"who": LONE}}))
+    assert r.status_code == 422 and error_of(r)["param"] == "metadata.who", r.text
+    assert jobs_recorded(client) == before
+
+
 def test_the_sse_stream_resumes_with_last_event_id_and_replays_after_the_end(api, client):
     job = httpx.post(api.url + "/v1/jobs", json={"model": "tiny", "prompt": "A long story", "max_tokens": 100,
                                                  "temperature": 0}).json()

@@ -264,6 +264,25 @@ def test_interactive_chat_keeps_history_and_saves_exchanges(model_dir, home, tmp
     assert "hello there" in history and "third" in history
 
 
+def test_text_that_is_not_utf8_is_refused_by_generate_and_the_interactive_chat_goes_on(model_dir, home, tmp_path):
+    # a real process: Python decodes the argument with surrogateescape, so the byte 0xff arrives as U+DCFF
+    env = {**os.environ, "GENCLI_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "gencli.cli", "generate", "--model", model_dir, b"abc\xff"], env=env,
+                       capture_output=True, timeout=60, check=False)
+    assert r.returncode == 1
+    assert r.stderr == b"Error: --prompt: not valid UTF-8 (byte 0xff at character 3): give UTF-8 text\n"
+
+    out = tmp_path / "chats"
+    r = gen(model_dir, "--interactive", "--max_tokens", "3", "--temperature", "0", "--out", str(out),
+            input=b"abc\xffdef\nhello\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("error: not valid UTF-8 (byte 0xff at character 3): give UTF-8 text (the line was not "
+                          "sent)\n") == 1 and "Traceback" not in r.output
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]  # the next line was answered
+    assert record["prompt"] == [{"role": "user", "content": "hello"}]
+    assert "abc" not in (home / "history").read_text()
+
+
 def test_init_model_writes_a_loadable_model(tmp_path):
     r = run("init-model", str(tmp_path / "m"), "--chat-format", "legacy")
     assert r.exit_code == 0, r.output

@@ -20,6 +20,7 @@ from services import child_env, start_worker
 from tailing import reference, wait_for
 
 from gencli.cli.main import main
+from gencli.model.errors import GencliError
 from gencli.storage.db import JobStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
@@ -173,6 +174,52 @@ def test_a_custom_id_used_twice_is_refused_by_submit_and_generate(client, tiny, 
         assert r.exit_code == 1, r.output
         assert "dup.jsonl:3: custom_id 'a' is used again (first on line 1)" in r.output
     assert len(client.store.list_jobs(limit=1000)) == before
+
+
+def test_text_that_is_not_valid_unicode_is_refused_by_submit_in_one_line_and_queues_nothing(env, client, tmp_path):
+    """Real processes, as a shell runs them: Python decodes an argument that is not UTF-8 with
+    surrogateescape (the byte 0xff arrives as U+DCFF), which CliRunner would not reproduce."""
+    model = f"nobody-{env['id']}"  # no worker takes its messages: one that was queued would stay there
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"prompt": "fine"}\n{"messages": [{"role": "user", "content": "abc\\ud83c"}]}\n')
+    surrogate = "a lone surrogate (U+D83C) at character 3 is not valid Unicode: send UTF-8 text"
+    cases = [
+        ([b"--prompt", b"abc\xff"], None, 1,
+         "Error: --prompt: not valid UTF-8 (byte 0xff at character 3): give UTF-8 text"),
+        ([b"--prompt", b"fine", b"--prompt", b"\xfe"], None, 1,
+         "Error: --prompt 2: not valid UTF-8 (byte 0xfe at character 0): give UTF-8 text"),
+        ([b"--prompt", b"fine", b"--idempotency-key", b"key-\xff"], None, 1,
+         "Error: idempotency_key: not valid UTF-8 (byte 0xff at character 4): give UTF-8 text"),
+        ([b"--prompt_file", str(lone).encode()], None, 1, f"Error: {lone}:2: messages[0].content: {surrogate}"),
+        ([b"--prompt_file", b"-"], b"fine\nabc\xff\n", 1,
+         "Error: <stdin>:2: not UTF-8 text (byte 0xff at character 3); save the file as UTF-8"),
+        ([b"--prompt", b"fine", b"--stop", b"\xfe"], None, 2,
+         "Error: Invalid value for '--stop': not valid UTF-8 (byte 0xfe at character 0): give UTF-8 text"),
+    ]
+    before = len(client.store.list_jobs(limit=10_000))
+    for args, stdin, status, message in cases:
+        r = subprocess.run([sys.executable, "-m", "gencli.cli", "submit", "--model", model, *args], input=stdin or b"",
+                           env=child_env(env["vars"]), capture_output=True, timeout=60, check=False)
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode == status and "Traceback" not in err, (args, err)
+        assert err.strip().splitlines()[-1] == message, (args, err)
+        assert status != 1 or err.count("\n") == 1, err  # (a usage error adds click's usage lines)
+    assert len(client.store.list_jobs(limit=10_000)) == before
+    broker = env["redis"].client()
+    assert sum(broker.llen(k) for k in env["keys"].queue_lists(f"gen.{model}")) == 0
+
+    # the submit library holds its callers to the same: a str from JSON or os.fsdecode, say
+    for call, message in [
+        (lambda: client.submit(["fine", "abc\ud83c"], model=model), f"prompts[1]: {surrogate}"),
+        (lambda: client.submit([[{"role": "user", "content": "abc\udcff"}]], model=model, chat=True),
+         "prompts[0][0].content: not valid UTF-8 (byte 0xff at character 3): give UTF-8 text"),
+        (lambda: client.submit(["fine"], model=model, stop=["abc\ud83c"]), f"stop[0]: {surrogate}"),
+        (lambda: client.submit(["fine"], model=model, meta={"user": "abc\ud83c"}), f"meta.user: {surrogate}"),
+    ]:
+        with pytest.raises(GencliError) as e:
+            call()
+        assert str(e.value) == message
+    assert len(client.store.list_jobs(limit=10_000)) == before
 
 
 def test_submit_to_a_model_no_worker_serves_warns_or_with_wait_for_worker_fails(client, worker):

@@ -6,7 +6,8 @@
         print(delta.text, end="")
     job.result()
 
-Everything is validated before anything is recorded or enqueued; a job that cannot be
+Everything is validated before anything is recorded or enqueued, text as valid Unicode among it
+(worker/unicode.py: a str holding a lone surrogate or a NUL is refused, naming where); a job that cannot be
 enqueued (Redis down) is removed from the store again, so nothing is half-recorded.
 """
 
@@ -35,6 +36,7 @@ from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url, shown_url
 from gencli.worker.stream import Publisher, follow
+from gencli.worker.unicode import check_json, check_text
 
 
 @lru_cache(maxsize=8)
@@ -123,6 +125,7 @@ class Client:
         if not 0 <= priority <= 9:
             raise GencliError(f"priority must be 0..9 (higher runs first), got {priority}")
         params = check_sampling({k: v for k, v in sampling.items() if v is not None or k == "seed"})
+        check_json({"idempotency_key": idempotency_key, "stop": params["stop"], "meta": meta}, from_bytes=True)
         items = [self._item(p, n) for n, p in enumerate(prompts, start=1)]
         if not items:
             raise GencliError("no prompts to submit")
@@ -172,12 +175,15 @@ class Client:
         if isinstance(p, PromptItem):
             where = p.where if p.where is not None else f"line {p.line}: "
             params = check_overrides(p.extra, where) if p.extra else None
+            check_json({"messages" if p.is_chat else "prompt": p.prompt, "custom_id": p.custom_id, **(params or {})},
+                       where=where, from_bytes=True)
             return {"prompt": p.prompt, "line": p.line, "custom_id": p.custom_id, "params": params, "where": where}
         if isinstance(p, str):
             if not p.strip():
                 raise GencliError(f"prompt {n} is empty")
         elif not isinstance(p, list):
             raise GencliError(f"prompt {n} must be text or a list of chat messages")
+        check_json(p, f"prompts[{n - 1}]", from_bytes=True)
         return {"prompt": p, "line": n}
 
     def submit_prep(self, spec, *, force: bool = False, priority: int = 0, idempotency_key: str | None = None) -> Job:
@@ -256,6 +262,7 @@ class Client:
                   since: datetime | None = None) -> list:
         """Newest first; `after`: the last job id of the page before. `query`: jobs whose prompts or
         outputs hold every word of it; `since`: created since then (naive: UTC)."""
+        check_json({"query": query, "model": model, "after": after}, from_bytes=True)
         try:
             return self.store.list_jobs(status=status, model=model, kind=kind, limit=limit, after=after,
                                         query=query, since=since)
@@ -291,6 +298,7 @@ class Client:
 
     # --- following and controlling -------------------------------------------------------
     def job(self, job_id: str) -> Job:
+        check_text(job_id, "job id")
         found = self.store.get_job(job_id)
         if found is None:
             if len(job_id) >= 6 and self.store.prefix_matches(job_id) > 1:

@@ -5,7 +5,10 @@ A prompt file is UTF-8 text (`-` reads standard input):
 - with `--each-line`, every non-blank line is a prompt;
 - a `.jsonl` file holds one JSON object per non-blank line, `{"prompt": "..."}` or
   `{"messages": [{"role": ..., "content": ...}]}`, with an optional `"custom_id"`.
-Every problem names the file and line, and is found before anything is generated.
+Every problem names the file and line, and is found before anything is generated. Text that is
+not valid Unicode is refused, never replaced (worker/unicode.py): a byte that is not UTF-8, in a
+file or in a --prompt, or a JSONL string whose `\\ud83c` escape leaves a lone surrogate (or whose
+`\\u0000` leaves a NUL, which PostgreSQL's text cannot hold).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from gencli.model.chat import check_messages
 from gencli.model.errors import GencliError
+from gencli.worker.unicode import check_json, check_text, utf8_position
 
 
 @dataclass
@@ -47,13 +51,14 @@ def read_text(path: str) -> tuple[str, str]:
             raise GencliError(f"{name}: no such prompt file") from None
         except OSError as e:
             raise GencliError(f"{name}: cannot read: {e.strerror}") from None
-    if isinstance(data, str):
-        return name, data
+    if isinstance(data, str):  # a stdin without bytes (decoded already, perhaps with surrogateescape)
+        return name, check_text(data, name)
     try:
         return name, data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise GencliError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+        line, at = utf8_position(data, e)
+        raise GencliError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at character {at}); save the "
+                          "file as UTF-8") from None
 
 
 def read_prompts(prompts: tuple[str, ...] | list[str], prompt_file: str | None, *,
@@ -61,9 +66,10 @@ def read_prompts(prompts: tuple[str, ...] | list[str], prompt_file: str | None, 
     """The prompts of `generate` and `submit` alike: the --prompt texts, or the prompt file's."""
     if prompt_file is not None:
         return read_prompt_file(prompt_file, each_line=each_line)
-    for p in prompts:
+    for n, p in enumerate(prompts, start=1):
         if not p.strip():
             raise GencliError("empty --prompt: give some text")
+        check_text(p, "--prompt" if len(prompts) == 1 else f"--prompt {n}")  # argv: a byte 0xff is U+DCFF here
     return [PromptItem(prompt=p, line=n) for n, p in enumerate(prompts, start=1)]
 
 
@@ -92,6 +98,7 @@ def parse_jsonl(name: str, text: str) -> list[PromptItem]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise GencliError(f"{name}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        check_json(obj, where=f"{name}:{n}: ")
         items.append(prompt_line(obj, n, f"{name}:{n}: ", first_line))
     if not items:
         raise GencliError(f"{name} holds no prompts")

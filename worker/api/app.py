@@ -2,7 +2,10 @@
 
 Before any route runs, two pieces of middleware answer on their own: a bearer token, when one is
 configured, is required everywhere but /healthz (401), and a body over the size limit gets 413
-before it is read whole. Every error, the routes' and the framework's, leaves in OpenAI's shape
+before it is read whole. Text must be valid Unicode, on every route: a JSON body of bytes that are
+not UTF-8, or a string (a key too) of the body, the query or the path that holds a lone surrogate
+(from a `\\ud83c` escape) or a NUL, gets 422 naming the first, before the route's fields are
+checked (valid_text). Every error, the routes' and the framework's, leaves in OpenAI's shape
 (errors.py); an unexpected one is logged with its traceback and answered 500 without it.
 """
 
@@ -13,7 +16,7 @@ import logging
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +26,7 @@ from gencli.model.errors import GencliError
 from gencli.worker.api.errors import APIError, from_domain
 from gencli.worker.api.metrics import Metrics, Timing
 from gencli.worker.client import Client
+from gencli.worker.unicode import check_json
 
 log = logging.getLogger("gencli.api")
 
@@ -108,6 +112,31 @@ def _one_line(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+async def valid_text(request: Request) -> None:
+    """InvalidText (422) for a path, query or JSON body that holds a string, or a key, that gencli
+    refuses (worker/unicode.py). A dependency of every route, so it runs after FastAPI parsed the
+    body and before the route's model checks it: no route, and no error message, sees such a string."""
+    check_json(request.path_params)
+    for name, value in request.query_params.multi_items():
+        check_json({name: value})
+    if "json" not in request.headers.get("content-type", ""):
+        return
+    try:
+        body = await request.json()  # what FastAPI parsed for the route (the request keeps it)
+    except ValueError:
+        return  # not JSON: a route that takes a body has said so already; one that takes none ignores it
+    check_json(body)
+
+
+def _not_utf8(e: StarletteHTTPException) -> APIError | None:
+    """FastAPI's 400 "error parsing the body" when the cause is bytes that are not UTF-8, said so."""
+    cause = e.__cause__
+    if not isinstance(cause, UnicodeDecodeError):
+        return None
+    return APIError(422, f"the body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at byte {cause.start}): "
+                         "send UTF-8 JSON", code="invalid_text")
+
+
 def create_app(client: Client | None = None, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The app over `client` (default: one on this process's settings)."""
     from gencli.worker.api import batches, completions, jobs
@@ -117,7 +146,7 @@ def create_app(client: Client | None = None, *, token: str | None = None, max_bo
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         yield
 
-    app = FastAPI(title="gencli", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="gencli", version=__version__, lifespan=lifespan, dependencies=[Depends(valid_text)],
                   description="Durable text generation: gencli's jobs, OpenAI's completions, chat and Batch API.")
     app.state.client = client or Client()
     app.state.metrics = Metrics(app.state.client)
@@ -144,6 +173,8 @@ def create_app(client: Client | None = None, *, token: str | None = None, max_bo
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
+        if (not_utf8 := _not_utf8(e)) is not None:
+            return not_utf8.response()
         what = {404: f"no route {request.url.path}: see /docs", 405: f"{request.method} is not allowed on "
                 f"{request.url.path}"}.get(e.status_code, str(e.detail))
         return APIError(e.status_code, what, code={404: "not_found"}.get(e.status_code)).response()

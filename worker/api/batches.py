@@ -27,6 +27,7 @@ from gencli.worker.api.completions import ChatRequest, CompletionRequest, Shape,
 from gencli.worker.api.errors import APIError
 from gencli.worker.api.jobs import client_of
 from gencli.worker.client import Client, Job, JobNotFound
+from gencli.worker.unicode import check_json, utf8_position
 
 router = APIRouter(tags=["batch"])
 
@@ -141,8 +142,11 @@ def parse_batch(content: bytes, endpoint: str) -> tuple[str, list]:
     """(model, items) of an input file, every line checked; APIError naming the first bad line."""
     try:
         text = content.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise APIError(422, "the input file is not UTF-8 text", param="input_file_id") from None
+    except UnicodeDecodeError as e:
+        line, at = utf8_position(content, e)
+        raise APIError(422, f"input file line {line}: not valid UTF-8 (byte 0x{content[e.start]:02x} at character "
+                            f"{at}): save the file as UTF-8", param="input_file_id",
+                       code="invalid_batch_line") from None
     request_type = ENDPOINTS[endpoint]
     items, seen, model = [], {}, None
     for n, line in enumerate(text.splitlines(), start=1):
@@ -150,6 +154,7 @@ def parse_batch(content: bytes, endpoint: str) -> tuple[str, list]:
             continue
         try:
             obj = json.loads(line)
+            check_json(obj)  # a "\ud83c" escape decodes to a lone surrogate, "\u0000" to a NUL
             if not isinstance(obj, dict):
                 raise APIError(422, 'each line must be a JSON object {"custom_id", "method", "url", "body"}')
             custom_id = obj.get("custom_id")

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.worker.client import JobNotFound, JobStateError, QueueFull, RedisUnavailable
+from gencli.worker.unicode import InvalidText
 
 
 class APIError(Exception):
@@ -35,6 +36,8 @@ def from_domain(e: GencliError) -> APIError:
         return APIError(404, msg, code="not_found")
     if isinstance(e, JobStateError):
         return APIError(409, msg, code="conflict")
+    if isinstance(e, InvalidText):
+        return APIError(422, msg, param=e.param, code="invalid_text")
     if isinstance(e, ContextOverflowError):
         return APIError(422, msg, param="max_tokens", code="context_length_exceeded")
     return APIError(422, msg)
