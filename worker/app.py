@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from typing import TYPE_CHECKING
 
 import redis
@@ -48,8 +49,13 @@ def broker_priority(priority: int) -> int:
     return 9 - max(0, min(9, priority))
 
 
+_CELERY_IMPORT = threading.Lock()
+
+
 def make_app(settings: Settings, redis_url: str, keys: Keys) -> Celery:
-    from celery import Celery  # here, not at import: `gencli submit --help` needs no Celery
+    with _CELERY_IMPORT:  # celery's package builds its names lazily, and two threads importing it at once
+        # can see it half made ("cannot import name 'Celery'": the API server's first concurrent submits)
+        from celery import Celery  # here, not at import: `gencli submit --help` needs no Celery
 
     from gencli.worker import broker
 
