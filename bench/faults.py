@@ -288,8 +288,9 @@ class Faults:
     """
 
     def __init__(self, *, store, redis_server: PrivateRedis, r: redis.Redis, workers: list[Worker], total: int,
-                 submitted: threading.Event):
+                 submitted: threading.Event, plan: tuple[tuple[str, float], ...] = PLAN):
         self.store, self.redis_server, self.r, self.workers = store, redis_server, r, workers
+        self.plan = plan
         self.total, self.submitted = total, submitted
         self.ended = threading.Event()  # every job has ended: nothing left to fault
         self.abort = threading.Event()  # the run is over: stop following recoveries too
@@ -299,7 +300,7 @@ class Faults:
         self.faults: list[Fault] = []
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._one, args=(kind, share), daemon=True, name=f"fault-{kind}")
-                        for kind, share in PLAN]
+                        for kind, share in plan]
 
     def start(self) -> None:
         for t in self.threads:
@@ -317,7 +318,7 @@ class Faults:
             t.join(30)
 
     def injected(self) -> list[Fault]:
-        order = [kind for kind, _ in PLAN]
+        order = [kind for kind, _ in self.plan]
         return sorted(self.faults, key=lambda f: order.index(f.kind))
 
     def _one(self, kind: str, share: float) -> None:

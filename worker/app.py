@@ -27,6 +27,10 @@ PREP_QUEUE = "prep"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+class BrokerUnavailable(GencliError):
+    """Redis did not take a job's message (its cause is the connection error)."""
+
+
 def check_model_name(name: str) -> str:
     if not _NAME.match(name or ""):
         raise GencliError(
@@ -100,13 +104,15 @@ def send_job(app: Celery, r: redis.Redis, keys: Keys, job_id: str, *, kind: str,
     "sent" mark set first. A claim removes the mark; a job the store has had queued for a while
     without one lost its message to a Redis that restarted empty, and a worker sends it again
     (serve._resend_lost). Marked first, a message that is sent always has its mark."""
+    from kombu.exceptions import OperationalError  # kombu's type for the connection errors it meets
+
     r.set(keys.sent(job_id), 1, ex=SENT_TTL)
     task, queue = (PREP_TASK, PREP_QUEUE) if kind == "prep" else (GENERATE_TASK, queue_for(model))
     try:
         app.send_task(task, args=[job_id], queue=queue, priority=broker_priority(priority))
-    except Exception:
+    except (OperationalError, redis.RedisError, OSError) as e:
         try:  # not sent: no mark either, so a resend is not held off
             r.delete(keys.sent(job_id))
         except redis.RedisError:
             pass
-        raise
+        raise BrokerUnavailable(f"the message of job {job_id} was not sent: {type(e).__name__}: {e}") from e

@@ -17,14 +17,17 @@ way (it would meet the same AttributeError, in the consumer's loop). For gencli 
 either way: the job runs on under its store lease; a Redis that restarted empty holds no message
 to restore or ack; a message Redis kept comes back after the visibility timeout and is refused,
 its job having ended (a claim takes a job once); a queued job whose message is gone is sent again
-by a worker (worker/serve.py's `_resend_lost`). On a clean shutdown the transport is whole and
-the messages go back on their queues as before.
+by a worker (worker/serve.py's `_resend_lost`). An ack that meets Redis away before the
+connection is torn down is dropped the same way, with a warning (Celery logged it as CRITICAL,
+with a traceback). On a clean shutdown the transport is whole and the messages go back on their
+queues as before.
 """
 
 from __future__ import annotations
 
 import logging
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -50,7 +53,12 @@ class QoS(kombu_redis.QoS):
         if self._orphaned():  # a message of a connection since lost: nothing to tell Redis through it
             self._delivered.pop(delivery_tag, None)
             return
-        super().ack(delivery_tag)
+        try:
+            super().ack(delivery_tag)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:  # Redis away at that moment
+            self._delivered.pop(delivery_tag, None)
+            log.warning("could not ack a finished job's message (%s: %s): if Redis kept it, it comes back after the "
+                        "visibility timeout and is refused", type(e).__name__, e)
 
     def reject(self, delivery_tag, requeue=False):
         if self._orphaned():

@@ -30,7 +30,7 @@ from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
-from gencli.worker.app import check_model_name, make_app, send_job
+from gencli.worker.app import BrokerUnavailable, check_model_name, make_app, send_job
 from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
@@ -60,6 +60,9 @@ class JobNotFound(GencliError):
 
 class JobStateError(GencliError):
     """The job's state does not allow it: cancelling a finished job, retrying a running one (HTTP 409)."""
+
+
+WORKERS_BACK_WITHIN = 5.0  # seconds after Redis (re)starts by which live workers have beaten (every 2 s)
 
 
 def keys_for(settings: Settings, store) -> Keys:
@@ -146,10 +149,10 @@ class Client:
         if created:
             try:
                 self._enqueue(record.id, record.model, record.priority, record.kind)
-            except Exception as e:  # kombu wraps connection errors in its own types
+            except (redis.RedisError, OSError, BrokerUnavailable) as e:
                 self.store.delete_job(record.id)
-                raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): "
-                                       "nothing was submitted") from None
+                raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} "
+                                       f"({type(e.__cause__ or e).__name__}): nothing was submitted") from None
         return Job(self, record.id)
 
     def _check_bound(self, model: str, idempotency_key: str | None) -> None:
@@ -235,6 +238,21 @@ class Client:
         for w in self.live_workers():
             if w.get("model"):
                 served[w["model"]] = served.get(w["model"], 0) + 1
+        return served
+
+    def served_models_after_a_restart(self, model: str) -> dict[str, int]:
+        """served_models(), but right after a Redis restart (which takes every heartbeat with it)
+        waited on until `model` is among them or the workers have had time to beat again: a live
+        worker is not reported gone for the seconds its next heartbeat takes."""
+        served = self.served_models()
+        try:
+            up = float(self.redis.info("server")["uptime_in_seconds"])
+        except (redis.RedisError, OSError, KeyError, ValueError):
+            return served
+        deadline = time.monotonic() + max(0.0, WORKERS_BACK_WITHIN - up)
+        while model not in served and time.monotonic() < deadline:
+            time.sleep(0.1)
+            served = self.served_models()
         return served
 
     def _check_context(self, model: str, items: list[dict], params: dict, *, chat: bool, truncate: bool) -> None:

@@ -164,7 +164,7 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
     for ln in p.lines:
         ids = gen.fit(gen.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
         prompts.append(ids)
-        params.append(_as_far_as_it_went(ln))
+        params.append(as_far_as_it_went(ln))
     streams = gen.generate(prompts, params, seeds=[ln.seed for ln in p.lines], stop=[ln.stop for ln in p.lines],
                            slots=min(slots, len(p.lines)))
     for ln, s in zip(p.lines, streams, strict=True):
@@ -179,7 +179,7 @@ def run_queued(job, p: Plan, *, timeout: float | None = None):
     record = job.record()
     items = []
     for ln in p.lines:
-        sp = _as_far_as_it_went(ln)
+        sp = as_far_as_it_went(ln)
         extra = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
                  "seed": ln.seed, "stop": list(ln.stop)}
         items.append(PromptItem(ln.prompt, ln.line, ln.custom_id, extra))
@@ -197,7 +197,7 @@ def run_queued(job, p: Plan, *, timeout: float | None = None):
     return replay, got.device or done.final_device or "-", got.dtype or "-"
 
 
-def _as_far_as_it_went(ln: Line) -> SamplingParams:
+def as_far_as_it_went(ln: Line) -> SamplingParams:
     """A cancelled line is re-run for the tokens it made; the others with their own budget."""
     if ln.finish_reason != "cancelled":
         return ln.params

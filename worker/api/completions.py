@@ -183,7 +183,7 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
 
 
 def check_served(client: Client, model: str) -> None:
-    served = client.served_models()
+    served = client.served_models_after_a_restart(model)
     if model not in served:
         listed = ", ".join(sorted(served)) or "none"
         raise APIError(404, f"model {model!r} is not served by any live worker (served now: {listed}): start one "
