@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import click
@@ -114,6 +115,15 @@ def tail(ctx, job_id, line, after, cancel_on_interrupt):
     ctx.exit(_tail(_client(), job_id, line=line, after=after, cancel_on_interrupt=cancel_on_interrupt))
 
 
+def _watched(job, after: int):
+    """job.watch(), without the library's NoWorkerWarning (tail says it its own way, above)."""
+    from gencli.worker.client import NoWorkerWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoWorkerWarning)
+        return job.watch(after)
+
+
 def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_on_interrupt: bool) -> int:
     job = client.job(job_id)
     record = job.record()
@@ -135,7 +145,7 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
     status = None
     gaps = False
     try:
-        for d in job.watch(after):
+        for d in _watched(job, after):
             if isinstance(d, StreamDelta):
                 if d.item not in pos:
                     continue
@@ -148,6 +158,8 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
             if kind == "item" and d["i"] in pos:
                 click.secho(f"[{_label(items[pos[d['i']]])}: {d['error']}]", err=True, fg="red")
                 printer.feed(pos[d["i"]], "", True)
+            elif kind == "from_store":
+                click.secho(f"[{d['why']}]", err=True, fg="yellow")
             elif kind == "gap" and not gaps:
                 gaps = True
                 click.secho(f"\n[the stream of job {job.id} lost events in Redis (restarted, flushed or trimmed): "
@@ -191,9 +203,14 @@ def prep_summary(result: dict) -> str:
 
 def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
+    said = False
     while not client.live_workers(queue):
         if time.monotonic() >= deadline:
             return False
+        if not said:
+            click.secho(f"[no live worker serves {queue} yet: waiting up to {seconds:g} s for one]", err=True,
+                        fg="yellow")
+            said = True
         time.sleep(0.2)
     return True
 

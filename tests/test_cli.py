@@ -325,8 +325,8 @@ def test_ctrl_c_keeps_partial_output_and_second_ctrl_c_exits_130(tmp_path, home)
 def test_ctrl_c_at_the_interactive_prompt_exits_130(model_dir, home):
     p = _spawn(["generate", "--model", model_dir, "--interactive"], home)
     try:
-        assert b"Chatting" in p.stderr.readline()  # the loop is waiting at its prompt
-        time.sleep(0.2)
+        assert b"Chatting" in p.stderr.readline()
+        assert p.stdout.read(2) == b"> "  # the loop is waiting at its prompt
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=30) == 130
     finally:

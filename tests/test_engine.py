@@ -17,7 +17,7 @@ PROMPTS = [[5, 9, 200], [1, 2, 3, 4, 5, 6, 7], [300, 17, 42, 8, 99, 100, 101, 10
 
 @pytest.fixture
 def gpt(make_gpt):
-    return make_gpt(VOCAB, seed=0)
+    return make_gpt(VOCAB, seed=0, widen=False)  # near-ties: where company could flip a choice
 
 
 def greedy(n):
@@ -447,7 +447,7 @@ def test_a_row_computes_bit_for_bit_what_it_computes_alone(make_gpt):
     one-id row runs as two (a one-row product rounds apart from a product of two or more)."""
     from gencli.model.cache import SlotBatch
 
-    gpt = make_gpt(VOCAB, seed=4, block_size=128)
+    gpt = make_gpt(VOCAB, seed=4, block_size=128, widen=False)
     prompt = [(5 * i + 3) % VOCAB for i in range(21)]
     others = [[(7 * i + 1) % VOCAB for i in range(n)] for n in (3, 40, 64)]
 
@@ -479,9 +479,9 @@ def test_a_row_computes_bit_for_bit_what_it_computes_alone(make_gpt):
 
 def test_greedy_and_seeded_outputs_do_not_depend_on_company(make_gpt):
     """Many prompts of mixed lengths and parameters joining an engine at different steps: each output
-    is, id for id, its output alone (on a small random model, whose near-ties a rounding difference
-    would flip)."""
-    gpt = make_gpt(VOCAB, seed=5, block_size=128)
+    is, id for id, its output alone (on a small model of GPT-2's init, whose near-ties a rounding
+    difference would flip)."""
+    gpt = make_gpt(VOCAB, seed=5, block_size=128, widen=False)
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(24):

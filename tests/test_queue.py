@@ -75,6 +75,16 @@ def test_late_tailer_sees_everything_once_and_resumes_from_a_sequence_number(cli
     assert text == alone(tiny, PROMPTS[1:2], 10)[0]
 
 
+def test_following_a_job_that_no_live_worker_serves_warns_and_ends_when_it_is_cancelled(client):
+    from gencli.worker.client import NoWorkerWarning
+
+    job = client.submit(["waits"], model="tiny-unserved", max_tokens=2)
+    with pytest.warns(NoWorkerWarning, match="no live worker serves model tiny-unserved yet"):
+        deltas = job.stream()  # warned when called, as submit warns
+    assert job.cancel() is JobStatus.CANCELLED
+    assert list(deltas) == []  # it ends with the job, never having run
+
+
 def test_idempotency_key_gives_the_same_job(client, worker):
     before = len(client.store.list_jobs(limit=10_000))
     a = client.submit(["same"], model="tiny", max_tokens=3, idempotency_key="key-1")

@@ -241,7 +241,7 @@ def test_ctrl_c_during_submit_exits_130_without_a_traceback_and_queues_nothing(e
                           "--wait-for-worker", "60"], env=child_env(env["vars"]), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     try:
-        time.sleep(2.0)  # waiting for a worker that never comes
+        assert b"waiting up to 60 s" in p.stderr.readline()  # waiting for a worker that never comes
         p.send_signal(signal.SIGINT)
         assert p.wait(30) == 130
     finally:

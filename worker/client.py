@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import datetime
 from functools import lru_cache
@@ -30,12 +31,12 @@ from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
-from gencli.worker.app import BrokerUnavailable, check_model_name, make_app, send_job
+from gencli.worker.app import BrokerUnavailable, check_model_name, make_app, queue_for, send_job
 from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url, shown_url
-from gencli.worker.stream import Publisher, follow
+from gencli.worker.stream import Publisher, end_event, follow
 from gencli.worker.unicode import check_json, check_text
 
 
@@ -52,6 +53,10 @@ class QueueFull(GencliError):
     """The model's queue holds GENCLI_MAX_QUEUED jobs already: nothing was submitted (HTTP 429)."""
 
     retry_after = 5  # seconds a client should wait before it asks again
+
+
+class NoWorkerWarning(UserWarning):
+    """A job waits for a worker that no live process is: nothing will run it until one starts."""
 
 
 class JobNotFound(GencliError):
@@ -209,6 +214,13 @@ class Client:
                                    "nothing was submitted") from None
         return json.loads(raw) if raw else None
 
+    def redis_answers(self) -> bool:
+        try:
+            self.require_redis("")
+        except RedisUnavailable:
+            return False
+        return True
+
     def require_redis(self, why: str) -> None:
         """RedisUnavailable (saying why it is needed) unless Redis answers."""
         try:
@@ -354,7 +366,20 @@ class Job:
     def watch(self, after: int = 0) -> Iterator[StreamDelta | dict]:
         """The job as a reader should show it: text as StreamDelta (folded: retries, resumes and
         lost events handled, see worker/fold.py), the other events ("start", "item", "progress",
-        "end") as they come. When the job has ended, every item's text equals the store's."""
+        "end") as they come. When the job has ended, every item's text equals the store's: a job
+        that has ended while Redis does not answer is shown from the store at once (a
+        {"t": "from_store", "why"} event first). Warns here, when called (NoWorkerWarning), if the
+        job is queued and no live worker serves its model: it waits for one."""
+        record = self.record()
+        if JobStatus(record.status).done and not self.client.redis_answers():
+            return self._from_store(record, after)
+        if record.status == JobStatus.QUEUED.value and record.kind == "generate" and \
+                not self.client.live_workers(queue_for(record.model)):
+            warnings.warn(f"no live worker serves model {record.model} yet: job {self.id} waits for one (start one "
+                          f"with gencli worker --model PATH --model-name {record.model})", NoWorkerWarning, stacklevel=2)
+        return self._followed(after)
+
+    def _followed(self, after: int) -> Iterator[StreamDelta | dict]:
         fold = StreamFold(from_start=after == 0)
         seq = after
         for e in self.events(after):
@@ -366,11 +391,17 @@ class Job:
         if self.status.done:
             yield from fold.settle([(it.idx, it.output, it.finish_reason) for it in self.items()], seq)
 
+    def _from_store(self, record, after: int) -> Iterator[StreamDelta | dict]:
+        yield {"t": "from_store", "why": f"Redis at {self.client.shown_redis_url} does not answer: the job's text "
+                                         "is shown from the store"}
+        for it in self.items():
+            yield StreamDelta(after, it.idx, it.output or "", it.finish_reason, restart=True, note="from the store")
+        yield end_event(record.status, record.error_message)
+
     def stream(self, after: int = 0) -> Iterator[StreamDelta]:
-        """The job's text as it is made: deltas in order, each once, also when attached late."""
-        for d in self.watch(after):
-            if isinstance(d, StreamDelta):
-                yield d
+        """The job's text as it is made: deltas in order, each once, also when attached late (warns
+        as watch() does, when called)."""
+        return (d for d in self.watch(after) if isinstance(d, StreamDelta))
 
     def texts(self, after: int = 0) -> dict[int, str]:
         """Follow to the end; each item's text as the stream showed it (restarts applied)."""

@@ -27,7 +27,7 @@ from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
 from gencli.worker.keys import Keys
-from gencli.worker.stream import Publisher, StreamRefused
+from gencli.worker.stream import Publisher, StreamRefused, end_event
 
 if TYPE_CHECKING:
     from gencli.worker.batcher import Batcher
@@ -205,10 +205,6 @@ class WorkerContext:
                     {"job": job_id, "worker": self.worker_name, "store": store, "at": time.time()}))
         except redis.RedisError as e:  # the store has the job's end; tailers read it from there
             log.error("job %s: %s, and Redis did not take it (%s: %s)", job_id, claim.reason, type(e).__name__, e)
-
-
-def end_event(status: str, error: str | None = None) -> dict:
-    return {"t": "end", "status": status, "error": error}
 
 
 def error_fields(e: BaseException, stats: dict | None = None) -> dict:

@@ -37,10 +37,9 @@ from gencli.worker.context import (
     RunningJob,
     TimeLimitExceeded,
     WorkerContext,
-    end_event,
     error_fields,
 )
-from gencli.worker.stream import read_log, whole
+from gencli.worker.stream import end_event, read_log, whole
 
 log = logging.getLogger("gencli.worker")
 WATCH_EVERY = 0.25  # seconds between a job's looks at its soft time limit (flags set elsewhere wake it at once)

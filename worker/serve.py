@@ -45,9 +45,10 @@ from gencli.worker.app import (
     send_job,
 )
 from gencli.worker.client import keys_for
-from gencli.worker.context import WorkerContext, end_event
+from gencli.worker.context import WorkerContext
 from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
+from gencli.worker.stream import end_event
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0

@@ -122,6 +122,11 @@ class Publisher:
         self.seq = first + len(events) - 1
 
 
+def end_event(status: str, error: str | None = None) -> dict:
+    """A job's last event: how it ended."""
+    return {"t": "end", "status": status, "error": error}
+
+
 def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
                  exists: tuple[str, ...] = ()) -> tuple[list[StreamRefused | None], list[bool]]:
     """Publish several jobs' events in one Redis round trip (a pipeline of each job's guarded

@@ -246,3 +246,23 @@ def test_a_redis_that_refuses_writes_fails_the_running_job_instead_of_leaving_it
     finally:
         r.config_set("maxmemory", "0")
         w.stop()
+
+
+def test_tail_of_an_ended_job_with_redis_down_prints_it_from_the_store_with_a_note(env, tiny, client, worker):
+    job = client.submit(["a line to read back", "and another"], model="tiny", max_tokens=12, temperature=0)
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    stored = [x["output"] for x in job.result()]
+    server = env["redis"]
+    server.proc.kill()
+    server.proc.wait(10)
+    try:
+        t0 = time.monotonic()
+        r = CliRunner().invoke(main, ["tail", job.id])
+        assert time.monotonic() - t0 < 10  # at once, not after a follower's reconnect window
+        assert r.exit_code == 0, r.output
+        assert "does not answer: the job's text is shown from the store" in r.stderr
+        assert all(text in r.stdout for text in stored), r.stdout
+        assert "Traceback" not in r.output
+    finally:
+        server.start()
+        worker.wait_ready(server.client(), timeout=60)

@@ -6,13 +6,14 @@ import uuid
 from contextlib import ExitStack
 
 import pytest
-from services import RedisServer, Worker, pg_schema, start_worker
+from services import RedisServer, Worker, pg_schema, start_api, start_worker
 from tailing import Tailer, reference, wait_for
 
 from gencli.model.checkpoint import create_model
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import get_settings
 from gencli.worker.client import Client
+from gencli.worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -117,4 +118,27 @@ def test_a_worker_holding_a_job_rides_out_a_redis_outage_and_serves_the_next_job
         assert after.wait(60) is JobStatus.SUCCEEDED
         assert after.record().worker == "outage@test" and worker.alive()
     finally:
+        worker.stop()
+
+
+def test_right_after_a_redis_restart_the_api_waits_for_the_workers_to_beat_again(private):
+    """A Redis that restarts empty takes every worker's heartbeat with it, for up to a heartbeat;
+    a request for a served model meanwhile is answered once they beat again, not refused with
+    404 "not served by any live worker"."""
+    import openai
+
+    model = str(create_model(private["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base",
+                             chat_format="chatml", seed=3))
+    worker = start_worker(private, model, "beats@test", "--model-name", "tiny-beats")
+    api = start_api(private)
+    try:
+        oai = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        private["redis"].restart(down_seconds=0.2)
+        assert not private["redis"].client().exists(Keys(private["vars"]["GENCLI_NAMESPACE"]).worker("beats@test"))
+        done = oai.completions.create(model="tiny-beats", prompt="hello", max_tokens=4, temperature=0)
+        assert done.choices[0].finish_reason in ("length", "stop")
+        with pytest.raises(openai.NotFoundError):  # a model nobody serves is still refused
+            oai.completions.create(model="tiny-nobody", prompt="hello", max_tokens=4)
+    finally:
+        api.stop()
         worker.stop()
