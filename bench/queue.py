@@ -153,7 +153,7 @@ def measure_floor(env: BenchEnv, *, round_trips: int, backlog: int, pubsub_msgs:
     from gencli.worker.stream import Publisher
 
     p = Publisher(pub, env.keys, "bench-publisher", owner="bench", ttl=600)
-    p.claim({"t": "start", "worker": "bench", "device": "cpu", "attempt": 1})
+    p.claim({"t": "start", "worker": "bench", "device": "cpu", "attempt": 1}, attempt=1)
     n = publishes // 2
     t0 = time.perf_counter()
     for _ in range(n):  # guarded: the owner and next-seq check in Redis, as a worker publishes

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -326,7 +327,13 @@ def test_ctrl_c_at_the_interactive_prompt_exits_130(model_dir, home):
     p = _spawn(["generate", "--model", model_dir, "--interactive"], home)
     try:
         assert b"Chatting" in p.stderr.readline()
-        assert p.stdout.read(2) == b"> "  # the loop is waiting at its prompt
+        assert p.stdout.read(2) == b"> "  # the loop is at its prompt...
+        # ...and blocked reading stdin: a SIGINT that lands between the prompt's write and the read
+        # is only noticed by Python at the next bytecode, which a blocked read never reaches
+        deadline = time.time() + 30
+        while not Path(f"/proc/{p.pid}/wchan").read_text().endswith("pipe_read"):
+            assert time.time() < deadline, "the interactive loop never blocked on its input"
+            time.sleep(0.01)
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=30) == 130
     finally:

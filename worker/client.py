@@ -36,7 +36,7 @@ from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url, shown_url
-from gencli.worker.stream import Publisher, end_event, follow
+from gencli.worker.stream import Publisher, end_event, follow, seq_floor
 from gencli.worker.unicode import check_json, check_text
 
 
@@ -339,7 +339,8 @@ class Client:
     def publish(self, job_id: str, events: list[dict]) -> None:
         """Append events to a job's stream from the submit side (no lease: numbered on from the log)."""
         Publisher(self.redis, self.keys, job_id, owner=None, ttl=self.settings.stream_ttl,
-                  max_events=self.settings.stream_max_events).publish(events)
+                  max_events=self.settings.stream_max_events).publish(
+            events, floor=seq_floor(len(self.store.attempts(job_id)), after=True))
 
 
 class Job:

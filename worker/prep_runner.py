@@ -47,10 +47,11 @@ def _run(ctx: WorkerContext, run: RunningJob) -> str:
     job_id = run.job_id
     job = ctx.store.get_job(job_id)
     provenance = {"kind": "prep", "device": "cpu", "software": software()}
-    if ctx.store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=provenance) is None:
+    attempt = ctx.store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=provenance)
+    if attempt is None:
         log.warning("prep job %s: lease lost to another worker before it started; stopping", job_id)
         return "lease lost"
-    run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": run.attempt})
+    run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": "cpu", "attempt": run.attempt}, attempt=attempt)
     last = 0.0
     t0 = time.perf_counter()
 

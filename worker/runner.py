@@ -101,7 +101,7 @@ class GenerationJob:
             log.warning("job %s: lease lost before it started", job_id)
             return "lease lost"
         start = run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": ctx.device,
-                               "attempt": run.attempt})
+                               "attempt": run.attempt}, attempt=self.attempt)
         earlier = read_log(ctx.redis, ctx.keys, job_id, upto=start - 1)  # no stale publish lands after the claim
         streamed = _streamed_ids(earlier) if whole(earlier, 0, start - 1) else None
         status, error = JobStatus.SUCCEEDED, {}

@@ -39,7 +39,9 @@ class StreamRefused(Exception):
 # Appends events to the log and publishes them, in one atomic step. Modes: "claim" makes owner the
 # stream's owner and numbers on from the log; "owner" publishes only while owner still owns the
 # stream, with the seq numbers the publisher expects (never a number already in the log); "any"
-# (the submit side: a queued job's cancel, a retry's reset) numbers on from the log.
+# (the submit side: a queued job's cancel, a retry's reset) numbers on from the log. A claim or an
+# "any" publish that finds no log at all numbers from ARGV[7] (the floor, see seq_floor), so that a
+# log Redis lost and a new attempt starts again is never numbered below what readers have seen.
 _PUBLISH = """
 local mode, owner = ARGV[1], ARGV[2]
 if mode == 'owner' then
@@ -56,10 +58,12 @@ local first = last + 1
 if mode == 'owner' then
   first = tonumber(ARGV[3])
   if last >= first then return {-2, last} end
+elseif last == 0 then
+  first = math.max(1, tonumber(ARGV[7]))
 end
-for i = 7, #ARGV do
-  local data = '{"seq":' .. (first + i - 7) .. ',' .. string.sub(ARGV[i], 2)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], (first + i - 7) .. '-0', 'e', data)
+for i = 8, #ARGV do
+  local data = '{"seq":' .. (first + i - 8) .. ',' .. string.sub(ARGV[i], 2)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], (first + i - 8) .. '-0', 'e', data)
   redis.call('PUBLISH', KEYS[2], data)
 end
 if tonumber(ARGV[4]) > 0 then
@@ -90,25 +94,28 @@ class Publisher:
         self.seq = 0  # the last number this publisher wrote
         self._script = r.register_script(_PUBLISH)
 
-    def claim(self, event: dict) -> int:
-        """Take the stream for this owner with its first event; its seq (the log's last + 1)."""
-        self._run("claim", [event])
+    def claim(self, event: dict, *, attempt: int) -> int:
+        """Take the stream for this owner with its first event; its seq (the log's last + 1, or
+        where the log is gone, seq_floor(attempt)). attempt: the claim's number among the job's
+        attempts (the store's, counted over retries too)."""
+        self._run("claim", [event], seq_floor(attempt))
         return self.seq
 
-    def publish(self, events: list[dict]) -> None:
+    def publish(self, events: list[dict], *, floor: int = 0) -> None:
+        """floor: where a submit-side publish that finds no log numbers from (see seq_floor)."""
         if events:
-            self._run("owner" if self.owner else "any", events)
+            self._run("owner" if self.owner else "any", events, floor)
 
-    def _run(self, mode: str, events: list[dict]) -> None:
-        self._accept(self._script(**self._call(mode, events)), events)
+    def _run(self, mode: str, events: list[dict], floor: int = 0) -> None:
+        self._accept(self._script(**self._call(mode, events, floor)), events)
 
-    def _call(self, mode: str, events: list[dict]) -> dict:
+    def _call(self, mode: str, events: list[dict], floor: int = 0) -> dict:
         ttl = 0  # the log's TTL is set at a job's start and end only: the log outlives the job by ttl
         if mode == "claim" or any(e["t"] in ("start", "end") for e in events):
             ttl = self.ttl + (0 if events[-1]["t"] == "end" else RUNNING_TTL)
         payload = [json.dumps(e, ensure_ascii=False) for e in events]
         return {"keys": [self.keys.log(self.job_id), self.keys.channel(self.job_id), self.keys.owner(self.job_id)],
-                "args": [mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL,
+                "args": [mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL, floor,
                          *payload]}
 
     def _accept(self, result, events: list[dict]) -> None:
@@ -120,6 +127,21 @@ class Publisher:
         for n, e in enumerate(events):
             e["seq"] = first + n
         self.seq = first + len(events) - 1
+
+
+SEQ_SPAN = 1 << 32  # sequence numbers one attempt's log may use (far more events than any job makes)
+
+
+def seq_floor(attempt: int, *, after: bool = False) -> int:
+    """Where a job's log starts when Redis has lost it (restarted empty, expired, flushed): an
+    attempt's own span, above every number any earlier attempt used. A reader that saw numbers up
+    to N of the lost log then sees a jump (a gap, which it handles), never numbers it takes for
+    ones it has. The first attempt starts at 1. after: the submit side's numbers, once the job's
+    attempt `attempt` has run (a retry's reset, a cancel's end): above that attempt's, below the
+    next's."""
+    if attempt < 1:
+        return 1
+    return attempt * SEQ_SPAN + (SEQ_SPAN // 2 if after else 0) if (attempt > 1 or after) else 1
 
 
 def end_event(status: str, error: str | None = None) -> dict:
@@ -138,7 +160,7 @@ def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
     for tries_left in (1, 0):
         pipe = r.pipeline(transaction=False)
         for pub, events in batch:
-            pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)
+            pub._script(**pub._call("owner" if pub.owner else "any", events), client=pipe)  # (workers: no floor)
         for key in exists:
             pipe.exists(key)
         try:

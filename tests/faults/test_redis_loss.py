@@ -18,7 +18,7 @@ from tailing import Tailer, reference, wait_for
 
 from gencli.cli.main import main
 from gencli.storage.db import JobStatus
-from gencli.worker.stream import Publisher, publish_many, read_log
+from gencli.worker.stream import Publisher, follow, publish_many, read_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
@@ -201,7 +201,7 @@ def test_a_pipeline_whose_script_a_restart_emptied_is_built_again_and_publishes_
     r = env["redis"].client()
     job_id = f"noscript-{env['id']}"
     pub = Publisher(r, env["keys"], job_id, owner="owner-1", ttl=60, max_events=1000)
-    pub.claim({"t": "start", "worker": "w", "device": "cpu", "attempt": 1})
+    pub.claim({"t": "start", "worker": "w", "device": "cpu", "attempt": 1}, attempt=1)
     checked = []
     load_scripts = redis.client.Pipeline.load_scripts
 
@@ -266,3 +266,28 @@ def test_tail_of_an_ended_job_with_redis_down_prints_it_from_the_store_with_a_no
     finally:
         server.start()
         worker.wait_ready(server.client(), timeout=60)
+
+
+def test_a_log_redis_lost_is_numbered_above_what_readers_saw_when_a_new_attempt_starts_it(env):
+    """Redis restarted empty while a reader had events 1..N of a job; the next attempt's claim
+    starts a new log. Numbered from 1 again (as it was), the reader took the new attempt's first N
+    events for ones it had and folded the rest onto its old text: a client of bench.exact saw a
+    line with tokens missing from its middle. Numbered above N, the reader sees a gap, then all."""
+    r = env["redis"].client()
+    job_id = f"relogged-{env['id']}"
+
+    def tok(token: int, text: str) -> dict:
+        return {"t": "tok", "i": 0, "e": 0, "id": token, "text": text, "finish": None}
+
+    first = Publisher(r, env["keys"], job_id, owner="owner-1", ttl=60)
+    first.claim({"t": "start", "worker": "w1", "device": "cpu", "attempt": 1}, attempt=1)
+    first.publish([tok(1, "a"), tok(2, "b"), tok(3, "c")])
+    seen = first.seq  # a reader (an SSE client, a tailer) has every event so far
+    r.flushall()  # as a Redis that restarted empty
+    second = Publisher(r, env["keys"], job_id, owner="owner-2", ttl=60)
+    start = second.claim({"t": "start", "worker": "w2", "device": "cpu", "attempt": 2}, attempt=2)
+    second.publish([{"t": "resync", "items": [{"i": 0, "e": 0, "text": "a"}]}, tok(2, "b"),
+                    {"t": "end", "status": "succeeded", "error": None}])
+    assert start > seen
+    got = list(follow(env["vars"]["GENCLI_REDIS_URL"], env["keys"], job_id, after=seen, is_done=lambda: True))
+    assert [e["t"] for e in got] == ["gap", "start", "resync", "tok", "end"]
