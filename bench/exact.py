@@ -58,13 +58,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -75,17 +72,8 @@ from pathlib import Path
 
 import redis
 
-from bench._services import PG_URL_DEFAULT, PrivateRedis, Proc, child_env, fresh_pg_database, free_port, log
-from bench.faults import (
-    Faults,
-    Worker,
-    check_log,
-    gencli_env,
-    log_notes,
-    status_counts,
-    stop_workers,
-    use_env,
-)
+from bench._services import Proc, child_env, free_port, log
+from bench.faults import Faults, Worker, check_log, deployment, log_notes, status_counts, stop_workers
 
 MODEL = "exact"
 SLOTS = 8
@@ -643,19 +631,7 @@ def run(cfg: Config, result: dict) -> None:
 
     run_id = uuid.uuid4().hex[:8]
     with ExitStack() as stack:
-        tmp = Path(tempfile.mkdtemp(prefix="gencli-bench-exact-"))
-        if os.environ.get("BENCH_KEEP_TMP"):
-            stack.callback(log, f"kept {tmp}")
-        else:
-            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        server = PrivateRedis(tmp)
-        stack.callback(server.stop)
-        if cfg.backend == "sqlite":
-            db_url = f"sqlite:///{tmp / 'store.db'}"
-        else:
-            db_url = stack.enter_context(fresh_pg_database(os.environ.get("GENCLI_TEST_PG_URL") or PG_URL_DEFAULT))
-        gencli_vars = gencli_env(tmp, server.url, db_url, f"exact{run_id}")
-        use_env(stack, gencli_vars)
+        tmp, server, gencli_vars = deployment(stack, cfg.backend, "exact", f"exact{run_id}")
         env = child_env(gencli_vars)
         model_dir = make_model(tmp / MODEL, cfg.seed)
         client = Client(get_settings(), start_redis=False)

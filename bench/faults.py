@@ -617,6 +617,27 @@ def use_env(stack: ExitStack, gencli_vars: dict[str, str]) -> None:
     stack.callback(restore)
 
 
+def deployment(stack: ExitStack, backend: str, name: str, namespace: str) -> tuple[Path, PrivateRedis, dict]:
+    """What a benchmark that breaks things runs on, undone by stack: a temporary directory (kept,
+    logs and all, with BENCH_KEEP_TMP), a redis-server of its own, a store (a SQLite file, or a
+    fresh PostgreSQL database on GENCLI_TEST_PG_URL's server), and this process's GENCLI_*
+    variables set to them: (directory, server, the variables)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"gencli-bench-{name}-"))
+    if os.environ.get("BENCH_KEEP_TMP"):  # keep the logs and the store for a look
+        stack.callback(log, f"kept {tmp}")
+    else:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    server = PrivateRedis(tmp)
+    stack.callback(server.stop)
+    if backend == "sqlite":
+        db_url = f"sqlite:///{tmp / 'store.db'}"
+    else:
+        db_url = stack.enter_context(fresh_pg_database(os.environ.get("GENCLI_TEST_PG_URL") or PG_URL_DEFAULT))
+    gencli_vars = gencli_env(tmp, server.url, db_url, namespace)
+    use_env(stack, gencli_vars)
+    return tmp, server, gencli_vars
+
+
 def run(cfg: Config, result: dict) -> None:
     from gencli.model.checkpoint import create_model
     from gencli.storage.settings import get_settings
@@ -624,19 +645,7 @@ def run(cfg: Config, result: dict) -> None:
 
     run_id = uuid.uuid4().hex[:8]
     with ExitStack() as stack:
-        tmp = Path(tempfile.mkdtemp(prefix="gencli-bench-faults-"))
-        if os.environ.get("BENCH_KEEP_TMP"):  # keep the logs and the store for a look
-            stack.callback(log, f"kept {tmp}")
-        else:
-            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        server = PrivateRedis(tmp)
-        stack.callback(server.stop)
-        if cfg.backend == "sqlite":
-            db_url = f"sqlite:///{tmp / 'store.db'}"
-        else:
-            db_url = stack.enter_context(fresh_pg_database(os.environ.get("GENCLI_TEST_PG_URL") or PG_URL_DEFAULT))
-        gencli_vars = gencli_env(tmp, server.url, db_url, f"bench{run_id}")
-        use_env(stack, gencli_vars)
+        tmp, server, gencli_vars = deployment(stack, cfg.backend, "faults", f"bench{run_id}")
         model_dir = create_model(tmp / "tiny", preset="tiny", tokenizer="cl100k_base", chat_format="chatml", seed=3)
         client = Client(get_settings(), start_redis=False)  # the store is made (migrated) here, before any worker
         stack.callback(client.store.engine.dispose)  # before the database is dropped
