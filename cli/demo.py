@@ -11,6 +11,7 @@ Everything lives under $GENCLI_HOME/demo; the worker this command started is sto
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def prep_step(data: Path) -> None:
         bar.update(done - bar.n)
 
     try:
-        res = prepare(PrepSpec(source="chitchat", out=str(data), format="chatml"), progress=progress)
+        res = prepare(PrepSpec(source="chitchat", out=str(data), format="chatml", loss_mask=True), progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -63,11 +64,18 @@ def prep_step(data: Path) -> None:
 def train_step(data: Path, model: Path, max_iters: int | None) -> None:
     from gencli.model.train import TrainConfig, read_state, reuse_freed_memory, train
 
-    cfg = TrainConfig()
+    # The loss only on the assistant's tokens, as chat models are tuned: trained on every token, a
+    # model this small learns that a turn marker follows a newline, and with <|im_start|> ending a
+    # reply (as it must) most of its replies ended before their first token.
+    cfg = TrainConfig(assistant_only=True)
     if max_iters:
         cfg.max_iters = max_iters
         cfg.eval_interval = min(cfg.eval_interval, max_iters)
     resume = (model / "train_state.pt").exists()
+    if resume and not read_state(model)["config"].get("assistant_only"):  # a demo model of gencli < 0.2.1
+        click.echo(f"[2/4] model {model}: trained on every token by an older gencli; training it again", err=True)
+        shutil.rmtree(model)
+        resume = False
     if resume and read_state(model)["iter_num"] >= cfg.max_iters:
         click.echo(f"[2/4] model {model}: trained already", err=True)
         return

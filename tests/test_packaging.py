@@ -103,3 +103,18 @@ def test_queue_commands_help_loads_no_store_or_celery():
     light = ["submit", "tail", "status", "list", "show", "results", "cancel", "retry", "replay", "prep", "regen",
              "demo"]
     assert _loaded_after([[name, "--help"] for name in light], ("torch", "celery", "sqlalchemy")) == []
+
+
+def test_the_version_has_one_home():
+    """`gencli --version`, the API's and provenance's are pyproject.toml's."""
+    import re
+    from importlib import metadata
+
+    from click.testing import CliRunner
+
+    from gencli import __version__
+    from gencli.cli.main import main
+
+    declared = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert __version__ == metadata.version("gencli") == declared
+    assert CliRunner().invoke(main, ["--version"]).output.strip().endswith(declared)
