@@ -71,12 +71,13 @@ def train_step(data: Path, model: Path, max_iters: int | None) -> None:
     if max_iters:
         cfg.max_iters = max_iters
         cfg.eval_interval = min(cfg.eval_interval, max_iters)
-    resume = (model / "train_state.pt").exists()
-    if resume and not read_state(model)["config"].get("assistant_only"):  # a demo model of gencli < 0.2.1
+    state = read_state(model) if (model / "train_state.pt").exists() else None
+    if state is not None and not state["config"].get("assistant_only"):  # a demo model of gencli < 0.2.1
         click.echo(f"[2/4] model {model}: trained on every token by an older gencli; training it again", err=True)
         shutil.rmtree(model)
-        resume = False
-    if resume and read_state(model)["iter_num"] >= cfg.max_iters:
+        state = None
+    resume = state is not None
+    if resume and state["iter_num"] >= cfg.max_iters:
         click.echo(f"[2/4] model {model}: trained already", err=True)
         return
     click.echo(f"[2/4] training the tiny model on it (a few minutes on 2 CPU cores){' (resuming)' if resume else ''}",
