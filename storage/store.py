@@ -68,6 +68,21 @@ class Claim:
     reason: str = ""  # why not: "done", "leased", "cancelled", "too many deliveries", "missing"
     attempt: int = 0
     run_seconds: float = 0.0  # the job's running time over its earlier attempts
+    cancelled: bool = False  # claimed only to be ended: a cancel came after it started
+
+
+def _total(run_seconds: float | None) -> dict:
+    """The running-time column's new value: the worker's total over all attempts (a total, so a
+    write that was lost costs no time), or unchanged."""
+    return {} if run_seconds is None else {"run_seconds": float(run_seconds)}
+
+
+def _totals(run_seconds: dict[str, float]) -> dict:
+    """_total for several jobs in one UPDATE, by job id."""
+    if not run_seconds:
+        return {"lease_owner": Job.lease_owner}  # a write that changes nothing, to lock the rows
+    return {"run_seconds": case({j: float(r) for j, r in run_seconds.items()}, value=Job.id,
+                                else_=Job.run_seconds)}
 
 
 class StoreOpenError(GencliError):
@@ -419,6 +434,19 @@ class Store:
             ).first()
             if row is not None:
                 return Claim(True, attempt=row.attempts, run_seconds=row.run_seconds or 0.0)
+            # A generation job cancelled after it started (its worker died or was stopped before it
+            # saw the cancel): claimed all the same, so that a worker ends each item with what it
+            # had made, as readers saw it (the store alone cannot: the tokens are in the log).
+            row = s.execute(
+                update(Job)
+                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True), Job.kind == "generate",
+                       Job.started_at.is_not(None))
+                .values(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner,
+                        lease_expires=db_now(lease_seconds), worker=worker, device=device)
+                .returning(Job.attempts, Job.run_seconds)
+            ).first()
+            if row is not None:
+                return Claim(True, attempt=row.attempts, run_seconds=row.run_seconds or 0.0, cancelled=True)
             # Not ours: say why, ending a cancelled job or one over its delivery limit on the way.
             ended = s.execute(
                 update(Job)
@@ -469,13 +497,14 @@ class Store:
         return {r.id: bool(r.cancel_requested) for r in rows}
 
     def checkpoint(self, job_id: str, owner: str, progress: list[tuple[int, int, list[int]]],
-                   run_seconds: float = 0.0) -> bool:
-        """Record each running item's (idx, epoch, ids generated so far) and add run_seconds to the
-        job's running time, only while the lease is ours. A resume starts from here when the
+                   run_seconds: float | None = None) -> bool:
+        """Record each running item's (idx, epoch, ids generated so far) and the job's running time
+        over all its attempts so far (run_seconds, a total, not an increment: a write that is lost
+        or refused loses no time), only while the lease is ours. A resume starts from here when the
         replay log cannot be trusted."""
         return self.checkpoint_many([(job_id, owner, progress, run_seconds)]) == [True]
 
-    def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float]]) -> list[bool]:
+    def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float | None]]) -> list[bool]:
         """checkpoint() for several jobs, (job id, owner, progress, run_seconds) each, in one
         transaction of two statements (a worker holding many jobs writes once, not once per job);
         per job, whether its lease was ours (a job whose lease was not gets nothing written)."""
@@ -487,8 +516,7 @@ class Store:
                 update(Job)
                 .where(Job.id.in_(list(owners)), Job.status == _RUNNING,
                        Job.lease_owner == case(owners, value=Job.id))
-                .values(run_seconds=Job.run_seconds + case({j: float(r) for j, _, _, r in jobs}, value=Job.id,
-                                                           else_=0.0))
+                .values(**_totals({j: r for j, _, _, r in jobs if r is not None}))
                 .returning(Job.id)
             ).all())
             rows = [{"j": job_id, "i": i, "e": e, "v": list(ids)}
@@ -562,8 +590,10 @@ class Store:
             )
         return True
 
-    def finish(self, job_id: str, owner: str, status: JobStatus, *, run_seconds: float = 0.0, **fields) -> bool:
-        """End the job (stats and error fields as keywords), only while the lease is ours.
+    def finish(self, job_id: str, owner: str, status: JobStatus, *, run_seconds: float | None = None,
+               **fields) -> bool:
+        """End the job (stats and error fields as keywords; run_seconds: its running time over all
+        attempts), only while the lease is ours.
 
         Items a cancelled or failed job never reached become cancelled or failed with it, so
         `gencli retry` runs them."""
@@ -572,7 +602,7 @@ class Store:
                 update(Job)
                 .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
                 .values(status=status.value, finished_at=db_now(), lease_owner=None, lease_expires=None,
-                        run_seconds=Job.run_seconds + run_seconds, **fields)
+                        **_total(run_seconds), **fields)
                 .returning(Job.error_message)
             ).first()
             if row is None:
@@ -580,14 +610,14 @@ class Store:
             self._end_items(s, job_id, status, error=row.error_message)
             return True
 
-    def release(self, job_id: str, owner: str, run_seconds: float = 0.0) -> bool:
-        """Give a running job back to the queue (worker shutting down)."""
+    def release(self, job_id: str, owner: str, run_seconds: float | None = None) -> bool:
+        """Give a running job back to the queue (worker shutting down; run_seconds as in finish)."""
         with self.Write.begin() as s:
             return s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
                 .values(status=_QUEUED, lease_owner=None, lease_expires=None, attempts=Job.attempts - 1,
-                        queued_at=db_now(), run_seconds=Job.run_seconds + run_seconds)
+                        queued_at=db_now(), **_total(run_seconds))
             ).rowcount == 1
 
     def take_expired(self) -> list[Job]:
@@ -611,13 +641,13 @@ class Store:
         return status
 
     @staticmethod
-    def _lock_lease(s, job_id: str, owner: str, *, run_seconds: float = 0.0) -> bool:
+    def _lock_lease(s, job_id: str, owner: str) -> bool:
         """Within a write: True when the job is running under owner's lease, and its row is then
         locked until the transaction ends (a takeover waits for this write, then sees it)."""
         return s.execute(
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
-            .values(run_seconds=Job.run_seconds + run_seconds)
+            .values(lease_owner=owner)
         ).rowcount == 1
 
     @staticmethod

@@ -339,13 +339,32 @@ def test_cancel_a_running_job_asks_its_worker(store):
         ("succeeded", "done before the cancel"), ("cancelled", "partial"), ("cancelled", None)]
 
 
-def test_a_cancel_requested_job_is_not_claimed_again(store):
+def test_a_generation_job_cancelled_after_it_started_is_claimed_only_to_be_ended(store):
+    """Its worker died before it saw the cancel: the next claim is ok but says `cancelled`, so that
+    a worker ends each item with what the replay log holds (the store alone has not got it)."""
     job = new_job(store)
     assert claim(store, job.id, "o1", lease=0.01).ok
     store.request_cancel(job.id)
     time.sleep(0.05)  # its worker died before it saw the cancel
     c = claim(store, job.id, "o2")
-    assert not c.ok and c.reason == "cancelled"
+    assert c.ok and c.cancelled and c.attempt == 2
+    rec = store.get_job(job.id)
+    assert (rec.status, rec.lease_owner) == ("running", "o2")
+    assert not claim(store, job.id, "o3").ok  # the lease is o2's now
+    assert save(store, job.id, "o2", 0, "what readers saw", status=ItemStatus.CANCELLED)
+    assert store.finish(job.id, "o2", JobStatus.CANCELLED)
+    assert [(it.status, it.output) for it in store.items(job.id)] == [("cancelled", "what readers saw"),
+                                                                       ("cancelled", None)]
+
+
+def test_a_cancel_requested_dataset_job_is_ended_by_its_claim(store):
+    """A dataset job keeps no partial output: the claim that finds it cancelled ends it in the store."""
+    job = new_job(store, kind="prep")
+    assert claim(store, job.id, "o1", lease=0.01).ok
+    store.request_cancel(job.id)
+    time.sleep(0.05)
+    c = claim(store, job.id, "o2")
+    assert not c.ok and c.reason == "cancelled" and not c.cancelled
     assert store.get_job(job.id).status == "cancelled"
 
 

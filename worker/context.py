@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 import time
 import traceback
 import uuid
@@ -68,20 +67,11 @@ class RunningJob:
     inbox: queue.SimpleQueue | None = None  # the job thread's, where it waits (runner.GenerationJob)
     progress: Callable[[], list[tuple[int, int, list[int]]]] | None = None  # for the lease thread's checkpoints
     _last_check: float = 0.0
-    _last_saved: float = field(default_factory=time.monotonic)
-    _saved_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def elapsed(self) -> float:
-        """The job's running time over all its attempts, this one included."""
+        """The job's running time over all its attempts, this one included: what every store write
+        of it records (a total, so a checkpoint lost to a race with the job's end loses no time)."""
         return self.run_seconds_before + time.monotonic() - self.started
-
-    def unsaved_seconds(self) -> float:
-        """Running time since the last store write that recorded it; resets the count (the job's
-        thread and the lease thread both write it)."""
-        with self._saved_lock:
-            now = time.monotonic()
-            seconds, self._last_saved = now - self._last_saved, now
-            return seconds
 
     def wake(self) -> None:
         """Another thread changed a flag: the job's own thread looks at once (if it waits on an inbox)."""
@@ -174,7 +164,7 @@ class WorkerContext:
             self._not_run(job_id, claim)
             return claim.reason
         run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
-                         run_seconds_before=claim.run_seconds)
+                         run_seconds_before=claim.run_seconds, cancel_seen=claim.cancelled)
         self.running[job_id] = run
         try:
             self.redis.delete(self.keys.sent(job_id))
@@ -183,7 +173,7 @@ class WorkerContext:
             # Redis stayed away longer than the client's retries (about a minute): the job is not
             # failed for it but given back, its progress checkpointed in the store; a worker sends
             # it again once Redis is back (serve._resend_lost) and resumes it from the checkpoint.
-            given_back = self.store.release(job_id, owner, run_seconds=run.unsaved_seconds())
+            given_back = self.store.release(job_id, owner, run_seconds=run.elapsed())
             log.error("job %s: Redis unreachable (%s: %s); %s", job_id, type(e).__name__, e,
                       "given back to the queue" if given_back else "its lease was already lost")
             return "released"

@@ -80,7 +80,7 @@ def _run(ctx: WorkerContext, run: RunningJob) -> str:
     except Exception as e:  # the job fails; the worker lives on
         status, error = JobStatus.FAILED, error_fields(e)
         log.error("prep job %s failed: %s: %s", job_id, type(e).__name__, e)
-    if not ctx.store.finish(job_id, run.owner, status, run_seconds=run.unsaved_seconds(), result=result,
+    if not ctx.store.finish(job_id, run.owner, status, run_seconds=run.elapsed(), result=result,
                             final_device="cpu", **error):
         return "lease lost"
     try:

@@ -12,7 +12,9 @@ handled by resuming items where they were:
 - the worker died: the next worker continues each item from the replay log when the log is
   whole (so a tailer sees no token twice), else from the store's checkpoint, telling tailers
   with a "resync" event; tokens of an item's earlier epoch (before a retry) are never reused;
-- cancel: the running items stop within a step and keep their partial output.
+- cancel: the running items stop within a step and keep their partial output; a job cancelled
+  while its worker was dead or stopped is claimed once more only to end each item with what
+  it had made (Store.claim's `cancelled`), so the store keeps what readers saw.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class GenerationJob:
         t0 = time.perf_counter()
         tokens_before = sum(len(r.stream.ids) for r in runs)
         try:
+            if run.cancel_seen:  # cancelled before this claim (Claim.cancelled) or since: end, do not decode
+                self._end_cancelled(runs)
+                raise JobCancelled()
             self._check_model(job)
             self._decode(runs)
         except JobCancelled:
@@ -138,7 +143,7 @@ class GenerationJob:
                      "error_message": f"{failed_items} of {len(all_items)} items failed: see gencli show {job_id}"}
         made = sum(len(r.stream.ids) for r in runs) - tokens_before
         completion = sum(it.completion_tokens or 0 for it in all_items)
-        if not store.finish(job_id, run.owner, status, run_seconds=run.unsaved_seconds(),
+        if not store.finish(job_id, run.owner, status, run_seconds=run.elapsed(),
                             completion_tokens=completion,
                             tokens_per_s=made / elapsed if elapsed > 0 and made else None, **self.stats, **error):
             return "lease lost"
@@ -211,6 +216,16 @@ class GenerationJob:
                         batcher.stop(self, "cancelled")
         finally:
             run.progress = None  # no checkpoint after this: the items are saved, or the job is stopped
+
+    def _end_cancelled(self, runs: list[ItemRun]) -> None:
+        """End each resumed item as cancelled, with what earlier attempts made of it: the text
+        readers saw (from the log), or the checkpoint they were told to resync to."""
+        if not runs:
+            return
+        self.run.publish([{"t": "tok", "i": r.idx, "e": r.epoch, "id": None, "text": r.stream.finish("cancelled"),
+                           "finish": "cancelled"} for r in runs])
+        for r in runs:
+            self._save(r)
 
     def _check_model(self, job) -> None:
         """A replay job (gencli replay --queue) runs only on the model its original ran on."""

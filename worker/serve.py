@@ -253,7 +253,7 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
     for run in runs:
         log.error("job %s: %s", run.job_id, msg)
         try:
-            if ctx.store.finish(run.job_id, run.owner, JobStatus.FAILED, run_seconds=run.unsaved_seconds(),
+            if ctx.store.finish(run.job_id, run.owner, JobStatus.FAILED, run_seconds=run.elapsed(),
                                 error_class="HardTimeLimitExceeded", error_message=msg,
                                 error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
                 # best effort: the job's own thread may publish the same sequence number first (then
@@ -320,7 +320,7 @@ def _checkpoint(ctx: WorkerContext, runs: list) -> None:
     for run in runs:
         progress = run.progress
         if progress is not None and not run.lease_lost:
-            entries.append((run.job_id, run.owner, progress(), run.unsaved_seconds()))
+            entries.append((run.job_id, run.owner, progress(), run.elapsed()))
             which.append(run)
     if entries:
         for run, ours in zip(which, ctx.store.checkpoint_many(entries), strict=True):

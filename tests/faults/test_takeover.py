@@ -60,6 +60,35 @@ def test_a_worker_stopped_past_its_lease_and_woken_after_a_takeover_writes_nothi
             b.stop()
 
 
+def test_a_job_cancelled_while_its_worker_is_stopped_keeps_what_readers_saw(env, tiny, client):
+    """The cancel reaches neither the stopped worker nor, before the takeover, any other: the heir
+    claims the job only to end it, each line with the tokens the log holds, which readers saw."""
+    model = f"tiny-stopcancel-{env['id']}"
+    a = start_worker(env, tiny, f"frozen-{env['id']}@test", "--model-name", model, "--batch_size", "2")
+    b = None
+    try:
+        job = client.submit(PROMPTS[:2], model=model, max_tokens=240, temperature=0)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: tailer.tokens() > 40, 60, "tokens from the first worker")
+        stop_between_writes(a, client.store, job.id)
+        job.cancel()
+        b = start_worker(env, tiny, f"heir-{env['id']}@test", "--model-name", model, "--batch_size", "2")
+        assert job.wait(60) is JobStatus.CANCELLED
+        tailer.join(30)
+        stored = [x["output"] for x in job.result()]
+        full = reference(tiny, PROMPTS[:2], 240)
+        assert all(stored) and all(f.startswith(s) for s, f in zip(stored, full, strict=True)), stored
+        assert [x["finish_reason"] for x in job.result()] == ["cancelled", "cancelled"]
+        assert tailer.texts(2) == stored and tailer.error is None
+        assert job.record().worker == b.name
+    finally:
+        a.kill(signal.SIGCONT)
+        a.stop()
+        if b:
+            b.stop()
+
+
 def test_a_cancel_recorded_in_the_store_alone_stops_the_job(env, tiny, client, worker):
     """As when Redis lost the cancel flag: the worker reads the store's flag at its lease renewal."""
     # 32 lines on the worker's 8 slots: four waves of 240 tokens, several lease renewals long even
