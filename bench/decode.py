@@ -48,8 +48,9 @@ from pathlib import Path
 
 import torch
 
+from gencli.model.config import GPTConfig
 from gencli.model.engine import generate
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams
 
 THREADS = 2

@@ -103,7 +103,8 @@ def make_model(path: Path, seed: int) -> Path:
 
     from gencli.model.chat import ChatFormat
     from gencli.model.checkpoint import save_model, vocab_for
-    from gencli.model.gpt import GPT, GPTConfig
+    from gencli.model.config import GPTConfig
+    from gencli.model.gpt import GPT
     from gencli.model.tokenizer import Tokenizer, load_encoding
 
     tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)

@@ -21,7 +21,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from gencli.model.gpt import GPTConfig
+from gencli.model.config import GPTConfig
 
 
 class SlotCache:
@@ -38,6 +38,13 @@ class SlotCache:
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
         # On the CPU attention is three plain products (see attend); elsewhere the fused kernel.
         self.plain_attention = torch.device(device).type == "cpu"
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, slots: int, max_len: int | None = None) -> SlotCache:
+        """A cache for a GPT's (model/gpt.py) shape, on its device and in its dtype (max_len: its
+        context). The engine allocates its cache with this; the model never imports the cache."""
+        p = model.lm_head.weight
+        return cls(model.config, slots, max_len or model.config.block_size, device=p.device, dtype=p.dtype)
 
     @property
     def free(self) -> int:

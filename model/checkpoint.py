@@ -25,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gencli.model.chat import ChatFormat
+from gencli.model.config import GPTConfig
 from gencli.model.errors import CheckpointError, DeviceError, GencliError
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.kernels import int8_supported
 from gencli.model.params import DTYPES
 from gencli.model.tokenizer import Tokenizer, load_encoding

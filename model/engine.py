@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gencli.model.cache import SlotBatch
+from gencli.model.cache import SlotBatch, SlotCache
 from gencli.model.errors import InvalidParameterError
 from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams, fit_prompt
@@ -125,7 +125,7 @@ class Engine:
             raise InvalidParameterError("the engine needs at least one slot")
         self.model = model
         self.device = model.lm_head.weight.device
-        self.cache = model.make_cache(slots, max_len)
+        self.cache = SlotCache.for_model(model, slots, max_len)  # the engine allocates it, as nano-vllm's runner does
         self.sampler = Sampler(model.config.vocab_size, allowed_ids, self.device)
         self.scheduler = Scheduler(max_per_group)
         self.prefill_tokens = prefill_tokens

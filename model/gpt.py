@@ -10,7 +10,6 @@ its own first token and it attends only to its own keys, so a row computes what 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,29 +17,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gencli.model import kernels
+from gencli.model.config import GPTConfig
 from gencli.model.loss import IGNORE, linear_cross_entropy
 
 if TYPE_CHECKING:
     from gencli.model.cache import SlotBatch, SlotCache
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest context, in tokens
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # used in training only
-    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class Linear(nn.Linear):
@@ -283,9 +264,3 @@ class GPT(nn.Module):
         take = rows + rows[:1] * (min_rows - len(rows))
         last = x[torch.tensor(take, device=x.device), at.last[take]]  # (b, C)
         return self._head(self.transformer.ln_f(last))[: len(rows)]
-
-    def make_cache(self, slots: int, max_len: int | None = None) -> SlotCache:
-        from gencli.model.cache import SlotCache
-
-        p = self.lm_head.weight
-        return SlotCache(self.config, slots, max_len or self.config.block_size, device=p.device, dtype=p.dtype)

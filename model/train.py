@@ -29,9 +29,10 @@ import torch
 
 from gencli.model.chat import ChatFormat
 from gencli.model.checkpoint import META_FILE, PRESETS, load_model, save_model, vocab_for
+from gencli.model.config import GPTConfig
 from gencli.model.device import resolve_device
 from gencli.model.errors import GencliError
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.loss import IGNORE
 from gencli.model.tokenizer import Tokenizer, load_encoding
 

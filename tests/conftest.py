@@ -20,7 +20,8 @@ from gencli.model.checkpoint import (
     save_model,
     vocab_for,
 )
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.config import GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.settings import get_settings
 from gencli.worker.client import Client

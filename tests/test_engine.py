@@ -393,8 +393,9 @@ def test_allowed_mask_is_never_violated(make_gpt, forced, params):
 def test_slot_rows_logits_match_each_prompt_alone(gpt):
     """The model under the engine: rows in scattered slots at different positions, prefilled in one
     ragged pass and then decoded, give each prompt's own logits (the whole-sequence pass)."""
-    cache = gpt.make_cache(6, 32)
-    from gencli.model.cache import SlotBatch
+    from gencli.model.cache import SlotBatch, SlotCache
+
+    cache = SlotCache.for_model(gpt, 6, 32)
 
     slots = [4, 0, 2, 5]
     with torch.inference_mode():
@@ -445,14 +446,14 @@ def test_a_row_computes_bit_for_bit_what_it_computes_alone(make_gpt):
     close) whether it runs alone or beside rows at other positions, with other prompt chunks and
     in other slots: attention groups rows by their own query count and key bucket, and a lone
     one-id row runs as two (a one-row product rounds apart from a product of two or more)."""
-    from gencli.model.cache import SlotBatch
+    from gencli.model.cache import SlotBatch, SlotCache
 
     gpt = make_gpt(VOCAB, seed=4, block_size=128, widen=False)
     prompt = [(5 * i + 3) % VOCAB for i in range(21)]
     others = [[(7 * i + 1) % VOCAB for i in range(n)] for n in (3, 40, 64)]
 
     def alone_logits():
-        cache = gpt.make_cache(1, 80)
+        cache = SlotCache.for_model(gpt, 1, 80)
         at = SlotBatch([0], [0], [len(prompt)], "cpu")
         first = gpt.forward_cached(torch.tensor([prompt]), cache, at, min_rows=2)
         at = SlotBatch([0, 0], [len(prompt)] * 2, [1, 1], "cpu")  # a lone one-id row, twice
@@ -460,7 +461,7 @@ def test_a_row_computes_bit_for_bit_what_it_computes_alone(make_gpt):
         return first[0], second[0]
 
     def company_logits():
-        cache = gpt.make_cache(6, 128)
+        cache = SlotCache.for_model(gpt, 6, 128)
         rows = [prompt, *others]
         T = max(len(r) for r in rows)
         idx = torch.zeros((len(rows), T), dtype=torch.long)

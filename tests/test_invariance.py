@@ -17,8 +17,9 @@ import random
 import pytest
 import torch
 
+from gencli.model.config import GPTConfig
 from gencli.model.engine import PREFILL_TOKENS, Engine, Sequence, generate
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.kernels import int8_supported
 from gencli.model.params import SamplingParams
 

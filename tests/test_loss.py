@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.config import GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.loss import IGNORE, linear_cross_entropy
 
 

@@ -45,6 +45,59 @@ def test_model_core_imports_nothing_else_from_gencli():
                 assert line.startswith(("from gencli.model", "import gencli.model")), f"{path.name}: {line}"
 
 
+def _gencli_modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name (gencli.worker.batcher: worker/batcher.py)."""
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if set(rel.parts) & DEV_ONLY:
+            continue
+        parts = rel.with_suffix("").parts
+        name = ".".join(("gencli", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+        out[name] = path
+    return out
+
+
+def _imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The gencli modules a file imports anywhere in it: at the top, inside functions (a lazy
+    import still ties the two modules together) and under TYPE_CHECKING."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gencli"):
+            for alias in node.names:  # `from gencli.model import kernels` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("gencli")}
+    return {m for m in found if m in modules}
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle, counting lazy and TYPE_CHECKING imports: each module's dependencies can be
+    read without reading it (the cache took GPTConfig from the model that built caches; the
+    batcher, the context and the runner each named the others)."""
+    modules = _gencli_modules()
+    graph = {name: _imports_of(path, modules) - {name} for name, path in modules.items()}
+    graph = {name: {d for d in deps if not name.startswith(d + ".") and d != "gencli"} for name, deps in graph.items()}
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    cycles = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                walk(dep, path + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+    assert len(modules) > 40 and sum(map(len, graph.values())) > 100  # it did read the package
+    assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
+
+
 def test_queue_and_prep_commands_load_without_torch():
     """submit, tail, status and the rest start in about a second: torch is imported only by the
     commands that run a model (generate, worker, workers, train)."""

@@ -21,7 +21,8 @@ from conftest import write_ranks
 from gencli.cli.main import main
 from gencli.model.chat import ChatFormat, encode_segments, segments
 from gencli.model.checkpoint import load_model, save_model, vocab_for
-from gencli.model.gpt import GPT, GPTConfig
+from gencli.model.config import GPTConfig
+from gencli.model.gpt import GPT
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.model.train import (
     STATE_FILE,

@@ -29,42 +29,44 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import redis
 import torch
 
 from gencli.model.engine import Engine
 from gencli.model.textgen import Delta, TextGenerator
+from gencli.worker.running import Decoding, ItemRun
 from gencli.worker.stream import publish_many
-
-if TYPE_CHECKING:
-    from gencli.worker.context import WorkerContext
-    from gencli.worker.runner import GenerationJob, ItemRun
 
 log = logging.getLogger("gencli.worker")
 
 
 class Batcher:
-    def __init__(self, ctx: WorkerContext):
-        self.ctx = ctx
-        self.gen = ctx.generator
-        self.engine = self.gen.engine(ctx.slots, max_per_group=ctx.max_slots_per_job)
+    def __init__(self, gen: TextGenerator, r: redis.Redis, *, slots: int, max_per_group: int | None,
+                 cpu_generator: Callable[[], TextGenerator]):
+        """gen: the model to decode with; r: where the outbox publishes; slots: rows decoded
+        together, over all jobs, at most max_per_group of one job's; cpu_generator: the model on
+        the CPU, made when a GPU runs out of memory at one row."""
+        self.gen = gen
+        self.slots, self.max_per_group = slots, max_per_group
+        self.cpu_generator = cpu_generator
+        self.engine = self.gen.engine(slots, max_per_group=max_per_group)
         self._cpu: tuple[TextGenerator, Engine] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.outbox = Outbox(ctx.redis)
+        self.outbox = Outbox(r)
         self.step_started: float | None = None  # when the step running now began (None: between steps)
         # Since the worker started (the heartbeat carries them to the API's /metrics):
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "oom_retries": 0, "preemptions": 0}
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def add(self, job: GenerationJob, runs: list[ItemRun]) -> None:
+    def add(self, job: Decoding, runs: list[ItemRun]) -> None:
         """Decode these items of a job, beside whatever else is running."""
         self._start()
         self._inbox.put(("add", job, runs))
 
-    def stop(self, job: GenerationJob, reason: str) -> None:
+    def stop(self, job: Decoding, reason: str) -> None:
         """Take a job's rows out: "cancelled" ends each unfinished item with its held-back text (a
         cancel, a time limit), "drop" just forgets them (the lease is lost). Either way the job
         then gets ("stopped",) through the outbox, after every event of its rows."""
@@ -131,7 +133,7 @@ class Batcher:
             else:
                 self._stop(job, arg)
 
-    def _stop(self, job: GenerationJob, reason: str) -> None:
+    def _stop(self, job: Decoding, reason: str) -> None:
         events, ended = [], []
         for r in job.runs.values():
             if r.seq is None or r.stream.finished:
@@ -143,12 +145,12 @@ class Batcher:
         self.outbox.put([(job, events, ended)])
         self.outbox.put([(job, None, None)])  # ("stopped",) after them
 
-    def _fail(self, job: GenerationJob, error: BaseException) -> None:
+    def _fail(self, job: Decoding, error: BaseException) -> None:
         job.inbox.put(("failed", error))
         self._stop(job, "drop")
 
     def _emit(self, deltas: list[Delta]) -> None:
-        per_job: dict[GenerationJob, tuple[list[dict], list[ItemRun]]] = {}
+        per_job: dict[Decoding, tuple[list[dict], list[ItemRun]]] = {}
         for d in deltas:
             job = d.seq.group
             r = job.runs[d.seq.index]
@@ -183,8 +185,8 @@ class Batcher:
         log.warning("job %s: out of memory on %s at batch size 1; going on on the CPU", job.run.job_id,
                     engine.device)
         if self._cpu is None:
-            gen = self.ctx.cpu_generator()
-            self._cpu = (gen, gen.engine(self.ctx.slots, max_per_group=self.ctx.max_slots_per_job))
+            gen = self.cpu_generator()
+            self._cpu = (gen, gen.engine(self.slots, max_per_group=self.max_per_group))
         cpu = self._cpu[1]
         job.stats["final_device"] = "cpu"
         for r in job.runs.values():
@@ -210,7 +212,7 @@ class Outbox:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-outbox")
         self._thread.start()
 
-    def put(self, step: list[tuple[GenerationJob, list[dict] | None, list[ItemRun] | None]]) -> None:
+    def put(self, step: list[tuple[Decoding, list[dict] | None, list[ItemRun] | None]]) -> None:
         """(job, events, items ended) per job; events None: tell the job it is stopped, after the rest."""
         self._q.put(step)
 
@@ -222,7 +224,7 @@ class Outbox:
                     steps.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            batch: list[tuple[GenerationJob, list[dict], list[ItemRun]]] = []
+            batch: list[tuple[Decoding, list[dict], list[ItemRun]]] = []
             for step in steps:
                 for job, events, ended in step:
                     if events is None:  # a stop marker: flush what came before, then say so

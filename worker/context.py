@@ -1,23 +1,18 @@
 """What a worker process holds for its whole life, and the jobs it is running now.
 
 `WorkerContext` is the process: settings, store, Redis, the model and the batcher that decodes
-every running job's sequences together. `RunningJob` is one claimed job: its lease owner, its
-guarded stream publisher, its running time over all attempts, and what the lease thread
-(serve._keep_lease) learnt about it since (the lease was lost, a cancel was recorded in the store,
-the hard time limit passed). The job runners ask it `check()` while the job runs.
+every running job's sequences together, and the claim of each job (`run_job`); one claimed job
+is a `RunningJob` (worker/running.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import redis
 
@@ -25,85 +20,12 @@ from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
+from gencli.worker.batcher import Batcher
 from gencli.worker.keys import Keys
-from gencli.worker.stream import Publisher, StreamRefused, end_event
-
-if TYPE_CHECKING:
-    from gencli.worker.batcher import Batcher
+from gencli.worker.running import RunningJob
+from gencli.worker.stream import Publisher, end_event
 
 log = logging.getLogger("gencli.worker")
-
-
-class JobCancelled(Exception):
-    pass
-
-
-class LeaseLost(Exception):
-    pass
-
-
-class TimeLimitExceeded(Exception):
-    pass
-
-
-class HardTimeLimitExceeded(Exception):
-    pass
-
-
-@dataclass
-class RunningJob:
-    job_id: str
-    owner: str  # this delivery's lease owner: fresh for every claim
-    attempt: int
-    pub: Publisher
-    redis: redis.Redis
-    keys: Keys
-    run_seconds_before: float = 0.0  # running time of the job's earlier attempts
-    started: float = field(default_factory=time.monotonic)
-    lease_lost: bool = False  # set by the lease thread: another worker may own the job now
-    cancel_seen: bool = False  # set by the lease thread (the store records a cancel) or the outbox (Redis does)
-    hard_limited: bool = False  # set by the lease thread: past GENCLI_HARD_TIME_LIMIT
-    stoppable: bool = False  # its runner stops it at a hard time limit (else the process is ended)
-    inbox: queue.SimpleQueue | None = None  # the job thread's, where it waits (runner.GenerationJob)
-    progress: Callable[[], list[tuple[int, int, list[int]]]] | None = None  # for the lease thread's checkpoints
-    _last_check: float = 0.0
-
-    def elapsed(self) -> float:
-        """The job's running time over all its attempts, this one included: what every store write
-        of it records (a total, so a checkpoint lost to a race with the job's end loses no time)."""
-        return self.run_seconds_before + time.monotonic() - self.started
-
-    def wake(self) -> None:
-        """Another thread changed a flag: the job's own thread looks at once (if it waits on an inbox)."""
-        if self.inbox is not None:
-            self.inbox.put(("check",))
-
-    def publish(self, events: list[dict]) -> None:
-        try:
-            self.pub.publish(events)
-        except StreamRefused as e:
-            self.lease_lost = True
-            raise LeaseLost(str(e)) from None
-
-    def check(self, every: float = 0.05, *, poll_redis: bool = True) -> None:
-        """Raise LeaseLost, HardTimeLimitExceeded or JobCancelled when the job must stop; with
-        poll_redis, at most one Redis read of its cancel key per `every` (a generation job's cancel
-        key is read by the outbox instead, in its publishing round trips)."""
-        if self.lease_lost:
-            raise LeaseLost(f"job {self.job_id}: lease lost")
-        if self.hard_limited:
-            raise HardTimeLimitExceeded()
-        if self.cancel_seen:
-            raise JobCancelled()
-        now = time.monotonic()
-        if not poll_redis or now - self._last_check < every:
-            return
-        self._last_check = now
-        try:
-            if self.redis.exists(self.keys.cancel(self.job_id)):
-                raise JobCancelled()
-        except redis.RedisError:
-            pass  # the store's flag reaches us through the lease thread
 
 
 @dataclass
@@ -129,10 +51,9 @@ class WorkerContext:
 
     def __post_init__(self):
         if self.loaded is not None:
-            from gencli.worker.batcher import Batcher
-
             self.generator = TextGenerator(self.loaded)
-            self.batcher = Batcher(self)
+            self.batcher = Batcher(self.generator, self.redis, slots=self.slots, max_per_group=self.max_slots_per_job,
+                                   cpu_generator=self.cpu_generator)
 
     @property
     def device(self) -> str:
@@ -195,12 +116,3 @@ class WorkerContext:
                     {"job": job_id, "worker": self.worker_name, "store": store, "at": time.time()}))
         except redis.RedisError as e:  # the store has the job's end; tailers read it from there
             log.error("job %s: %s, and Redis did not take it (%s: %s)", job_id, claim.reason, type(e).__name__, e)
-
-
-def error_fields(e: BaseException, stats: dict | None = None) -> dict:
-    """How a failure is stored: class, message, and where (file:line, device, batch size)."""
-    tb = traceback.extract_tb(e.__traceback__)
-    where = f"{tb[-1].filename}:{tb[-1].lineno} in {tb[-1].name}" if tb else ""
-    if stats:
-        where += f"; device {stats.get('final_device')}, batch size {stats.get('final_batch_size')}"
-    return {"error_class": type(e).__name__, "error_message": str(e)[:2000], "error_where": where}

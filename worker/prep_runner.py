@@ -19,7 +19,8 @@ from gencli.model.provenance import software
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
 from gencli.storage.db import JobStatus
-from gencli.worker.context import JobCancelled, LeaseLost, RunningJob, WorkerContext, error_fields
+from gencli.worker.context import WorkerContext
+from gencli.worker.running import JobCancelled, LeaseLost, RunningJob, error_fields
 from gencli.worker.stream import end_event
 
 log = logging.getLogger("gencli.worker")

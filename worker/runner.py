@@ -23,41 +23,26 @@ import logging
 import queue
 import secrets
 import time
-from dataclasses import dataclass
 
 import redis
 
-from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
-from gencli.model.textstream import TextStream
 from gencli.storage.db import ItemStatus, JobStatus
-from gencli.worker.context import (
+from gencli.worker.context import WorkerContext
+from gencli.worker.running import (
     HardTimeLimitExceeded,
+    ItemRun,
     JobCancelled,
     LeaseLost,
     RunningJob,
     TimeLimitExceeded,
-    WorkerContext,
     error_fields,
 )
 from gencli.worker.stream import end_event, read_log, whole
 
 log = logging.getLogger("gencli.worker")
 WATCH_EVERY = 0.25  # seconds between a job's looks at its soft time limit (flags set elsewhere wake it at once)
-
-
-@dataclass(eq=False)
-class ItemRun:
-    idx: int
-    epoch: int
-    prompt_ids: list[int]
-    stream: TextStream
-    seed: int | None
-    params: SamplingParams
-    seq: Sequence | None = None  # the batcher's, once it took the item
-    engine: Engine | None = None  # which engine holds seq
-    published: int = 0  # tok events with an id of the item in the log (counted by the outbox)
 
 
 class ModelChanged(Exception):
