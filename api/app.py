@@ -22,9 +22,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gencli import __version__
+from gencli.api.errors import APIError, from_domain
+from gencli.api.metrics import Metrics, Timing
 from gencli.model.errors import GencliError
-from gencli.worker.api.errors import APIError, from_domain
-from gencli.worker.api.metrics import Metrics, Timing
 from gencli.worker.client import Client
 from gencli.worker.unicode import check_json
 
@@ -139,7 +139,7 @@ def _not_utf8(e: StarletteHTTPException) -> APIError | None:
 
 def create_app(client: Client | None = None, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The app over `client` (default: one on this process's settings)."""
-    from gencli.worker.api import batches, completions, jobs
+    from gencli.api import batches, completions, jobs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

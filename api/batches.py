@@ -22,10 +22,10 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gencli.api.completions import ChatRequest, CompletionRequest, Shape, check_served, request_items
+from gencli.api.errors import APIError
+from gencli.api.jobs import client_of
 from gencli.model.errors import GencliError
-from gencli.worker.api.completions import ChatRequest, CompletionRequest, Shape, check_served, request_items
-from gencli.worker.api.errors import APIError
-from gencli.worker.api.jobs import client_of
 from gencli.worker.client import Client, Job, JobNotFound
 from gencli.worker.unicode import check_json, utf8_position
 

@@ -26,12 +26,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gencli.api import sse
+from gencli.api.errors import APIError
+from gencli.api.jobs import client_of
+from gencli.api.metrics import TokenClock
 from gencli.model.errors import ContextOverflowError
 from gencli.model.params import SEED_RANGE
-from gencli.worker.api import sse
-from gencli.worker.api.errors import APIError
-from gencli.worker.api.jobs import client_of
-from gencli.worker.api.metrics import TokenClock
 from gencli.worker.client import Client, Job
 from gencli.worker.fold import StreamDelta
 from gencli.worker.prompts import PromptItem

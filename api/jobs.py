@@ -13,11 +13,11 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gencli.api import sse
+from gencli.api.errors import APIError
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.storage.status import JobStatus
 from gencli.storage.store import SearchError
-from gencli.worker.api import sse
-from gencli.worker.api.errors import APIError
 from gencli.worker.client import Client, Job, RedisUnavailable
 from gencli.worker.prompts import PromptItem, prompt_line
 

@@ -1,4 +1,4 @@
-"""`gencli serve`: the HTTP API (worker/api) under uvicorn."""
+"""`gencli serve`: the HTTP API (api/) under uvicorn."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def serve(host, port, token, max_body, log_level):
     """Serve the HTTP API: gencli's jobs, OpenAI's completions, chat and Batch API."""
     import uvicorn
 
-    from gencli.worker.api.app import create_app
+    from gencli.api.app import create_app
 
     sock = _bind(host, port)
     app = create_app(token=token or None, max_body=max_body)  # GENCLI_API_TOKEN= (empty): no token
