@@ -41,6 +41,8 @@ class Settings:
     #                        (None: no bound)
     namespace: str | None  # GENCLI_NAMESPACE: this deployment's Redis namespace (default: the
     #                        store's deployment id), for deployments that share one Redis
+    inject_crash: str | None = None  # GENCLI_INJECT_CRASH: fault injection for the tests, one of
+    #                                 CRASH_POINTS: that worker thread raises a bug while a job runs
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,6 +64,7 @@ class Settings:
             task_events=_flag(env.get("GENCLI_TASK_EVENTS", "1"), "GENCLI_TASK_EVENTS"),
             max_queued=_opt_int(env.get("GENCLI_MAX_QUEUED"), "GENCLI_MAX_QUEUED"),
             namespace=_namespace(env.get("GENCLI_NAMESPACE")),
+            inject_crash=_crash_point(env.get("GENCLI_INJECT_CRASH")),
         )
 
     @property
@@ -93,6 +96,17 @@ def _namespace(v: str | None) -> str | None:
         return None
     if not _NAMESPACE.match(v):
         raise GencliError(f"GENCLI_NAMESPACE={v!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+    return v
+
+
+CRASH_POINTS = ("batcher", "outbox", "lease", "heartbeat", "job")  # a worker's long-lived threads
+
+
+def _crash_point(v: str | None) -> str | None:
+    if not v:
+        return None
+    if v not in CRASH_POINTS:
+        raise GencliError(f"GENCLI_INJECT_CRASH={v!r}: use one of {', '.join(CRASH_POINTS)}, or unset it")
     return v
 
 

@@ -29,33 +29,65 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 import torch
 
 from gencli.model.engine import Engine
 from gencli.model.textgen import Delta, TextGenerator
-from gencli.worker.running import Decoding, ItemRun
+from gencli.worker import supervise
+from gencli.worker.messages import (
+    CancelRequested,
+    DecodeFailed,
+    MemoryRung,
+    Published,
+    PublishFailed,
+    RedisLost,
+    Stopped,
+    StreamTaken,
+)
+from gencli.worker.rows import ItemRun
+from gencli.worker.running import Decoding
 from gencli.worker.stream import publish_many
 
 log = logging.getLogger("gencli.worker")
 
 
+@dataclass(frozen=True)
+class _Add:
+    """A job's items, to decode beside the rest."""
+
+    job: Decoding
+    runs: tuple[ItemRun, ...]
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Take a job's rows out (Batcher.stop)."""
+
+    job: Decoding
+    cancelled: bool
+
+
 class Batcher:
     def __init__(self, gen: TextGenerator, r: redis.Redis, *, slots: int, max_per_group: int | None,
-                 cpu_generator: Callable[[], TextGenerator]):
+                 cpu_generator: Callable[[], TextGenerator], inject_crash: str | None = None):
         """gen: the model to decode with; r: where the outbox publishes; slots: rows decoded
         together, over all jobs, at most max_per_group of one job's; cpu_generator: the model on
-        the CPU, made when a GPU runs out of memory at one row."""
+        the CPU, made when a GPU runs out of memory at one row; inject_crash: GENCLI_INJECT_CRASH."""
         self.gen = gen
         self.slots, self.max_per_group = slots, max_per_group
         self.cpu_generator = cpu_generator
         self.engine = self.gen.engine(slots, max_per_group=max_per_group)
         self._cpu: tuple[TextGenerator, Engine] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.outbox = Outbox(r)
+        self.inject_crash = inject_crash
+        self.outbox = Outbox(r, inject_crash)
         self.step_started: float | None = None  # when the step running now began (None: between steps)
+        self._load = {"running": 0, "waiting": 0}  # replaced whole by this thread, read by the heartbeat
         # Since the worker started (the heartbeat carries them to the API's /metrics):
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "oom_retries": 0, "preemptions": 0}
         self._thread: threading.Thread | None = None
@@ -64,26 +96,29 @@ class Batcher:
     def add(self, job: Decoding, runs: list[ItemRun]) -> None:
         """Decode these items of a job, beside whatever else is running."""
         self._start()
-        self._inbox.put(("add", job, runs))
+        self._inbox.put(_Add(job, tuple(runs)))
 
-    def stop(self, job: Decoding, reason: str) -> None:
-        """Take a job's rows out: "cancelled" ends each unfinished item with its held-back text (a
-        cancel, a time limit), "drop" just forgets them (the lease is lost). Either way the job
-        then gets ("stopped",) through the outbox, after every event of its rows."""
-        self._inbox.put(("stop", job, reason))
+    def stop(self, job: Decoding, *, cancelled: bool) -> None:
+        """Take a job's rows out: cancelled ends each unfinished item with its held-back text (a
+        cancel, a time limit); else they are just forgotten (the lease is lost, the job failed).
+        Either way the job is then told Stopped, through the outbox, after every event of its rows."""
+        self._inbox.put(_Stop(job, cancelled))
 
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None:
                 self.outbox.start()
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-batcher")
-                self._thread.start()
+                self._thread = supervise.start("batcher", self._loop)
 
     def load(self) -> dict:
-        """Sequences decoding now and waiting for a slot, and the counters (read by the heartbeat)."""
+        """Sequences decoding now and waiting for a slot, as of this thread's last look, and the
+        counters (read by the heartbeat, which must not walk the engine's structures meanwhile)."""
+        return {**self._load, **self.counters}
+
+    def _note_load(self) -> None:
         engines = [e for _, e in self._engines()]
-        return {"running": sum(len(e.running) for e in engines), "waiting": sum(len(e.scheduler) for e in engines),
-                **self.counters}
+        self._load = {"running": sum(len(e.running) for e in engines),
+                      "waiting": sum(len(e.scheduler) for e in engines)}
 
     def _engines(self) -> list[tuple[TextGenerator, Engine]]:
         return [(self.gen, self.engine)] + ([self._cpu] if self._cpu else [])
@@ -91,6 +126,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             self._take_inbox(block=not any(e for _, e in self._engines()))
+            self._note_load()
             for gen, engine in self._engines():
                 if not engine:
                     continue
@@ -109,6 +145,7 @@ class Batcher:
                     self.step_started = None
                 self._record_rungs(engine)
                 if deltas:
+                    supervise.crash_point(self.inject_crash, "batcher")
                     self._emit(deltas)
 
     def _take_inbox(self, block: bool) -> None:
@@ -118,36 +155,36 @@ class Batcher:
             except queue.Empty:
                 return
             block = False
-            kind, job, arg = msg
-            if kind == "add":
-                try:
-                    for r in arg:
-                        r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream,
-                                                  index=r.idx, group=job, priority=job.priority)
-                        r.engine = self.engine
-                        self.engine.add(r.seq)
-                        self.counters["prompt_tokens"] += len(r.prompt_ids)
-                except Exception as e:  # an item the engine refuses fails its job, not the batcher
-                    log.exception("job %s: its items could not join the batch", job.run.job_id)
-                    self._fail(job, e)
-            else:
-                self._stop(job, arg)
+            match msg:
+                case _Add(job, runs):
+                    try:
+                        for r in runs:
+                            r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream,
+                                                      index=r.idx, group=job, priority=job.priority)
+                            r.engine = self.engine
+                            self.engine.add(r.seq)
+                            self.counters["prompt_tokens"] += len(r.prompt_ids)
+                    except Exception as e:  # an item the engine refuses fails its job, not the batcher
+                        log.exception("job %s: its items could not join the batch", job.run.job_id)
+                        self._fail(job, e)
+                case _Stop(job, cancelled):
+                    self._stop(job, cancelled)
 
-    def _stop(self, job: Decoding, reason: str) -> None:
+    def _stop(self, job: Decoding, cancelled: bool) -> None:
         events, ended = [], []
         for r in job.runs.values():
             if r.seq is None or r.stream.finished:
                 continue
             r.engine.finish(r.seq)
-            if reason == "cancelled":
+            if cancelled:
                 events.append(_tok(r, None, r.stream.finish("cancelled"), "cancelled"))
                 ended.append(r)
         self.outbox.put([(job, events, ended)])
         self.outbox.put([(job, None, None)])  # ("stopped",) after them
 
     def _fail(self, job: Decoding, error: BaseException) -> None:
-        job.inbox.put(("failed", error))
-        self._stop(job, "drop")
+        job.run.tell(DecodeFailed(error))
+        self._stop(job, cancelled=False)
 
     def _emit(self, deltas: list[Delta]) -> None:
         per_job: dict[Decoding, tuple[list[dict], list[ItemRun]]] = {}
@@ -166,8 +203,7 @@ class Batcher:
             self.counters["oom_retries"] += 1
             self.counters["preemptions"] += len(rung.preempted)
             for job in dict.fromkeys(s.group for s in rung.running):
-                job.stats["oom_retries"] += 1
-                job.stats["final_batch_size"] = rung.limit
+                job.run.tell(MemoryRung(rung.limit))
                 log.warning("job %s: out of memory on %s at %d rows; going on at %d rows, %d preempted",
                             job.run.job_id, engine.device, len(rung.running), rung.limit, len(rung.preempted))
         engine.rungs.clear()
@@ -175,12 +211,10 @@ class Batcher:
     def _out_of_memory_at_one_row(self, engine: Engine) -> None:
         """One row and still out of memory: on a GPU the job goes on on the CPU copy; on the CPU it fails."""
         job = engine.running[0].group
-        job.stats["oom_retries"] += 1
         self.counters["oom_retries"] += 1
-        job.stats["final_batch_size"] = 1
         if engine.device.type == "cpu":
-            self._fail(job, MemoryError(
-                f"out of memory even on the CPU at batch size 1 ({job.stats['oom_retries']} out-of-memory retries)"))
+            job.run.tell(MemoryRung(1))
+            self._fail(job, MemoryError("out of memory even on the CPU at batch size 1"))
             return
         log.warning("job %s: out of memory on %s at batch size 1; going on on the CPU", job.run.job_id,
                     engine.device)
@@ -188,7 +222,7 @@ class Batcher:
             gen = self.cpu_generator()
             self._cpu = (gen, gen.engine(self.slots, max_per_group=self.max_per_group))
         cpu = self._cpu[1]
-        job.stats["final_device"] = "cpu"
+        job.run.tell(MemoryRung(1, "cpu"))
         for r in job.runs.values():
             if r.seq is not None and not r.stream.finished and r.engine is engine:
                 r.seq = engine.take_out(r.seq)
@@ -203,14 +237,15 @@ def _tok(r: ItemRun, token: int | None, text: str, finish: str | None) -> dict:
 class Outbox:
     """Publishes steps' events off the decoding thread, all jobs of a step in one round trip."""
 
-    def __init__(self, r: redis.Redis):
+    def __init__(self, r: redis.Redis, inject_crash: str | None = None):
         self.r = r
+        self.inject_crash = inject_crash
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._told_cancel: weakref.WeakSet = weakref.WeakSet()  # jobs told of their Redis cancel flag
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="gencli-outbox")
-        self._thread.start()
+        self._thread = supervise.start("outbox", self._loop)
 
     def put(self, step: list[tuple[Decoding, list[dict] | None, list[ItemRun] | None]]) -> None:
         """(job, events, items ended) per job; events None: tell the job it is stopped, after the rest."""
@@ -230,7 +265,7 @@ class Outbox:
                     if events is None:  # a stop marker: flush what came before, then say so
                         self._send(batch)
                         batch = []
-                        job.inbox.put(("stopped",))
+                        job.run.tell(Stopped())
                         continue
                     for entry in batch:
                         if entry[0] is job:
@@ -245,29 +280,30 @@ class Outbox:
         live = [(job, events, ended) for job, events, ended in batch if events]
         for job, events, ended in batch:
             if ended and not events:
-                job.inbox.put(("ended", ended))
+                job.run.tell(Published(ended=tuple(ended)))
         if not live:
             return
+        supervise.crash_point(self.inject_crash, "outbox")
         cancels = tuple(job.run.keys.cancel(job.run.job_id) for job, _, _ in live)
         try:  # the jobs' cancel flags ride along: no job thread polls Redis for its own
             refusals, cancelled = publish_many(self.r, [(job.run.pub, events) for job, events, _ in live], cancels)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             for job, _, _ in live:
-                job.inbox.put(("redis", e))
+                job.run.tell(RedisLost(e))
             return
         except redis.RedisError as e:  # Redis refused the publish itself (out of memory, say): the jobs
             for job, _, _ in live:     # fail, and their rows must leave the batch
-                job.inbox.put(("unpublished", e))
+                job.run.tell(PublishFailed(e))
             return
         for (job, events, ended), refused, cancel in zip(live, refusals, cancelled, strict=True):
             if refused:
-                job.inbox.put(("refused", refused))
-            else:  # counted here: the job's thread wakes only when items end
+                job.run.tell(StreamTaken(refused))
+            else:
+                ids: dict[int, list[int]] = {}
                 for e in events:
                     if e["id"] is not None:
-                        job.runs[e["i"]].published += 1
-                if ended:
-                    job.inbox.put(("ended", ended))
-            if cancel and not job.run.cancel_seen:
-                job.run.cancel_seen = True
-                job.run.wake()
+                        ids.setdefault(e["i"], []).append(e["id"])
+                job.run.tell(Published({i: tuple(v) for i, v in ids.items()}, tuple(ended)))
+            if cancel and job not in self._told_cancel:
+                self._told_cancel.add(job)
+                job.run.tell(CancelRequested())

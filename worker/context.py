@@ -20,10 +20,12 @@ from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
+from gencli.worker import supervise
 from gencli.worker.batcher import Batcher
 from gencli.worker.keys import Keys
 from gencli.worker.running import RunningJob
 from gencli.worker.stream import Publisher, end_event
+from gencli.worker.supervise import OUTAGES
 
 log = logging.getLogger("gencli.worker")
 
@@ -53,7 +55,7 @@ class WorkerContext:
         if self.loaded is not None:
             self.generator = TextGenerator(self.loaded)
             self.batcher = Batcher(self.generator, self.redis, slots=self.slots, max_per_group=self.max_slots_per_job,
-                                   cpu_generator=self.cpu_generator)
+                                   cpu_generator=self.cpu_generator, inject_crash=self.settings.inject_crash)
 
     @property
     def device(self) -> str:
@@ -74,9 +76,10 @@ class WorkerContext:
         s = self.settings
         return Publisher(self.redis, self.keys, job_id, owner=owner, ttl=s.stream_ttl, max_events=s.stream_max_events)
 
-    def run_job(self, job_id: str, body: Callable[[RunningJob], str]) -> str:
+    def run_job(self, job_id: str, body: Callable[[RunningJob], str], *, stoppable: bool = False) -> str:
         """Claim the job under a fresh lease owner and run body(run) while it is one of the running
-        jobs; or return why it was not claimed."""
+        jobs; or return why it was not claimed. stoppable: body stops the job at its hard time
+        limit (else the lease thread ends the process)."""
         owner = uuid.uuid4().hex
         s = self.settings
         claim = self.store.claim(job_id, owner=owner, worker=self.worker_name, device=self.device,
@@ -85,7 +88,7 @@ class WorkerContext:
             self._not_run(job_id, claim)
             return claim.reason
         run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
-                         run_seconds_before=claim.run_seconds, cancel_seen=claim.cancelled)
+                         run_seconds_before=claim.run_seconds, stoppable=stoppable, cancel_seen=claim.cancelled)
         self.running[job_id] = run
         try:
             self.redis.delete(self.keys.sent(job_id))
@@ -98,6 +101,11 @@ class WorkerContext:
             log.error("job %s: Redis unreachable (%s: %s); %s", job_id, type(e).__name__, e,
                       "given back to the queue" if given_back else "its lease was already lost")
             return "released"
+        except OUTAGES:
+            raise  # the store away: the job's lease runs out and another worker takes it over
+        except BaseException as e:  # noqa: BLE001 (a bug in the job's thread: supervise's rule)
+            supervise.crash("job", e)
+            raise
         finally:
             self.running.pop(job_id, None)
 

@@ -20,7 +20,6 @@ handled by resuming items where they were:
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import time
 
@@ -29,10 +28,12 @@ import redis
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
 from gencli.storage.db import ItemStatus, JobStatus
+from gencli.worker import supervise
 from gencli.worker.context import WorkerContext
+from gencli.worker.messages import DecodeFailed, MemoryRung, Published, PublishFailed, RedisLost, Stopped
+from gencli.worker.rows import ItemRun
 from gencli.worker.running import (
     HardTimeLimitExceeded,
-    ItemRun,
     JobCancelled,
     LeaseLost,
     RunningJob,
@@ -61,17 +62,18 @@ class PublishRefused(Exception):
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
     """Run (or resume) one job; return how it ended, or why it was not run."""
-    return ctx.run_job(job_id, lambda run: GenerationJob(ctx, run).execute())
+    # stoppable: its rows leave the batch at a hard time limit, and the process lives on
+    return ctx.run_job(job_id, lambda run: GenerationJob(ctx, run).execute(), stoppable=True)
 
 
 class GenerationJob:
-    """One running job: its claim (`run`), its items (`runs`, by index), the out-of-memory rungs
-    that hit it (`stats`), and the inbox the batcher and the outbox write to."""
+    """One running job, and this thread's alone: its claim (`run`, whose inbox the batcher, the
+    outbox and the lease thread write to), its items (`runs`, by index) and the out-of-memory
+    rungs that hit it (`stats`)."""
 
     def __init__(self, ctx: WorkerContext, run: RunningJob):
         self.ctx = ctx
         self.run = run
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[int, ItemRun] = {}
         self.priority = 0
         self.attempt: int | None = None  # this claim's number among the job's recorded attempts
@@ -80,7 +82,6 @@ class GenerationJob:
     def execute(self) -> str:
         ctx, run = self.ctx, self.run
         store, job_id = ctx.store, run.job_id
-        run.stoppable = True  # its rows leave the batch at a hard time limit; the process lives on
         job = store.get_job(job_id)
         self.priority = job.priority
         self.attempt = store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=ctx.provenance)
@@ -100,6 +101,8 @@ class GenerationJob:
         if resynced:
             run.publish([{"t": "resync", "items": [{"i": r.idx, "e": r.epoch, "text": r.stream.text}
                                                    for r in resynced]}])
+        if runs:
+            supervise.crash_point(ctx.settings.inject_crash, "job")
         t0 = time.perf_counter()
         tokens_before = sum(len(r.stream.ids) for r in runs)
         try:
@@ -145,62 +148,68 @@ class GenerationJob:
 
     def _decode(self, runs: list[ItemRun]) -> None:
         """Hand the items to the batcher and look after them until each has ended; raise what
-        stopped the job early (JobCancelled, a time limit, LeaseLost, a failure). The lease
-        thread checkpoints them meanwhile (`progress`), every job's in one store write."""
+        stopped the job early (JobCancelled, a time limit, LeaseLost, a failure). What the other
+        threads have to say arrives on the job's inbox (worker/messages.py); the lease thread
+        checkpoints what was published meanwhile, from the snapshot `run.checkpoint`."""
         if not runs:
             return
         run, batcher = self.run, self.ctx.batcher
         self.runs = {r.idx: r for r in runs}
         pending = set(self.runs)
         limit = self.ctx.settings.soft_time_limit
-        run.inbox = self.inbox  # other threads wake this one when they set one of run's flags
-        run.progress = lambda: [(r.idx, r.epoch, r.stream.ids[: r.published])
-                                for r in list(self.runs.values()) if r.idx in pending]
+        self._snapshot(pending)
         batcher.add(self, runs)
         stopping: BaseException | None = None  # raised once the batcher has let go of the job's rows
         try:
             while pending or stopping is not None:
                 wait = WATCH_EVERY if not limit else max(0.0, min(WATCH_EVERY, limit - run.elapsed()))
-                try:
-                    msg = self.inbox.get(timeout=wait)
-                except queue.Empty:
-                    msg = ("idle",)
-                kind = msg[0]
-                if kind == "ended":  # published, to the last event
-                    for r in msg[1]:
-                        self._save(r)
-                        pending.discard(r.idx)
-                elif kind == "stopped":
-                    if stopping is not None:
-                        raise stopping
-                elif kind == "refused":
-                    run.lease_lost = True
-                elif kind == "redis":
-                    batcher.stop(self, "drop")
-                    raise msg[1]
-                elif kind == "failed":
-                    stopping = stopping or msg[1]  # the batcher took the rows out already
-                elif kind == "unpublished":  # the outbox could not publish: take the rows out, then fail
-                    if stopping is None:
-                        batcher.stop(self, "drop")
-                    stopping = stopping or PublishRefused(f"Redis refused the job's events: {msg[1]}")
+                match run.wait(wait):
+                    case Published(ids, ended):
+                        for idx, new in ids.items():
+                            self.runs[idx].published.extend(new)
+                        for r in ended:  # published, to its last event
+                            self._save(r)
+                            pending.discard(r.idx)
+                        self._snapshot(pending)
+                    case Stopped():
+                        if stopping is not None:
+                            raise stopping
+                    case RedisLost(error):
+                        batcher.stop(self, cancelled=False)
+                        raise error
+                    case DecodeFailed(error):
+                        stopping = stopping or error  # the batcher took the rows out already
+                    case PublishFailed(error):  # take the rows out, then fail
+                        if stopping is None:
+                            batcher.stop(self, cancelled=False)
+                        stopping = stopping or PublishRefused(f"Redis refused the job's events: {error}")
+                    case MemoryRung(batch_size, device):
+                        self.stats["oom_retries"] += 1
+                        self.stats["final_batch_size"] = batch_size
+                        if device is not None:
+                            self.stats["final_device"] = device
                 if stopping is None:
                     try:
-                        run.check(poll_redis=False)
+                        run.check(polling=False)
                         if limit and run.elapsed() > limit:
                             raise TimeLimitExceeded(f"soft time limit of {limit:g} s exceeded")
                     except LeaseLost:
-                        batcher.stop(self, "drop")
+                        batcher.stop(self, cancelled=False)
                         raise
                     except HardTimeLimitExceeded:
                         stopping = HardTimeLimitExceeded(
                             f"hard time limit of {self.ctx.settings.hard_time_limit:g} s exceeded")
-                        batcher.stop(self, "cancelled")
+                        batcher.stop(self, cancelled=True)
                     except (JobCancelled, TimeLimitExceeded) as e:
                         stopping = e
-                        batcher.stop(self, "cancelled")
+                        batcher.stop(self, cancelled=True)
         finally:
-            run.progress = None  # no checkpoint after this: the items are saved, or the job is stopped
+            run.checkpoint = None  # no checkpoint after this: the items are saved, or the job is stopped
+
+    def _snapshot(self, pending: set[int]) -> None:
+        """What the lease thread checkpoints next: each running item's ids published so far."""
+        self.run.checkpoint = tuple((r.idx, r.epoch, tuple(r.published)) for r in self.runs.values()
+                                    if r.idx in pending)
 
     def _end_cancelled(self, runs: list[ItemRun]) -> None:
         """End each resumed item as cancelled, with what earlier attempts made of it: the text
@@ -228,7 +237,7 @@ class GenerationJob:
                                         prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.stream.ids),
                                         ids=r.stream.ids, attempt=self.attempt, device=str(model.lm_head.weight.device),
                                         dtype=model.dtype_name):
-            self.ctx.batcher.stop(self, "drop")
+            self.ctx.batcher.stop(self, cancelled=False)
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
 
     def _save_failed(self, idx: int, epoch: int, error: str) -> None:
@@ -276,7 +285,7 @@ class GenerationJob:
                     stream.feed(token)
             if not stream.finished and len(stream.ids) >= params.max_tokens:
                 stream.finish("length")
-            r = ItemRun(item.idx, item.epoch, ids, stream, seed, params, published=len(stream.ids))
+            r = ItemRun(item.idx, item.epoch, ids, stream, seed, params, published=list(stream.ids))
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
             if stream.finished:  # made whole, but the worker died before recording it

@@ -3,8 +3,7 @@
 `RunningJob` is one claim: its lease owner, its guarded stream publisher, its running time over
 all attempts, and what the lease thread (serve._keep_lease) learnt about it since (the lease was
 lost, a cancel was recorded in the store, the hard time limit passed); the job runners ask it
-`check()` while the job runs. `ItemRun` is one of a generation job's items while it decodes, and
-`Decoding` what the batcher needs of the job that holds it. A module of its own, below the
+`check()` while the job runs. `Decoding` is what the batcher needs of a generation job. A module of its own, below the
 context, the batcher and the runners, so that none of them imports another to name these.
 """
 
@@ -13,19 +12,15 @@ from __future__ import annotations
 import queue
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import redis
 
 from gencli.worker.keys import Keys
+from gencli.worker.messages import CancelRequested, HardLimitPassed, Idle, LeaseGone, Message, StreamTaken
+from gencli.worker.rows import ItemRun
 from gencli.worker.stream import Publisher, StreamRefused
-
-if TYPE_CHECKING:
-    from gencli.model.engine import Engine, Sequence
-    from gencli.model.params import SamplingParams
-    from gencli.model.textstream import TextStream
 
 
 class JobCancelled(Exception):
@@ -46,6 +41,11 @@ class HardTimeLimitExceeded(Exception):
 
 @dataclass
 class RunningJob:
+    """One claim of a job, owned by the job's own thread: the lease thread, the batcher and the
+    outbox never set its fields; they `tell` it messages (worker/messages.py), which the job's
+    thread applies as it reads them (`wait`, `check`). Other threads read only what does not
+    change or is replaced whole: `elapsed()`, `stoppable` and `checkpoint`."""
+
     job_id: str
     owner: str  # this delivery's lease owner: fresh for every claim
     attempt: int
@@ -53,13 +53,15 @@ class RunningJob:
     redis: redis.Redis
     keys: Keys
     run_seconds_before: float = 0.0  # running time of the job's earlier attempts
-    started: float = field(default_factory=time.monotonic)
-    lease_lost: bool = False  # set by the lease thread: another worker may own the job now
-    cancel_seen: bool = False  # set by the lease thread (the store records a cancel) or the outbox (Redis does)
-    hard_limited: bool = False  # set by the lease thread: past GENCLI_HARD_TIME_LIMIT
     stoppable: bool = False  # its runner stops it at a hard time limit (else the process is ended)
-    inbox: queue.SimpleQueue | None = None  # the job thread's, where it waits (runner.GenerationJob)
-    progress: Callable[[], list[tuple[int, int, list[int]]]] | None = None  # for the lease thread's checkpoints
+    cancel_seen: bool = False  # a cancel was asked for (given at a claim that found one: Claim.cancelled)
+    started: float = field(default_factory=time.monotonic)
+    lease_lost: bool = False  # another worker may own the job now
+    hard_limited: bool = False  # past GENCLI_HARD_TIME_LIMIT
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    # what the lease thread checkpoints: each running item's (idx, epoch, ids published so far),
+    # a tuple the job's thread replaces whole; None when there is nothing to checkpoint
+    checkpoint: tuple[tuple[int, int, tuple[int, ...]], ...] | None = None
     _last_check: float = 0.0
 
     def elapsed(self) -> float:
@@ -67,10 +69,27 @@ class RunningJob:
         of it records (a total, so a checkpoint lost to a race with the job's end loses no time)."""
         return self.run_seconds_before + time.monotonic() - self.started
 
-    def wake(self) -> None:
-        """Another thread changed a flag: the job's own thread looks at once (if it waits on an inbox)."""
-        if self.inbox is not None:
-            self.inbox.put(("check",))
+    def tell(self, msg: Message) -> None:
+        """From any thread: the job's thread reads msg next time it looks."""
+        self.inbox.put(msg)
+
+    def wait(self, timeout: float) -> Message:
+        """The job's thread: the next message (Idle after timeout seconds), applied to its flags."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return Idle()
+        return self._apply(msg)
+
+    def _apply(self, msg: Message) -> Message:
+        match msg:
+            case LeaseGone() | StreamTaken():
+                self.lease_lost = True
+            case CancelRequested():
+                self.cancel_seen = True
+            case HardLimitPassed():
+                self.hard_limited = True
+        return msg
 
     def publish(self, events: list[dict]) -> None:
         try:
@@ -79,10 +98,17 @@ class RunningJob:
             self.lease_lost = True
             raise LeaseLost(str(e)) from None
 
-    def check(self, every: float = 0.05, *, poll_redis: bool = True) -> None:
-        """Raise LeaseLost, HardTimeLimitExceeded or JobCancelled when the job must stop; with
-        poll_redis, at most one Redis read of its cancel key per `every` (a generation job's cancel
-        key is read by the outbox instead, in its publishing round trips)."""
+    def check(self, every: float = 0.05, *, polling: bool = True) -> None:
+        """Raise LeaseLost, HardTimeLimitExceeded or JobCancelled when the job must stop. polling:
+        this thread reads its inbox only here (a dataset job): apply what waits there, and read the
+        job's Redis cancel key at most once per `every` (a generation job's thread reads every
+        message in its own loop, and the outbox reads its cancel key in its publishing trips)."""
+        if polling:
+            while True:
+                try:
+                    self._apply(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
         if self.lease_lost:
             raise LeaseLost(f"job {self.job_id}: lease lost")
         if self.hard_limited:
@@ -90,7 +116,7 @@ class RunningJob:
         if self.cancel_seen:
             raise JobCancelled()
         now = time.monotonic()
-        if not poll_redis or now - self._last_check < every:
+        if not polling or now - self._last_check < every:
             return
         self._last_check = now
         try:
@@ -98,8 +124,6 @@ class RunningJob:
                 raise JobCancelled()
         except redis.RedisError:
             pass  # the store's flag reaches us through the lease thread
-
-
 
 
 def error_fields(e: BaseException, stats: dict | None = None) -> dict:
@@ -111,24 +135,9 @@ def error_fields(e: BaseException, stats: dict | None = None) -> dict:
     return {"error_class": type(e).__name__, "error_message": str(e)[:2000], "error_where": where}
 
 
-@dataclass(eq=False)
-class ItemRun:
-    idx: int
-    epoch: int
-    prompt_ids: list[int]
-    stream: TextStream
-    seed: int | None
-    params: SamplingParams
-    seq: Sequence | None = None  # the batcher's, once it took the item
-    engine: Engine | None = None  # which engine holds seq
-    published: int = 0  # tok events with an id of the item in the log (counted by the outbox)
-
-
 class Decoding(Protocol):
     """A job whose items the batcher decodes (runner.GenerationJob)."""
 
-    run: RunningJob
-    runs: dict[int, ItemRun]  # by item index
-    inbox: queue.SimpleQueue  # where the batcher and the outbox tell the job's thread what happened
-    stats: dict  # out-of-memory rungs that hit it: oom_retries, final_batch_size, final_device
+    run: RunningJob  # told what happens to the job's rows (worker/messages.py)
+    runs: dict[int, ItemRun]  # by item index, set before the items are handed over
     priority: int

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 
 import redis
@@ -34,6 +33,7 @@ from gencli.model.provenance import model_identity, runtime_record
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import Store, StoreBusy, open_store
+from gencli.worker import supervise
 from gencli.worker.app import (
     GENERATE_TASK,
     PREP_QUEUE,
@@ -46,9 +46,11 @@ from gencli.worker.app import (
 )
 from gencli.worker.client import keys_for
 from gencli.worker.context import WorkerContext
+from gencli.worker.messages import CancelRequested, HardLimitPassed, LeaseGone
 from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
 from gencli.worker.stream import end_event
+from gencli.worker.supervise import OUTAGES
 
 log = logging.getLogger("gencli.worker")
 HEARTBEAT_SECONDS = 2.0
@@ -139,9 +141,8 @@ def serve(
     queues += [q for q in extra_queues if q not in queues]
     quick = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)  # never waits long
     _take_name(ctx, quick, tuple(queues), shown_url(redis_url))
-    threading.Thread(target=_keep_lease, args=(ctx,), daemon=True, name="gencli-lease").start()
-    threading.Thread(target=_heartbeat, args=(ctx, quick, app, tuple(queues), info), daemon=True,
-                     name="gencli-heartbeat").start()
+    supervise.start("lease", _keep_lease, ctx)
+    supervise.start("heartbeat", _heartbeat, ctx, quick, app, tuple(queues), info)
     try:
         log.info("worker %s: up to %d jobs at once, %d slots%s", name, ctx.max_jobs, ctx.slots,
                  f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
@@ -259,7 +260,7 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
                 # best effort: the job's own thread may publish the same sequence number first (then
                 # this one is refused); tailers then learn the end from the store
                 run.pub.publish([end_event(JobStatus.FAILED.value, msg)])
-        except Exception as e:
+        except OUTAGES as e:
             log.warning("hard time limit: %s: %s", type(e).__name__, e)
     os._exit(EXIT_HARD_LIMIT)
 
@@ -299,55 +300,65 @@ CHECKPOINT_EVERY = 0.3  # seconds between checkpoints of the running items' ids
 
 def _keep_lease(ctx: WorkerContext) -> None:
     """Renew the running jobs' leases and checkpoint their items, in the store and only there:
-    Redis being away never delays it. The checkpoints of every running job go in one write."""
+    Redis being away never delays it. The checkpoints of every running job go in one write. What
+    it learns it tells each job's thread (worker/messages.py), once per claim."""
     s = ctx.settings
     every = min(HEARTBEAT_SECONDS, s.lease_seconds / 3)
     last_renew = 0.0
+    told: dict[str, set[type]] = {}  # lease owner -> the messages its job was sent
     while True:
         runs = list(ctx.running.copy().values())
+        told = {run.owner: told.get(run.owner, set()) for run in runs}  # only claims still running
         try:
-            _checkpoint(ctx, runs)
-        except Exception as e:  # the store away for a moment: try again soon
+            _checkpoint(ctx, runs, told)
+        except OUTAGES as e:  # the store away for a moment: try again soon
             log.warning("checkpoint: %s: %s", type(e).__name__, e)
+        if runs:
+            supervise.crash_point(s.inject_crash, "lease")
         if time.monotonic() - last_renew >= every:
             last_renew = time.monotonic()
-            _renew(ctx, runs)
+            _renew(ctx, runs, told)
         time.sleep(min(CHECKPOINT_EVERY, every))
 
 
-def _checkpoint(ctx: WorkerContext, runs: list) -> None:
+def _tell_once(run, told: dict[str, set[type]], msg) -> None:
+    sent = told.setdefault(run.owner, set())
+    if type(msg) not in sent:
+        sent.add(type(msg))
+        run.tell(msg)
+
+
+def _checkpoint(ctx: WorkerContext, runs: list, told: dict[str, set[type]]) -> None:
+    """Write each running job's latest snapshot (RunningJob.checkpoint); tell a job whose lease the
+    store says is gone."""
     entries, which = [], []
     for run in runs:
-        progress = run.progress
-        if progress is not None and not run.lease_lost:
-            entries.append((run.job_id, run.owner, progress(), run.elapsed()))
+        snapshot = run.checkpoint
+        if snapshot is not None and LeaseGone not in told.get(run.owner, ()):
+            entries.append((run.job_id, run.owner, [(i, e, list(ids)) for i, e, ids in snapshot], run.elapsed()))
             which.append(run)
     if entries:
         for run, ours in zip(which, ctx.store.checkpoint_many(entries), strict=True):
-            if not ours and run.progress is not None:  # (a job that ended meanwhile is not lost)
-                run.lease_lost = True
-                run.wake()
+            if not ours and run.checkpoint is not None:  # (a job that ended meanwhile is not lost)
+                _tell_once(run, told, LeaseGone())
 
 
-def _renew(ctx: WorkerContext, runs: list) -> None:
+def _renew(ctx: WorkerContext, runs: list, told: dict[str, set[type]]) -> None:
     s = ctx.settings
     try:
         cancels = ctx.store.renew_many([(run.job_id, run.owner) for run in runs], s.lease_seconds)
-    except Exception as e:  # the store away for a moment: try again soon
+    except OUTAGES as e:  # the store away for a moment: try again soon
         log.warning("lease renewal: %s: %s", type(e).__name__, e)
         return
     over = []
     for run in runs:
         ours = run.job_id in cancels
         if not ours:
-            run.lease_lost = True
-            run.wake()
-        elif cancels[run.job_id] and not run.cancel_seen:
-            run.cancel_seen = True
-            run.wake()
+            _tell_once(run, told, LeaseGone())
+        elif cancels[run.job_id]:
+            _tell_once(run, told, CancelRequested())
         if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
-            run.hard_limited = True  # a generation job's thread takes its rows out of the batch
-            run.wake()
+            _tell_once(run, told, HardLimitPassed())  # a generation job's thread takes its rows out
             over.append(run)
     if over:
         began = ctx.batcher.step_started if ctx.batcher else None
@@ -363,6 +374,8 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
     last_reap = 0.0
     failing = False  # an outage is logged when it starts and when it ends, not at every beat
     while True:
+        if ctx.running:
+            supervise.crash_point(s.inject_crash, "heartbeat")
         try:
             if info is not None:
                 r.set(ctx.keys.model_info(ctx.model_name), json.dumps(info))
@@ -380,7 +393,7 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
             if failing:
                 log.info("heartbeat: beating again")
                 failing = False
-        except Exception as e:  # Redis or the store away for a moment: keep beating
+        except OUTAGES as e:  # Redis or the store away for a moment: keep beating
             if not failing:
                 log.warning("heartbeat: %s: %s (retrying every %g s, quietly until it works again)",
                             type(e).__name__, e, HEARTBEAT_SECONDS)

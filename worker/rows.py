@@ -1,0 +1,26 @@
+"""One of a generation job's items while it decodes: `ItemRun`, shared by the job's thread (which
+builds it and owns `published`) and the batcher (which owns `seq` and `engine`, and feeds `stream`
+until the item ends)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gencli.model.engine import Engine, Sequence
+    from gencli.model.params import SamplingParams
+    from gencli.model.textstream import TextStream
+
+
+@dataclass(eq=False)
+class ItemRun:
+    idx: int
+    epoch: int
+    prompt_ids: list[int]
+    stream: TextStream
+    seed: int | None
+    params: SamplingParams
+    seq: Sequence | None = None  # the batcher's, once it took the item
+    engine: Engine | None = None  # which engine holds seq
+    published: list[int] = field(default_factory=list)  # its ids in the log: the job's thread's, from Published
