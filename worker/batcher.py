@@ -39,6 +39,7 @@ import torch
 from gencli.model.engine import Engine
 from gencli.model.textgen import Delta, TextGenerator
 from gencli.worker import supervise
+from gencli.worker.events import tok as tok_event
 from gencli.worker.messages import (
     CancelRequested,
     DecodeFailed,
@@ -231,7 +232,7 @@ class Batcher:
 
 
 def _tok(r: ItemRun, token: int | None, text: str, finish: str | None) -> dict:
-    return {"t": "tok", "i": r.idx, "e": r.epoch, "id": token, "text": text, "finish": finish}
+    return tok_event(r.idx, r.epoch, token, text, finish)
 
 
 class Outbox:
@@ -243,6 +244,7 @@ class Outbox:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._told_cancel: weakref.WeakSet = weakref.WeakSet()  # jobs told of their Redis cancel flag
+        self._held_back: weakref.WeakSet = weakref.WeakSet()  # jobs whose lease clock ran out
 
     def start(self) -> None:
         self._thread = supervise.start("outbox", self._loop)
@@ -277,9 +279,17 @@ class Outbox:
             self._send(batch)
 
     def _send(self, batch) -> None:
-        live = [(job, events, ended) for job, events, ended in batch if events]
+        live = []
         for job, events, ended in batch:
-            if ended and not events:
+            if events and not job.run.lease.holds():  # (see running.LeaseClock) the job's thread stops it
+                if job not in self._held_back:
+                    self._held_back.add(job)
+                    log.warning("job %s: its lease may have run out (was this worker stopped?): its events are "
+                                "held back, and another worker takes the job over", job.run.job_id)
+                    job.run.tell(StreamTaken("its lease may have run out"))
+            elif events:
+                live.append((job, events, ended))
+            elif ended:
                 job.run.tell(Published(ended=tuple(ended)))
         if not live:
             return

@@ -31,12 +31,13 @@ from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
 from gencli.storage.store import StoreError, open_store
+from gencli.worker import events
 from gencli.worker.app import BrokerUnavailable, check_model_name, make_app, queue_for, send_job
 from gencli.worker.fold import StreamDelta, StreamFold, texts_of
 from gencli.worker.keys import Keys
 from gencli.worker.prompts import PromptItem
 from gencli.worker.redis_boot import resolve_redis_url, shown_url
-from gencli.worker.stream import Publisher, end_event, follow, seq_floor
+from gencli.worker.stream import Publisher, follow, seq_floor
 from gencli.worker.unicode import check_json, check_text
 
 
@@ -369,7 +370,7 @@ class Job:
         lost events handled, see worker/fold.py), the other events ("start", "item", "progress",
         "end") as they come. When the job has ended, every item's text equals the store's: a job
         that has ended while Redis does not answer is shown from the store at once (a
-        {"t": "from_store", "why"} event first). Warns here, when called (NoWorkerWarning), if the
+        "from_store" event first). Warns here, when called (NoWorkerWarning), if the
         job is queued and no live worker serves its model: it waits for one."""
         record = self.record()
         if JobStatus(record.status).done and not self.client.redis_answers():
@@ -393,11 +394,11 @@ class Job:
             yield from fold.settle([(it.idx, it.output, it.finish_reason) for it in self.items()], seq)
 
     def _from_store(self, record, after: int) -> Iterator[StreamDelta | dict]:
-        yield {"t": "from_store", "why": f"Redis at {self.client.shown_redis_url} does not answer: the job's text "
-                                         "is shown from the store"}
+        yield events.from_store(f"Redis at {self.client.shown_redis_url} does not answer: the job's text is "
+                                "shown from the store")
         for it in self.items():
             yield StreamDelta(after, it.idx, it.output or "", it.finish_reason, restart=True, note="from the store")
-        yield end_event(record.status, record.error_message)
+        yield events.end(record.status, record.error_message)
 
     def stream(self, after: int = 0) -> Iterator[StreamDelta]:
         """The job's text as it is made: deltas in order, each once, also when attached late (warns
@@ -477,7 +478,7 @@ class Job:
             if status is JobStatus.RUNNING:
                 self.client.redis.set(self.client.keys.cancel(self.id), 1, ex=24 * 3600)
             elif status is JobStatus.CANCELLED:
-                self.client.publish(self.id, [{"t": "end", "status": "cancelled", "error": None}])
+                self.client.publish(self.id, [events.end(JobStatus.CANCELLED.value)])
         except (redis.RedisError, OSError, GencliError):
             pass  # recorded in the store: the worker, or a tailer, learns it from there
         return status
@@ -493,8 +494,7 @@ class Job:
             items = [it for it in self.items() if it.status == "pending"]
             try:
                 self.client.redis.delete(self.client.keys.cancel(self.id))
-                self.client.publish(self.id, [{"t": "reset", "items": [it.idx for it in items],
-                                               "epochs": {str(it.idx): it.epoch for it in items}}])
+                self.client.publish(self.id, [events.reset({it.idx: it.epoch for it in items})])
                 self.client._enqueue(self.id, job.model, job.priority, job.kind)
             except (redis.RedisError, OSError, GencliError) as e:
                 raise RedisUnavailable(

@@ -28,8 +28,9 @@ import redis
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
 from gencli.storage.db import ItemStatus, JobStatus
-from gencli.worker import supervise
-from gencli.worker.context import WorkerContext
+from gencli.storage.db import Job as JobRecord
+from gencli.worker import events, supervise
+from gencli.worker.context import Ending, WorkerContext
 from gencli.worker.messages import DecodeFailed, MemoryRung, Published, PublishFailed, RedisLost, Stopped
 from gencli.worker.rows import ItemRun
 from gencli.worker.running import (
@@ -40,7 +41,7 @@ from gencli.worker.running import (
     TimeLimitExceeded,
     error_fields,
 )
-from gencli.worker.stream import end_event, read_log, whole
+from gencli.worker.stream import read_log, whole
 
 log = logging.getLogger("gencli.worker")
 WATCH_EVERY = 0.25  # seconds between a job's looks at its soft time limit (flags set elsewhere wake it at once)
@@ -62,8 +63,21 @@ class PublishRefused(Exception):
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:
     """Run (or resume) one job; return how it ended, or why it was not run."""
-    # stoppable: its rows leave the batch at a hard time limit, and the process lives on
-    return ctx.run_job(job_id, lambda run: GenerationJob(ctx, run).execute(), stoppable=True)
+    return ctx.run_job(job_id, Generation(ctx))
+
+
+class Generation:
+    """The generation kind of job (context.JobKind): its body is a GenerationJob's."""
+
+    stoppable = True  # its rows leave the batch at a hard time limit, and the process lives on
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.device = ctx.device
+        self.provenance = ctx.provenance
+
+    def run(self, run: RunningJob, job: JobRecord, attempt: int, start: int) -> Ending:
+        return GenerationJob(self.ctx, run, attempt).execute(job, start)
 
 
 class GenerationJob:
@@ -71,36 +85,26 @@ class GenerationJob:
     outbox and the lease thread write to), its items (`runs`, by index) and the out-of-memory
     rungs that hit it (`stats`)."""
 
-    def __init__(self, ctx: WorkerContext, run: RunningJob):
+    def __init__(self, ctx: WorkerContext, run: RunningJob, attempt: int):
         self.ctx = ctx
         self.run = run
         self.runs: dict[int, ItemRun] = {}
         self.priority = 0
-        self.attempt: int | None = None  # this claim's number among the job's recorded attempts
+        self.attempt = attempt  # this claim's number among the job's recorded attempts
         self.stats = {"oom_retries": 0, "final_batch_size": ctx.batcher.engine.limit, "final_device": ctx.device}
 
-    def execute(self) -> str:
+    def execute(self, job: JobRecord, start: int) -> Ending:
+        """Resume the job's items after what the log before `start` holds, decode them, and say
+        how the job ended (LeaseLost when another worker owns it)."""
         ctx, run = self.ctx, self.run
         store, job_id = ctx.store, run.job_id
-        job = store.get_job(job_id)
         self.priority = job.priority
-        self.attempt = store.record_attempt(job_id, run.owner, worker=ctx.worker_name, provenance=ctx.provenance)
-        if self.attempt is None:
-            log.warning("job %s: lease lost before it started", job_id)
-            return "lease lost"
-        start = run.pub.claim({"t": "start", "worker": ctx.worker_name, "device": ctx.device,
-                               "attempt": run.attempt}, attempt=self.attempt)
         earlier = read_log(ctx.redis, ctx.keys, job_id, upto=start - 1)  # no stale publish lands after the claim
         streamed = _streamed_ids(earlier) if whole(earlier, 0, start - 1) else None
         status, error = JobStatus.SUCCEEDED, {}
-        try:
-            runs, resynced = self._resume_items(job, streamed)
-        except LeaseLost:
-            log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
-            return "lease lost"
+        runs, resynced = self._resume_items(job, streamed)
         if resynced:
-            run.publish([{"t": "resync", "items": [{"i": r.idx, "e": r.epoch, "text": r.stream.text}
-                                                   for r in resynced]}])
+            run.publish([events.resync([(r.idx, r.epoch, r.stream.text) for r in resynced])])
         if runs:
             supervise.crash_point(ctx.settings.inject_crash, "job")
         t0 = time.perf_counter()
@@ -113,11 +117,8 @@ class GenerationJob:
             self._decode(runs)
         except JobCancelled:
             status = JobStatus.CANCELLED
-        except LeaseLost:
-            log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
-            return "lease lost"
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise  # Redis away for good: not the job's fault (WorkerContext.run_job gives it back)
+        except (LeaseLost, redis.ConnectionError, redis.TimeoutError):
+            raise  # not the job's end (another worker owns it; Redis away for good: run_job gives it back)
         except Exception as e:  # the job fails; the worker lives on to take the next one
             status = JobStatus.FAILED
             error = error_fields(e, self.stats)
@@ -131,20 +132,11 @@ class GenerationJob:
                      "error_message": f"{failed_items} of {len(all_items)} items failed: see gencli show {job_id}"}
         made = sum(len(r.stream.ids) for r in runs) - tokens_before
         completion = sum(it.completion_tokens or 0 for it in all_items)
-        if not store.finish(job_id, run.owner, status, run_seconds=run.elapsed(),
-                            completion_tokens=completion,
-                            tokens_per_s=made / elapsed if elapsed > 0 and made else None, **self.stats, **error):
-            return "lease lost"
-        try:
-            run.publish([end_event(status.value, error.get("error_message"))])
-            ctx.redis.delete(ctx.keys.cancel(job_id))
-        except LeaseLost:
-            pass  # the store has the end; tailers read it from there
-        except redis.RedisError as e:  # likewise
-            log.warning("job %s: its end was not published (%s: %s); the store has it", job_id, type(e).__name__, e)
-        log.info("job %s %s: %d tokens in %.2f s (%.1f tokens/s) on %s", job_id, status.value, made, elapsed,
-                 made / elapsed if elapsed > 0 else 0.0, self.stats["final_device"])
-        return status.value
+        fields = dict(completion_tokens=completion, tokens_per_s=made / elapsed if elapsed > 0 and made else None,
+                      **self.stats)
+        summary = (f": {made} tokens in {elapsed:.2f} s ({made / elapsed if elapsed > 0 else 0.0:.1f} tokens/s) "
+                   f"on {self.stats['final_device']}")
+        return Ending(status, error, fields, summary=summary)
 
     def _decode(self, runs: list[ItemRun]) -> None:
         """Hand the items to the batcher and look after them until each has ended; raise what
@@ -216,8 +208,7 @@ class GenerationJob:
         readers saw (from the log), or the checkpoint they were told to resync to."""
         if not runs:
             return
-        self.run.publish([{"t": "tok", "i": r.idx, "e": r.epoch, "id": None, "text": r.stream.finish("cancelled"),
-                           "finish": "cancelled"} for r in runs])
+        self.run.publish([events.tok(r.idx, r.epoch, None, r.stream.finish("cancelled"), "cancelled") for r in runs])
         for r in runs:
             self._save(r)
 
@@ -245,7 +236,7 @@ class GenerationJob:
                                         output=None, finish_reason=None, prompt_tokens=None,
                                         completion_tokens=None, error=error):
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
-        self.run.publish([{"t": "item", "i": idx, "status": "failed", "error": error}])
+        self.run.publish([events.item_failed(idx, error)])
 
     def _resume_items(self, job, streamed) -> tuple[list[ItemRun], list[ItemRun]]:
         """The job's pending items, each continued from where an earlier attempt left it: (to run,

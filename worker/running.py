@@ -23,6 +23,28 @@ from gencli.worker.rows import ItemRun
 from gencli.worker.stream import Publisher, StreamRefused
 
 
+class LeaseClock:
+    """Until when this worker's lease of a job surely holds, by this process's monotonic clock:
+    from just before the claim, pushed on from just before each renewal that the store accepted
+    (the lease thread alone writes `until`). Nothing of the job is published past it: a worker
+    that was stopped (SIGSTOP, a paused VM) past its lease and wakes up must not publish, even
+    where Redis restarted empty meanwhile and lost the stream's owner key that would refuse it
+    (found by bench.exact: a worker woken after such a restart took a stream over from its new
+    owner). The margin leaves room for the two clocks' rates and a slow publish."""
+
+    MARGIN = 0.1  # of the lease
+
+    def __init__(self, seconds: float, since: float):
+        self.seconds = seconds
+        self.until = since + seconds * (1 - self.MARGIN)
+
+    def renewed(self, since: float) -> None:
+        self.until = max(self.until, since + self.seconds * (1 - self.MARGIN))
+
+    def holds(self) -> bool:
+        return time.monotonic() < self.until
+
+
 class JobCancelled(Exception):
     pass
 
@@ -44,7 +66,8 @@ class RunningJob:
     """One claim of a job, owned by the job's own thread: the lease thread, the batcher and the
     outbox never set its fields; they `tell` it messages (worker/messages.py), which the job's
     thread applies as it reads them (`wait`, `check`). Other threads read only what does not
-    change or is replaced whole: `elapsed()`, `stoppable` and `checkpoint`."""
+    change or is replaced whole: `elapsed()`, `stoppable` and `checkpoint`; `lease` is the lease
+    thread's."""
 
     job_id: str
     owner: str  # this delivery's lease owner: fresh for every claim
@@ -52,6 +75,7 @@ class RunningJob:
     pub: Publisher
     redis: redis.Redis
     keys: Keys
+    lease: LeaseClock  # the lease thread's (RunningJob's other fields are the job thread's)
     run_seconds_before: float = 0.0  # running time of the job's earlier attempts
     stoppable: bool = False  # its runner stops it at a hard time limit (else the process is ended)
     cancel_seen: bool = False  # a cancel was asked for (given at a claim that found one: Claim.cancelled)
@@ -92,6 +116,9 @@ class RunningJob:
         return msg
 
     def publish(self, events: list[dict]) -> None:
+        if not self.lease.holds():
+            self.lease_lost = True
+            raise LeaseLost(f"job {self.job_id}: its lease may have run out; nothing more is published")
         try:
             self.pub.publish(events)
         except StreamRefused as e:

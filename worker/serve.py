@@ -33,7 +33,7 @@ from gencli.model.provenance import model_identity, runtime_record
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import Store, StoreBusy, open_store
-from gencli.worker import supervise
+from gencli.worker import events, supervise
 from gencli.worker.app import (
     GENERATE_TASK,
     PREP_QUEUE,
@@ -49,7 +49,6 @@ from gencli.worker.context import WorkerContext
 from gencli.worker.messages import CancelRequested, HardLimitPassed, LeaseGone
 from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
-from gencli.worker.stream import end_event
 from gencli.worker.supervise import OUTAGES
 
 log = logging.getLogger("gencli.worker")
@@ -259,7 +258,7 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
                                 error_where=f"worker {ctx.worker_name}, device {ctx.device}"):
                 # best effort: the job's own thread may publish the same sequence number first (then
                 # this one is refused); tailers then learn the end from the store
-                run.pub.publish([end_event(JobStatus.FAILED.value, msg)])
+                run.pub.publish([events.end(JobStatus.FAILED.value, msg)])
         except OUTAGES as e:
             log.warning("hard time limit: %s: %s", type(e).__name__, e)
     os._exit(EXIT_HARD_LIMIT)
@@ -345,6 +344,7 @@ def _checkpoint(ctx: WorkerContext, runs: list, told: dict[str, set[type]]) -> N
 
 def _renew(ctx: WorkerContext, runs: list, told: dict[str, set[type]]) -> None:
     s = ctx.settings
+    since = time.monotonic()
     try:
         cancels = ctx.store.renew_many([(run.job_id, run.owner) for run in runs], s.lease_seconds)
     except OUTAGES as e:  # the store away for a moment: try again soon
@@ -355,9 +355,11 @@ def _renew(ctx: WorkerContext, runs: list, told: dict[str, set[type]]) -> None:
         ours = run.job_id in cancels
         if not ours:
             _tell_once(run, told, LeaseGone())
-        elif cancels[run.job_id]:
+            continue
+        run.lease.renewed(since)
+        if cancels[run.job_id]:
             _tell_once(run, told, CancelRequested())
-        if ours and s.hard_time_limit and run.elapsed() > s.hard_time_limit:
+        if s.hard_time_limit and run.elapsed() > s.hard_time_limit:
             _tell_once(run, told, HardLimitPassed())  # a generation job's thread takes its rows out
             over.append(run)
     if over:

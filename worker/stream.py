@@ -8,15 +8,7 @@ a gap is filled from the log, and after a lost connection it resumes from its la
 number. So a late or reconnecting follower sees every event once. Redis is transport: a log that
 lost events shows a gap event where they were, and the store holds what the job made.
 
-Events are JSON objects:
-  {"seq", "t": "start", "worker", "device", "attempt"}
-  {"seq", "t": "tok", "i": item, "e": item's epoch, "id": token id, "text": delta, "finish": reason or null}
-  {"seq", "t": "item", "i": item, "status", "error"}      an item failed on its own
-  {"seq", "t": "progress", ...}                             dataset prep
-  {"seq", "t": "reset", "items": [...]}                    gencli retry: these items start over
-  {"seq", "t": "resync", "items": [{"i", "e", "text"}]}    a worker resumed these items from the
-                                                            store's checkpoint: their text so far
-  {"seq", "t": "end", "status", "error"}                    the last event of a job
+Events are JSON objects whose schema and constructors live in worker/events.py.
 """
 
 from __future__ import annotations
@@ -27,6 +19,7 @@ from collections.abc import Iterator
 
 import redis
 
+from gencli.worker.events import gap as gap_event
 from gencli.worker.keys import Keys
 
 RUNNING_TTL = 7 * 24 * 3600  # added to a running job's log TTL: no job runs longer
@@ -144,11 +137,6 @@ def seq_floor(attempt: int, *, after: bool = False) -> int:
     return attempt * SEQ_SPAN + (SEQ_SPAN // 2 if after else 0) if (attempt > 1 or after) else 1
 
 
-def end_event(status: str, error: str | None = None) -> dict:
-    """A job's last event: how it ended."""
-    return {"t": "end", "status": status, "error": error}
-
-
 def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
                  exists: tuple[str, ...] = ()) -> tuple[list[StreamRefused | None], list[bool]]:
     """Publish several jobs' events in one Redis round trip (a pipeline of each job's guarded
@@ -202,11 +190,6 @@ def whole(events: list[dict], after: int = 0, upto: int | None = None) -> bool:
     return all(e["seq"] == after + 1 + n for n, e in enumerate(events))
 
 
-def gap_event(after: int, next_seq: int | None) -> dict:
-    """What a follower yields where the log lost events (Redis restarted empty, evicted or trimmed
-    the log): the events after `after` up to `next_seq` (None: all of them) are gone."""
-    return {"t": "gap", "after": after, "next": next_seq}
-
 def follow(
     url: str,
     keys: Keys,
@@ -220,7 +203,7 @@ def follow(
     """Every event of the job after seq `after`, each once, in order, up to its "end" event.
 
     Where the log lost events (Redis restarted empty, or evicted or trimmed the log), a gap event
-    (see gap_event) stands in for them: a follower never takes a stream with a hole for whole.
+    (see worker/events.py gap) stands in for them: a follower never takes a stream with a hole for whole.
     An "end" that more events follow in the log, or that is_done() denies (a retried job), does not
     stop following. is_done(): a fallback for a job that ended without an "end" in the log (the log expired, or
     Redis lost it): checked when nothing arrives for `poll` seconds; when it returns True and the

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from contextlib import ExitStack
 
 import pytest
-from services import RedisServer, Worker, pg_schema, start_api, start_worker
+from services import RedisServer, Worker, pg_schema, start_api, start_worker, stop_between_writes
 from tailing import Tailer, reference, wait_for
 
 from gencli.model.checkpoint import create_model
@@ -142,3 +143,46 @@ def test_right_after_a_redis_restart_the_api_waits_for_the_workers_to_beat_again
     finally:
         api.stop()
         worker.stop()
+
+
+@pytest.mark.parametrize("private", ["sqlite", "postgresql"], indirect=True)
+def test_a_worker_woken_after_a_takeover_and_a_redis_restart_publishes_nothing(private):
+    """Redis restarted empty loses the stream's owner key, which refuses a stale worker's publish:
+    a worker stopped past its lease must itself know not to publish when it wakes (running.LeaseClock),
+    else it takes the stream over from the job's new owner (found by bench.exact)."""
+    model = str(create_model(private["tmp"] / "tiny", preset="tiny", tokenizer="cl100k_base",
+                             chat_format="chatml", seed=3))
+    prompts = ["the lighthouse keeper", "a letter from the north"]
+    a = start_worker(private, model, "sleeper@test", "--model-name", "tiny-wake", "--batch_size", "2")
+    b = None
+    try:
+        client = Client(get_settings())
+        job = client.submit(prompts, model="tiny-wake", max_tokens=240, temperature=0)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: tailer.tokens() > 40, 60, "tokens from the first worker")
+        stop_between_writes(a, client.store, job.id)
+        b = start_worker(private, model, "heir@test", "--model-name", "tiny-wake", "--batch_size", "2")
+        wait_for(lambda: job.record().worker == b.name, 60, "the takeover")
+        seen = tailer.tokens()
+        wait_for(lambda: tailer.tokens() > seen + 10, 60, "tokens from the new owner")
+        stop_between_writes(b, client.store, job.id)  # (for a second: its lease holds)
+        private["redis"].restart(down_seconds=0.2)  # empty: the stream's owner key is gone
+        a.kill(signal.SIGCONT)  # the stale worker wakes first, with tokens to publish
+        wait_for(lambda: "lease lost" in a.log.read_text(), 30, "the woken worker to let the job go")
+        b.kill(signal.SIGCONT)
+        assert job.wait(90) is JobStatus.SUCCEEDED
+        tailer.join(30)
+        rec = job.record()
+        assert rec.attempts == 2 and rec.worker == b.name  # the heir was never refused and kept the job
+        stored = [x["output"] for x in job.result()]
+        assert stored == reference(model, prompts, 240)
+        assert tailer.texts(len(prompts)) == stored
+        assert "lease lost" not in b.log.read_text()
+        assert "may have run out" in a.log.read_text()  # it held back what it had made while stopped
+    finally:
+        a.kill(signal.SIGCONT)
+        a.stop()
+        if b:
+            b.kill(signal.SIGCONT)
+            b.stop()
