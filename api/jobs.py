@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gencli.api import sse
 from gencli.api.errors import APIError
 from gencli.model.errors import ContextOverflowError, GencliError
-from gencli.storage.status import JobStatus
+from gencli.storage.status import JobStatus, iso
 from gencli.storage.store import SearchError
 from gencli.worker.client import Client, Job, RedisUnavailable
 from gencli.worker.prompts import PromptItem, prompt_line
@@ -52,9 +52,6 @@ class JobRequest(BaseModel):
 def client_of(request: Request) -> Client:
     return request.app.state.client
 
-
-def iso(t) -> str | None:
-    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
 
 
 def job_json(job, items=None) -> dict:

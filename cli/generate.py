@@ -32,7 +32,9 @@ from gencli.worker.unicode import invalid_at, what_is_wrong
 
 
 @dataclass
-class Sequence:
+class Sample:
+    """One sample of one prompt, as gencli generate runs it (the engine's own unit is model/engine.py's Sequence)."""
+
     item: PromptItem
     sample: int  # 0-based sample number of its prompt
     ids: list[int]
@@ -56,10 +58,10 @@ class DirectRunner:
         self.model_name = model_name
         self.interrupts = 0
 
-    def run(self, seqs: list[Sequence], batch_size: int) -> None:
+    def run(self, seqs: list[Sample], batch_size: int) -> None:
         self.run_batch(seqs, len(seqs) > 1, slots=batch_size)
 
-    def run_batch(self, seqs: list[Sequence], labelled: bool, slots: int = 1) -> list[str]:
+    def run_batch(self, seqs: list[Sample], labelled: bool, slots: int = 1) -> list[str]:
         """Decode seqs on `slots` slots, each joining as another finishes; print them in order."""
         printer = OrderedPrinter([s.label for s in seqs] if labelled else None)
         # Sequences in company compute exactly what each computes alone (Engine's invariant mode);
@@ -110,7 +112,7 @@ class DirectRunner:
             )
         return [st.text for st in tg.streams]
 
-    def record(self, s: Sequence, output: str, finish_reason: str | None, n_tokens: int) -> dict:
+    def record(self, s: Sample, output: str, finish_reason: str | None, n_tokens: int) -> dict:
         return {
             "model": self.model_name,
             "prompt": s.item.prompt,
@@ -195,7 +197,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
         sp, line_seed, line_stop = resolve_sampling(flags, line, gen.block_size, where=where)
         ids = _encode(gen, item, chat=chat, max_tokens=sp.max_tokens, truncate=truncate)
         for k in range(num_samples):
-            seqs.append(Sequence(item, k, ids, None if line_seed is None else line_seed + k, sp, line_stop))
+            seqs.append(Sample(item, k, ids, None if line_seed is None else line_seed + k, sp, line_stop))
     runner.run(seqs, batch_size)
     if runner.interrupts:
         ctx.exit(EXIT_INTERRUPTED)
@@ -247,7 +249,7 @@ def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
                 messages.pop()
                 continue
             item = PromptItem(prompt=list(messages), line=turn + 1)
-            seq = Sequence(item, 0, ids, None if seed is None else seed + turn, runner.params, runner.stop)
+            seq = Sample(item, 0, ids, None if seed is None else seed + turn, runner.params, runner.stop)
             runner.interrupts = 0
             (reply,) = runner.run_batch([seq], labelled=False)
             messages.append({"role": "assistant", "content": reply})

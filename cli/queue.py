@@ -15,7 +15,7 @@ from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.cli.options import SINCE, sampling_options
 from gencli.model.errors import GencliError
-from gencli.storage.status import JobStatus
+from gencli.storage.status import JobStatus, iso
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
 from gencli.worker.fold import StreamDelta
 
@@ -290,18 +290,14 @@ def list_jobs(status_, model, kind, limit, query, since, after, as_json):
 
 def _job_line(j, tokens: int, tps: float | None, matches: list | None) -> dict:
     """A job as `list --json` prints it (with -q, its matching items whole)."""
-    out = {"id": j.id, "kind": j.kind, "model": j.model, "status": j.status, "created_at": _iso(j.created_at),
-           "finished_at": _iso(j.finished_at), "n_items": j.n_items, "completion_tokens": tokens,
+    out = {"id": j.id, "kind": j.kind, "model": j.model, "status": j.status, "created_at": iso(j.created_at),
+           "finished_at": iso(j.finished_at), "n_items": j.n_items, "completion_tokens": tokens,
            "tokens_per_s": tps, "worker": j.worker, "device": j.final_device or j.device}
     if matches is not None:
         out["matches"] = [{"line": it.line, "custom_id": it.custom_id, "prompt": it.prompt, "output": it.output}
                           for it in matches]
     return out
 
-
-def _iso(t) -> str | None:
-    """A stored time (naive UTC) in ISO 8601, zone Z."""
-    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
 
 
 def _snippet(text: str | None, width: int) -> str:

@@ -131,6 +131,10 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.invariant = invariant
         self.observe = observe
+        # fault injection, read once (the README's "Fault injection"; tests set these attributes)
+        oom = os.environ.get(INJECT_OOM_ENV)
+        self.inject_oom: int | None = int(oom) if oom else None
+        self.inject_stall: str | None = os.environ.get(INJECT_STALL_ENV) or None
         self.limit = slots  # rows run at once: lowered by running out of memory
         self.running: list[Sequence] = []  # in admission order
         self.rungs: list[Rung] = []
@@ -275,12 +279,10 @@ class Engine:
 
     def _forward(self, idx: torch.Tensor, at: SlotBatch, ready: list[int], rows: int) -> torch.Tensor | None:
         """The logits of the ready rows' last ids (None when no row is ready); rows: sequences in it."""
-        stall = os.environ.get(INJECT_STALL_ENV)
-        while stall and os.path.exists(stall):
+        while self.inject_stall and os.path.exists(self.inject_stall):
             time.sleep(0.05)
-        limit = os.environ.get(INJECT_OOM_ENV)
-        if limit and rows >= int(limit):
-            raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={limit}: forward pass over {rows} rows")
+        if self.inject_oom and rows >= self.inject_oom:
+            raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self.inject_oom}: forward pass over {rows} rows")
         return self.model.forward_cached(idx, self.cache, at, ready,
                                          min_rows=self.model.min_rows if self.invariant else 1)
 

@@ -23,3 +23,8 @@ class ItemStatus(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+def iso(t) -> str | None:
+    """A store time (naive UTC) as ISO 8601 with milliseconds and a Z, as the CLI and the API print it."""
+    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"

@@ -475,11 +475,6 @@ class Store:
                 return Claim(False, "missing")
             return Claim(False, "done" if JobStatus(status).done else "leased")
 
-    def renew(self, job_id: str, owner: str, lease_seconds: float) -> tuple[bool, bool]:
-        """Extend the lease; (still ours, cancel requested)."""
-        cancel = self.renew_many([(job_id, owner)], lease_seconds)
-        return job_id in cancel, bool(cancel.get(job_id))
-
     def renew_many(self, leases: list[tuple[str, str]], lease_seconds: float) -> dict[str, bool]:
         """Extend several leases, (job id, owner) each, in one statement: for each that was still
         ours, whether a cancel is requested (the others are missing)."""
@@ -496,18 +491,13 @@ class Store:
             ).all()
         return {r.id: bool(r.cancel_requested) for r in rows}
 
-    def checkpoint(self, job_id: str, owner: str, progress: list[tuple[int, int, list[int]]],
-                   run_seconds: float | None = None) -> bool:
-        """Record each running item's (idx, epoch, ids generated so far) and the job's running time
-        over all its attempts so far (run_seconds, a total, not an increment: a write that is lost
-        or refused loses no time), only while the lease is ours. A resume starts from here when the
-        replay log cannot be trusted."""
-        return self.checkpoint_many([(job_id, owner, progress, run_seconds)]) == [True]
-
     def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float | None]]) -> list[bool]:
-        """checkpoint() for several jobs, (job id, owner, progress, run_seconds) each, in one
-        transaction of two statements (a worker holding many jobs writes once, not once per job);
-        per job, whether its lease was ours (a job whose lease was not gets nothing written)."""
+        """Record, for each of several jobs, (job id, owner, progress, run_seconds): each running
+        item's (idx, epoch, ids generated so far), and the job's running time over all its attempts
+        so far (a total, not an increment: a write that is lost or refused loses no time), only
+        while the lease is ours: in one transaction of two statements (a worker holding many jobs
+        writes once, not once per job). Per job, whether its lease was ours (a job whose lease was
+        not gets nothing written). A resume starts from here when the replay log cannot be trusted."""
         if not jobs:
             return []
         owners = {job_id: owner for job_id, owner, _, _ in jobs}

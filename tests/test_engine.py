@@ -217,14 +217,14 @@ def test_priority_then_age_with_a_cap_per_group(gpt):
     assert urgent in engine.running  # the freed slot went to the urgent one, not a third big one
 
 
-def test_out_of_memory_preempts_the_newest_and_outputs_are_unchanged(gpt, monkeypatch):
+def test_out_of_memory_preempts_the_newest_and_outputs_are_unchanged(gpt):
     """An out-of-memory pass (injected at 3 rows) halves the sequences run at once; the newest
     leave their slots and are prefilled again later from their ids so far."""
     alone = [generate(gpt, [p], greedy(10))[0] for p in PROMPTS]
     params = SamplingParams(max_tokens=10, temperature=1.0)
     seeded = [generate(gpt, [p], params, seeds=[7 + i])[0] for i, p in enumerate(PROMPTS)]
-    monkeypatch.setenv("GENCLI_INJECT_OOM", "3")
     engine = Engine(gpt, 4)
+    engine.inject_oom = 3
     seqs = [Sequence(list(p), greedy(10)) for p in PROMPTS]
     for s in seqs:
         engine.add(s)
@@ -237,7 +237,7 @@ def test_out_of_memory_preempts_the_newest_and_outputs_are_unchanged(gpt, monkey
     assert generate(gpt, PROMPTS, params, seeds=[7, 8, 9, 10]) == seeded
 
 
-def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt, monkeypatch):
+def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt):
     alone = [generate(gpt, [p], greedy(12))[0] for p in PROMPTS[:2]]
     engine = Engine(gpt, 2)
     seqs = [Sequence(list(p), greedy(12)) for p in PROMPTS[:2]]
@@ -245,7 +245,7 @@ def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt, monkeyp
         engine.add(s)
     for _ in range(5):
         engine.step()
-    monkeypatch.setenv("GENCLI_INJECT_OOM", "2")
+    engine.inject_oom = 2
     engine.step()
     assert engine.rungs and engine.rungs[0].preempted == [seqs[1]] and seqs[1].slot is None
     assert len(seqs[1].out) == 5  # kept: it is prefilled again from prompt + these
@@ -254,17 +254,17 @@ def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt, monkeyp
     assert [s.out for s in seqs] == alone
 
 
-def test_out_of_memory_at_one_row_raises_and_the_sequence_can_go_on_elsewhere(gpt, monkeypatch):
+def test_out_of_memory_at_one_row_raises_and_the_sequence_can_go_on_elsewhere(gpt):
     (alone,) = generate(gpt, [PROMPTS[2]], greedy(10))
     engine = Engine(gpt, 1)
     seq = Sequence(list(PROMPTS[2]), greedy(10))
     engine.add(seq)
     for _ in range(4):
         engine.step()
-    monkeypatch.setenv("GENCLI_INJECT_OOM", "1")
+    engine.inject_oom = 1
     with pytest.raises(torch.OutOfMemoryError):
         engine.step()
-    monkeypatch.delenv("GENCLI_INJECT_OOM")
+    engine.inject_oom = None
     moved = engine.take_out(seq)  # what the worker does to go on on its CPU copy
     assert not engine
     other = Engine(gpt, 1)

@@ -209,8 +209,8 @@ def test_claim_lease_save_and_finish(store):
 
     other = claim(store, job.id, "o2")  # a redelivered copy while the lease is live
     assert not other.ok and other.reason == "leased"
-    assert store.renew(job.id, "o2", 30) == (False, False)
-    assert store.renew(job.id, "o1", 30) == (True, False)
+    assert store.renew_many([(job.id, "o2")], 30) == {}
+    assert store.renew_many([(job.id, "o1")], 30) == {job.id: False}
 
     assert not save(store, job.id, "o2", 0, "intruder")
     assert not store.finish(job.id, "o2", JobStatus.SUCCEEDED, completion_tokens=99)
@@ -278,7 +278,7 @@ def test_take_expired_puts_a_dead_workers_job_back(store):
     assert store.get_job(alive.id).status == "running"
     assert store.take_expired() == []
     assert not save(store, dead.id, "o1", 0, "stale")  # the stalled worker lost its right to write
-    assert store.renew(dead.id, "o1", 30) == (False, False)
+    assert store.renew_many([(dead.id, "o1")], 30) == {}
     again = claim(store, dead.id, "o3")
     assert again.ok and again.attempt == 2
 
@@ -332,7 +332,7 @@ def test_cancel_a_running_job_asks_its_worker(store):
     assert store.request_cancel(job.id) == "running"
     rec = store.get_job(job.id)
     assert rec.status == "running" and rec.cancel_requested
-    assert store.renew(job.id, "o1", 30) == (True, True)
+    assert store.renew_many([(job.id, "o1")], 30) == {job.id: True}
     assert save(store, job.id, "o1", 1, "partial", status=ItemStatus.CANCELLED)
     assert store.finish(job.id, "o1", JobStatus.CANCELLED)
     assert [(it.status, it.output) for it in store.items(job.id)] == [

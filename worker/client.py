@@ -157,8 +157,7 @@ class Client:
                 self._enqueue(record.id, record.model, record.priority, record.kind)
             except (redis.RedisError, OSError, BrokerUnavailable) as e:
                 self.store.delete_job(record.id)
-                raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} "
-                                       f"({type(e.__cause__ or e).__name__}): nothing was submitted") from None
+                raise self._unreachable(e.__cause__ or e, "nothing was submitted") from None
         return Job(self, record.id)
 
     def _check_bound(self, model: str, idempotency_key: str | None) -> None:
@@ -211,9 +210,13 @@ class Client:
         try:
             raw = self.redis.get(self.keys.model_info(model))
         except (redis.RedisError, OSError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): "
-                                   "nothing was submitted") from None
+            raise self._unreachable(e, "nothing was submitted") from None
         return json.loads(raw) if raw else None
+
+    def _unreachable(self, e: BaseException, why: str = "") -> RedisUnavailable:
+        """The one way the client says Redis did not answer (and what that means for the caller)."""
+        return RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__})"
+                                + (f": {why}" if why else ""))
 
     def redis_answers(self) -> bool:
         try:
@@ -227,8 +230,7 @@ class Client:
         try:
             self.redis.ping()
         except (redis.RedisError, OSError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__}): {why}") \
-                from None
+            raise self._unreachable(e, why) from None
 
     def live_workers(self, queue: str | None = None) -> list[dict]:
         """The workers whose heartbeat is fresh (those serving queue, when given)."""
@@ -241,8 +243,7 @@ class Client:
                 r.srem(self.keys.workers, *gone)  # stopped beating: a new beat adds it back
             found = [json.loads(b) for b in beats if b]
         except (redis.RedisError, OSError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {self.shown_redis_url} ({type(e).__name__})") \
-                from None
+            raise self._unreachable(e) from None
         return [w for w in found if queue is None or queue in w["queues"]]
 
     def served_models(self) -> dict[str, int]:

@@ -108,7 +108,7 @@ def test_a_cancel_racing_a_claim_ends_consistent(store_url, round_):
     assert len(claimed) <= 1
     if claimed:  # the claim came first: the job runs, and its worker is asked to stop
         assert rec.status == "running" and rec.attempts == 1
-        assert store.renew(job, f"o{claimed[0]}", 30) == (True, True)
+        assert store.renew_many([(job, f"o{claimed[0]}")], 30) == {job: True}
     else:  # the cancel came first: cancelled for good, its items too, never started
         assert rec.status == "cancelled" and rec.attempts == 0 and rec.started_at is None
         assert {it.status for it in store.items(job)} == {"cancelled"}
