@@ -32,6 +32,17 @@ from gencli.worker.keys import Keys
 torch.set_num_threads(1)
 
 
+
+# The suite runs its files on two processes at once (pyproject's addopts: pytest-xdist, -n 2, one
+# file to a process at a time, so a module's Redis, store and workers are built once). The files
+# that take minutes start first, so that none of them is left to run alone at the end.
+LONGEST_FIRST = ("test_docker.py", "test_exact.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_gencli_settings_from_the_shell():
     """A developer's GENCLI_DB_URL, GENCLI_REDIS_URL, ... never reach a test (GENCLI_TEST_* stay:
