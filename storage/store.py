@@ -440,7 +440,7 @@ class Store:
             row = s.execute(
                 update(Job)
                 .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True), Job.kind == "generate",
-                       Job.started_at.is_not(None))
+                       Job.started_at.is_not(None), Job.attempts < max_deliveries)
                 .values(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner,
                         lease_expires=db_now(lease_seconds), worker=worker, device=device)
                 .returning(Job.attempts, Job.run_seconds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 import torch
@@ -25,7 +27,9 @@ pytestmark = [
 def test_real_cuda_out_of_memory_goes_down_the_ladder(env, tmp_path):
     path = create_model(tmp_path / "m", preset="small", tokenizer="cl100k_base", chat_format="chatml")
     loaded = load_model(path, device="cuda:0")
-    settings = get_settings()
+    # no lease thread runs in this process to renew the claim: a lease longer than the run, so that
+    # the worker's lease clock (worker/running.py LeaseClock) does not hold its events back
+    settings = dataclasses.replace(get_settings(), lease_seconds=600.0)
     client = Client(settings)
     job = client.submit(["word " * 300] * 32, model="gpu-oom", max_tokens=150, temperature=0)
     ctx = WorkerContext(settings=settings, store=Store(settings.db_url), redis=redis.Redis.from_url(client.redis_url),

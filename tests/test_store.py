@@ -357,6 +357,18 @@ def test_a_generation_job_cancelled_after_it_started_is_claimed_only_to_be_ended
                                                                        ("cancelled", None)]
 
 
+def test_a_cancelled_job_at_its_delivery_limit_is_ended_by_its_claim_without_a_worker(store):
+    """The claim that would end it with its log's tokens is bounded like any other: a job that kept
+    killing the workers that claimed it is not handed out again to be ended."""
+    job = new_job(store)
+    assert claim(store, job.id, "o1", lease=0.01, max_deliveries=1).ok
+    store.request_cancel(job.id)
+    time.sleep(0.05)
+    c = claim(store, job.id, "o2", max_deliveries=1)
+    assert not c.ok and c.reason == "cancelled"
+    assert store.get_job(job.id).status == "cancelled"
+
+
 def test_a_cancel_requested_dataset_job_is_ended_by_its_claim(store):
     """A dataset job keeps no partial output: the claim that finds it cancelled ends it in the store."""
     job = new_job(store, kind="prep")

@@ -231,6 +231,9 @@ class Batcher:
                 cpu.add(r.seq)
 
 
+PUBLISHED_EVERY = 0.1  # seconds: how stale a job's checkpoint snapshot may be beyond the lease thread's own pace
+
+
 def _tok(r: ItemRun, token: int | None, text: str, finish: str | None) -> dict:
     return tok_event(r.idx, r.epoch, token, text, finish)
 
@@ -245,6 +248,10 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._told_cancel: weakref.WeakSet = weakref.WeakSet()  # jobs told of their Redis cancel flag
         self._held_back: weakref.WeakSet = weakref.WeakSet()  # jobs whose lease clock ran out
+        # ids published but not yet told to their job (it is told when items end, when it is
+        # stopped, and at most every PUBLISHED_EVERY seconds: not woken at every step)
+        self._untold: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._told_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         self._thread = supervise.start("outbox", self._loop)
@@ -267,6 +274,8 @@ class Outbox:
                     if events is None:  # a stop marker: flush what came before, then say so
                         self._send(batch)
                         batch = []
+                        if job in self._untold:
+                            self._tell_published(job, ())
                         job.run.tell(Stopped())
                         continue
                     for entry in batch:
@@ -277,6 +286,11 @@ class Outbox:
                     else:
                         batch.append((job, list(events), list(ended)))
             self._send(batch)
+
+    def _tell_published(self, job: Decoding, ended) -> None:
+        ids = self._untold.pop(job, {})
+        self._told_at[job] = time.monotonic()
+        job.run.tell(Published({i: tuple(v) for i, v in ids.items()}, tuple(ended)))
 
     def _send(self, batch) -> None:
         live = []
@@ -290,7 +304,7 @@ class Outbox:
             elif events:
                 live.append((job, events, ended))
             elif ended:
-                job.run.tell(Published(ended=tuple(ended)))
+                self._tell_published(job, ended)
         if not live:
             return
         supervise.crash_point(self.inject_crash, "outbox")
@@ -309,11 +323,12 @@ class Outbox:
             if refused:
                 job.run.tell(StreamTaken(refused))
             else:
-                ids: dict[int, list[int]] = {}
+                ids = self._untold.setdefault(job, {})
                 for e in events:
                     if e["id"] is not None:
                         ids.setdefault(e["i"], []).append(e["id"])
-                job.run.tell(Published({i: tuple(v) for i, v in ids.items()}, tuple(ended)))
+                if ended or time.monotonic() - self._told_at.get(job, 0.0) >= PUBLISHED_EVERY:
+                    self._tell_published(job, ended)
             if cancel and job not in self._told_cancel:
                 self._told_cancel.add(job)
                 job.run.tell(CancelRequested())

@@ -167,16 +167,20 @@ class WorkerContext:
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
             return Outcome.LEASE_LOST
-        if not store.finish(job_id, run.owner, ending.status, run_seconds=run.elapsed(), result=ending.result,
+        result = {} if ending.result is None else {"result": ending.result}
+        if not store.finish(job_id, run.owner, ending.status, run_seconds=run.elapsed(), **result,
                             **ending.fields, **ending.error):
             return Outcome.LEASE_LOST
         try:
             run.publish([events.end(ending.status.value, ending.error.get("error_message"), ending.result)])
-            self.redis.delete(self.keys.cancel(job_id))
         except LeaseLost:
             pass  # the store has the end; tailers read it from there
         except redis.RedisError as e:  # likewise
             log.warning("job %s: its end was not published (%s: %s); the store has it", job_id, type(e).__name__, e)
+        try:
+            self.redis.delete(self.keys.cancel(job_id))
+        except redis.RedisError:
+            pass  # it expires
         log.info("job %s %s%s", job_id, ending.status.value, ending.summary)
         return Outcome(ending.status.value)
 

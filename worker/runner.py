@@ -208,7 +208,12 @@ class GenerationJob:
         readers saw (from the log), or the checkpoint they were told to resync to."""
         if not runs:
             return
-        self.run.publish([events.tok(r.idx, r.epoch, None, r.stream.finish("cancelled"), "cancelled") for r in runs])
+        try:
+            self.run.publish([events.tok(r.idx, r.epoch, None, r.stream.finish("cancelled"), "cancelled")
+                              for r in runs])
+        except redis.ResponseError as e:  # Redis refused it (full, say): the store's record is what counts
+            log.warning("job %s: its cancelled lines' last events were not published (%s); the store has them",
+                        self.run.job_id, e)
         for r in runs:
             self._save(r)
 

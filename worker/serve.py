@@ -49,6 +49,7 @@ from gencli.worker.context import WorkerContext
 from gencli.worker.messages import CancelRequested, HardLimitPassed, LeaseGone
 from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
+from gencli.worker.stream import StreamRefused
 from gencli.worker.supervise import OUTAGES
 
 log = logging.getLogger("gencli.worker")
@@ -259,7 +260,7 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
                 # best effort: the job's own thread may publish the same sequence number first (then
                 # this one is refused); tailers then learn the end from the store
                 run.pub.publish([events.end(JobStatus.FAILED.value, msg)])
-        except OUTAGES as e:
+        except (*OUTAGES, StreamRefused) as e:  # (StreamRefused: the job's own thread published first)
             log.warning("hard time limit: %s: %s", type(e).__name__, e)
     os._exit(EXIT_HARD_LIMIT)
 
