@@ -423,13 +423,13 @@ class Store:
               max_deliveries: int) -> Claim:
         """Take the job for this delivery, or say why not (a redelivered copy, a live lease)."""
         takeable = or_(Job.status == _QUEUED, and_(Job.status == _RUNNING, Job.lease_expires < db_now()))
+        taken = dict(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner, lease_expires=db_now(lease_seconds),
+                     worker=worker, device=device)  # what either kind of claim sets
         with self.Write.begin() as s:
             row = s.execute(
                 update(Job)
                 .where(Job.id == job_id, takeable, Job.cancel_requested.is_(False), Job.attempts < max_deliveries)
-                .values(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner,
-                        lease_expires=db_now(lease_seconds), worker=worker, device=device,
-                        started_at=func.coalesce(Job.started_at, db_now()))
+                .values(**taken, started_at=func.coalesce(Job.started_at, db_now()))
                 .returning(Job.attempts, Job.run_seconds)
             ).first()
             if row is not None:
@@ -441,8 +441,7 @@ class Store:
                 update(Job)
                 .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True), Job.kind == "generate",
                        Job.started_at.is_not(None), Job.attempts < max_deliveries)
-                .values(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner,
-                        lease_expires=db_now(lease_seconds), worker=worker, device=device)
+                .values(**taken)
                 .returning(Job.attempts, Job.run_seconds)
             ).first()
             if row is not None:
@@ -491,7 +490,8 @@ class Store:
             ).all()
         return {r.id: bool(r.cancel_requested) for r in rows}
 
-    def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float | None]]) -> list[bool]:
+    def checkpoint_many(self, jobs: list[tuple[str, str, list[tuple[int, int, list[int]]], float | None]]
+                        ) -> list[bool]:
         """Record, for each of several jobs, (job id, owner, progress, run_seconds): each running
         item's (idx, epoch, ids generated so far), and the job's running time over all its attempts
         so far (a total, not an increment: a write that is lost or refused loses no time), only
