@@ -41,10 +41,11 @@ class SlotCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int, max_len: int | None = None) -> SlotCache:
-        """A cache for a GPT's (model/gpt.py) shape, on its device and in its dtype (max_len: its
-        context). The engine allocates its cache with this; the model never imports the cache."""
-        p = model.lm_head.weight
-        return cls(model.config, slots, max_len or model.config.block_size, device=p.device, dtype=p.dtype)
+        """A cache for a GPT's (model/gpt.py) shape, on its device and in its dtype, max_len positions
+        a slot (at most, and by default, its context). The engine allocates its cache with this; the
+        model never imports the cache."""
+        p, block = model.lm_head.weight, model.config.block_size
+        return cls(model.config, slots, min(max_len or block, block), device=p.device, dtype=p.dtype)
 
     @property
     def free(self) -> int:
@@ -72,18 +73,18 @@ class SlotCache:
         self.lengths[dst] = n
         self.give_back(src)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: SlotBatch) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: SlotBatch) -> None:
         """Store this pass's keys and values, (B, n_head, T, head_dim), at each row's positions."""
-        if at.uniform:  # every row writes T positions from one start: slice assignment
-            s = at.start_max
-            self.k[layer, at.rows, :, s : s + k.size(2)] = k
-            self.v[layer, at.rows, :, s : s + v.size(2)] = v
+        if batch.uniform:  # every row writes T positions from one start: slice assignment
+            s = batch.start_max
+            self.k[layer, batch.rows, :, s : s + k.size(2)] = k
+            self.v[layer, batch.rows, :, s : s + v.size(2)] = v
             return
         kk, vv = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, nh, hs)
-        self.k[layer][at.w_slot, :, at.w_pos] = kk[at.w_row, at.w_t]
-        self.v[layer][at.w_slot, :, at.w_pos] = vv[at.w_row, at.w_t]
+        self.k[layer][batch.w_slot, :, batch.w_pos] = kk[batch.w_row, batch.w_t]
+        self.v[layer][batch.w_slot, :, batch.w_pos] = vv[batch.w_row, batch.w_t]
 
-    def attend(self, layer: int, q: torch.Tensor, at: SlotBatch) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
         """Attention of this pass's queries (B, n_head, T, head_dim) over each row's cached keys.
 
         Rows go in groups that share their query count and their key bucket (their length rounded
@@ -102,10 +103,10 @@ class SlotCache:
         out the same for any batch and any thread count (tests/test_engine.py checks both). It is
         as fast as the fused kernel when decoding and slower on long prompts (bench.decode).
         """
-        if len(at.groups) == 1 and at.groups[0].T == q.size(2):
-            return self._attend(layer, q, at.groups[0])
+        if len(batch.groups) == 1 and batch.groups[0].T == q.size(2):
+            return self._attend(layer, q, batch.groups[0])
         y = q.new_zeros(q.shape)
-        for g in at.groups:
+        for g in batch.groups:
             y[g.rows, :, : g.T] = self._attend(layer, q[g.rows, :, : g.T], g)
         return y
 

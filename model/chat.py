@@ -104,12 +104,18 @@ def render(
     return encode_segments(tok, segments(fmt, messages, add_generation_prompt=add_generation_prompt))[0]
 
 
+def require_text(prompt: str, where: str = "") -> str:
+    """A text prompt that holds more than whitespace; where: the line or field to name in the error."""
+    if not prompt.strip():
+        raise InvalidParameterError(f"{where}empty prompt: give some text")
+    return prompt
+
+
 def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict], *, chat: bool) -> list[int]:
     """A prompt's ids: messages, or text with chat, through the template; plain text as text."""
     if isinstance(prompt, list):
         return render(tok, fmt, prompt)
-    if not prompt.strip():
-        raise InvalidParameterError("empty prompt: give some text")
+    require_text(prompt)
     if chat:
         return render(tok, fmt, [{"role": "user", "content": prompt}])
     return tok.encode(prompt)

@@ -26,6 +26,7 @@ The engine knows nothing of text, jobs or Redis (textgen.py adds text; the worke
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from collections.abc import Callable, Hashable
@@ -50,11 +51,20 @@ PREFILL_TOKENS = 512  # prompt tokens prefilled in one step, over all admitted s
 GROW_AFTER = 64  # steps without running out of memory before the row limit is doubled again
 
 
+class Status(enum.Enum):
+    """Where a sequence is: queued in the scheduler, holding a cache slot, or ended (its last id
+    made, finished by its owner, or taken out to another engine)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One sequence: its prompt, the ids it made before (`done`: a resumed sequence's, fed again one
-    a step as they were first made, not sampled again), the new ids it may still make (budget), how
-    it samples. `group` and `priority` are the scheduler's (the worker: the job); `index` (the
+    """One sequence: its prompt, the ids it made before (`prior`: a resumed sequence's, fed again
+    one a step as they were first made, not sampled again), the new ids it may still make (budget),
+    how it samples. `group` and `priority` are the scheduler's (the worker: the job); `index` (the
     caller's number for it) and `stream` (textgen's text stream) are its owner's."""
 
     prompt: list[int]
@@ -67,12 +77,12 @@ class Sequence:
     priority: int = 0
     index: int = 0
     stream: object = None
-    done: list[int] = field(default_factory=list)
+    prior: list[int] = field(default_factory=list)
     # the engine's
+    status: Status = Status.WAITING
     out: list[int] = field(default_factory=list)  # new ids, a stop id included
-    finished: bool = False
-    slot: int | None = None
-    cached: int = 0  # of prompt + done + out, how many are in the cache
+    slot: int | None = None  # while RUNNING
+    cached: int = 0  # of prompt + prior + out, how many are in the cache
     arrival: int = 0
     generator: torch.Generator | None = None
 
@@ -81,8 +91,16 @@ class Sequence:
             self.budget = self.params.max_tokens
 
     @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def running(self) -> bool:
+        return self.status is Status.RUNNING
+
+    @property
     def length(self) -> int:
-        return len(self.prompt) + len(self.done) + len(self.out)
+        return len(self.prompt) + len(self.prior) + len(self.out)
 
     def chunk(self, size: int) -> int:
         """Ids to feed in its next pass: the prompt in chunks that start at multiples of size (the
@@ -97,12 +115,12 @@ class Sequence:
         p, c = len(self.prompt), self.cached
         if c + n <= p:
             return self.prompt[c : c + n]
-        rest = self.done + self.out
+        rest = self.prior + self.out
         return rest[c - p : c - p + n]
 
 
 @dataclass
-class Rung:
+class OomRung:
     """One step down the out-of-memory ladder: a pass over `rows` rows ran out of memory; the engine
     now runs at most `limit` rows and put `preempted` back in the queue."""
 
@@ -130,6 +148,7 @@ class Engine:
         self.scheduler = Scheduler(max_per_group)
         self.prefill_tokens = prefill_tokens
         self.invariant = invariant
+        self.min_rows = 2 if invariant and not model.quantized else 1  # see _at_least_min_rows
         self.observe = observe
         # fault injection, read once (the README's "Fault injection"; tests set these attributes)
         oom = os.environ.get(INJECT_OOM_ENV)
@@ -137,8 +156,8 @@ class Engine:
         self.inject_stall: str | None = os.environ.get(INJECT_STALL_ENV) or None
         self.limit = slots  # rows run at once: lowered by running out of memory
         self.running: list[Sequence] = []  # in admission order
-        self.rungs: list[Rung] = []
-        self._quiet = 0
+        self.rungs: list[OomRung] = []
+        self._steps_since_oom = 0
 
     @property
     def slots(self) -> int:
@@ -156,49 +175,52 @@ class Engine:
             raise InvalidParameterError("empty prompt: give at least one token")
         if seq.budget < 1:
             raise InvalidParameterError("a sequence needs a token budget of at least 1")
-        fit_prompt(seq.prompt + seq.done, seq.budget, self.max_len, truncate=False)
+        fit_prompt(seq.prompt + seq.prior, seq.budget, self.max_len, truncate=False)
         if seq.generator is None:
             seq.generator = seeded_generator(seq.seed, seq.skip_draws)
-        seq.finished, seq.slot, seq.cached = False, None, 0
+        seq.status, seq.slot, seq.cached = Status.WAITING, None, 0
         self.scheduler.add(seq)
 
     def finish(self, seq: Sequence) -> None:
         """End a sequence now (a stop string was seen, it was cancelled), running or waiting."""
-        seq.finished = True
-        if seq.slot is not None:
-            self._release(seq)
-        else:
-            self.scheduler.drop(seq)
+        match seq.status:
+            case Status.RUNNING:
+                self._release(seq)
+            case Status.WAITING:
+                self.scheduler.drop(seq)
+        seq.status = Status.FINISHED
 
     def take_out(self, seq: Sequence) -> Sequence:
         """Remove an unfinished sequence to carry on elsewhere (another engine): the same sequence
         there, its ids so far fed again one a step (same generator, budget reduced)."""
         self.finish(seq)
         return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, group=seq.group,
-                        priority=seq.priority, index=seq.index, stream=seq.stream, done=seq.done + seq.out,
+                        priority=seq.priority, index=seq.index, stream=seq.stream, prior=seq.prior + seq.out,
                         generator=seq.generator)
 
     def _release(self, seq: Sequence) -> None:
+        """Free a running sequence's slot; its caller says what it is now (finished, or waiting again)."""
         self.cache.give_back(seq.slot)
         seq.slot = None
         self.running.remove(seq)
         self.scheduler.released(seq)
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """Admit, prefill, decode one step: (sequence, new id) for each sequence that made one.
-        A sequence that made its last id (a stop id, or its budget) is finished and out."""
+        """Schedule, run, sample: admit waiting sequences, then one prefill pass and one decode pass.
+        Returns (sequence, new id) for each sequence that made one; a sequence that made its last id
+        (a stop id, or its budget) is FINISHED and out of the cache."""
         self._admit()
         self._compact()
-        made: list[tuple[Sequence, int]] = []
+        new_ids: list[tuple[Sequence, int]] = []
         with torch.inference_mode():
             prefill = self._prefill_rows()
-            if prefill and not self._pass(prefill, made):
-                return made
+            if prefill and not self._pass(prefill, new_ids):
+                return new_ids
             prefilled = {s for s, _ in prefill}
             decode = [s for s in self.running if s not in prefilled and s.cached >= len(s.prompt)]
             if decode:
-                self._pass([(s, 1) for s in decode], made)
-        return made
+                self._pass([(s, 1) for s in decode], new_ids)
+        return new_ids
 
     def _admit(self) -> None:
         while self.cache.free and len(self.running) < self.limit:
@@ -206,7 +228,7 @@ class Engine:
             if seq is None:
                 return
             seq.slot = self.cache.take()
-            seq.cached = 0
+            seq.status, seq.cached = Status.RUNNING, 0
             self.running.append(seq)
 
     def _compact(self) -> None:
@@ -233,26 +255,24 @@ class Engine:
                 budget -= n
         return rows
 
-    def _pass(self, rows: list[tuple[Sequence, int]], made: list) -> bool:
+    def _pass(self, rows: list[tuple[Sequence, int]], new_ids: list) -> bool:
         """One forward pass; sample for each row whose ids are now all cached. False: it ran out
         of memory (the ladder took a rung; nothing was made)."""
         rows = sorted(rows, key=lambda r: r[0].slot)
         seqs = [s for s, _ in rows]
         counts = [n for _, n in rows]
         slots, starts = [s.slot for s in seqs], [s.cached for s in seqs]
-        if self.invariant and len(rows) == 1 and counts[0] == 1 and self.model.min_rows > 1:
-            # A float product over one row takes another kernel than over two or more, which rounds
-            # differently: a lone one-id row goes twice, so it computes what it would in company.
-            slots, starts, counts = slots * 2, starts * 2, counts * 2
-        at = SlotBatch(slots, starts, counts, self.device)
-        idx = torch.zeros((len(slots), at.T), dtype=torch.long)
+        if counts == [1]:  # a lone one-id row: every product in the pass is over one row
+            slots, starts, counts = (self._at_least_min_rows(x) for x in (slots, starts, counts))
+        batch = SlotBatch(slots, starts, counts, self.device)
+        idx = torch.zeros((len(slots), batch.T), dtype=torch.long)
         for b, (s, n) in enumerate(rows):
             idx[b, :n] = torch.tensor(s.feed(n), dtype=torch.long)
         if len(slots) > len(rows):
             idx[1:] = idx[0]
         ready = [b for b, s in enumerate(seqs) if s.cached + counts[b] == s.length]
         try:
-            logits = self._forward(idx.to(self.device), at, ready, len(rows))
+            logits = self._forward(idx.to(self.device), batch, ready, len(rows))
         except torch.OutOfMemoryError:
             self._shrink(len(rows))
             return False
@@ -267,24 +287,30 @@ class Engine:
             for b, token in zip(ready, picked):
                 s = seqs[b]
                 s.out.append(token)
-                made.append((s, token))
+                new_ids.append((s, token))
                 if token in s.stop_ids or len(s.out) >= s.budget:
-                    s.finished = True
-                    self._release(s)
-        self._quiet += 1
-        if self._quiet >= GROW_AFTER and self.limit < self.slots:
+                    self.finish(s)
+        self._steps_since_oom += 1
+        if self._steps_since_oom >= GROW_AFTER and self.limit < self.slots:
             self.limit = min(self.slots, self.limit * 2)
-            self._quiet = 0
+            self._steps_since_oom = 0
         return True
 
-    def _forward(self, idx: torch.Tensor, at: SlotBatch, ready: list[int], rows: int) -> torch.Tensor | None:
+    def _forward(self, idx: torch.Tensor, batch: SlotBatch, ready: list[int], rows: int) -> torch.Tensor | None:
         """The logits of the ready rows' last ids (None when no row is ready); rows: sequences in it."""
         while self.inject_stall and os.path.exists(self.inject_stall):
             time.sleep(0.05)
         if self.inject_oom and rows >= self.inject_oom:
             raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self.inject_oom}: forward pass over {rows} rows")
-        return self.model.forward_cached(idx, self.cache, at, ready,
-                                         min_rows=self.model.min_rows if self.invariant else 1)
+        if not ready:
+            return self.model.forward_cached(idx, self.cache, batch, [])
+        return self.model.forward_cached(idx, self.cache, batch, self._at_least_min_rows(ready))[: len(ready)]
+
+    def _at_least_min_rows(self, rows: list) -> list:
+        """rows, the first repeated up to min_rows: a float32 product over one row takes another kernel
+        than over two or more, which rounds differently, so in its invariant mode the engine never runs
+        one over a single row (int8's products are exact integers at any row count)."""
+        return rows + rows[:1] * (self.min_rows - len(rows))
 
     def _shrink(self, rows: int) -> None:
         """Out of memory in a pass over `rows` rows: halve the sequences run at once, preempting
@@ -297,12 +323,12 @@ class Engine:
         while len(self.running) > limit:
             seq = self.running[-1]  # the newest
             self._release(seq)
-            seq.cached = 0
+            seq.status, seq.cached = Status.WAITING, 0
             self.scheduler.put_back(seq)
             preempted.append(seq)
         self.limit = limit
-        self._quiet = 0
-        self.rungs.append(Rung(rows, limit, preempted, running))
+        self._steps_since_oom = 0
+        self.rungs.append(OomRung(rows, limit, preempted, running))
         _free_memory()
 
 
@@ -329,10 +355,6 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, sl
     skips = skip_draws if skip_draws is not None else [0] * n
     if not len(seeds) == len(budgets) == len(skips) == n:
         raise InvalidParameterError("one seed, budget and skip count per prompt")
-    for ids, budget in zip(prompts, budgets):
-        if not ids:
-            raise InvalidParameterError("empty prompt: give at least one token")
-        fit_prompt(ids, budget, model.config.block_size, truncate=False)
     max_len = max(len(p) + b for p, b in zip(prompts, budgets))
     engine = Engine(model, slots or n, max_len=max_len, allowed_ids=allowed_ids, invariant=invariant, observe=observe)
     seqs = [Sequence(list(p), params, b, seed=s, skip_draws=k, stop_ids=stop_ids, index=i)

@@ -78,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache: SlotCache | None = None, at: SlotBatch | None = None):
+    def forward(self, x, cache: SlotCache | None = None, batch: SlotBatch | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -88,8 +88,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            cache.write(self.layer_idx, k, v, at)
-            y = cache.attend(self.layer_idx, q, at)  # each row over its own keys so far
+            cache.write(self.layer_idx, k, v, batch)
+            y = cache.attend(self.layer_idx, q, batch)  # each row over its own keys so far
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -114,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, at=None):
-        x = x + self.attn(self.ln_1(x), cache, at)
+    def forward(self, x, cache=None, batch=None):
+        x = x + self.attn(self.ln_1(x), cache, batch)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -164,13 +164,6 @@ class GPT(nn.Module):
     def dtype_name(self) -> str:
         """What its weights compute in: float32, bfloat16, ..., or int8 once quantized."""
         return "int8" if self.quantized else str(self.lm_head.weight.dtype).removeprefix("torch.")
-
-    @property
-    def min_rows(self) -> int:
-        """The fewest rows a product runs over for each row to get what it would in any company:
-        int8's products are exact integers at any row count; a float32 product over one row takes
-        another kernel than over two or more (the engine runs a lone row twice)."""
-        return 1 if self.quantized else 2
 
     def train(self, mode: bool = True):
         if mode:
@@ -246,21 +239,20 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
-    def forward_cached(self, idx: torch.Tensor, cache: SlotCache, at: SlotBatch, rows: list[int] | None = None,
-                       *, min_rows: int = 1) -> torch.Tensor | None:
+    def forward_cached(self, idx: torch.Tensor, cache: SlotCache, batch: SlotBatch,
+                       rows: list[int] | None = None) -> torch.Tensor | None:
         """Continue cached sequences: idx (B, T) holds each row's new tokens (right-padded), for
-        positions at.starts[b].. of slot at.slots[b]. Returns the logits (len(rows), V) of the last
-        new token of each of rows (default: every row; none: None). min_rows: the LM head runs
-        over at least this many rows (the first repeated), as a one-row product rounds apart."""
-        if at.length > min(self.config.block_size, cache.max_len):
-            raise ValueError(f"sequence of {at.length} tokens exceeds the context of {cache.max_len}")
-        pos = at.positions.clamp(max=self.config.block_size - 1)  # a pad query's position is never read
+        positions batch.starts[b].. of slot batch.slots[b]. Returns the logits (len(rows), V) of the last
+        new token of each of rows, in that order, a row as often as it is named (default: every
+        row; none: None)."""
+        if batch.length > min(self.config.block_size, cache.max_len):
+            raise ValueError(f"sequence of {batch.length} tokens exceeds the context of {cache.max_len}")
+        pos = batch.positions.clamp(max=self.config.block_size - 1)  # a pad query's position is never read
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x, cache, at)
-        rows = list(range(at.n)) if rows is None else rows
+            x = block(x, cache, batch)
+        rows = list(range(batch.n)) if rows is None else rows
         if not rows:
             return None
-        take = rows + rows[:1] * (min_rows - len(rows))
-        last = x[torch.tensor(take, device=x.device), at.last[take]]  # (b, C)
-        return self._head(self.transformer.ln_f(last))[: len(rows)]
+        last = x[torch.tensor(rows, device=x.device), batch.last[rows]]  # (len(rows), C)
+        return self._head(self.transformer.ln_f(last))

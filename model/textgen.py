@@ -55,7 +55,7 @@ class TextBatch:
         go on); return their last held-back text."""
         out = []
         for seq in self.seqs:
-            if not seq.stream.finished and (seq.slot is not None or not running_only):
+            if not seq.stream.finished and (seq.running or not running_only):
                 self.engine.finish(seq)
                 out.append(Delta(seq.index, seq.stream.finish("cancelled"), "cancelled", None, seq))
         return out
@@ -105,7 +105,7 @@ class TextGenerator:
         done = len(stream.ids)
         return Sequence(list(prompt), params, params.max_tokens - done, seed=seed, skip_draws=done,
                         stop_ids=self.tokenizer.stop_ids, group=group, priority=priority, index=index,
-                        stream=stream, done=list(stream.ids))
+                        stream=stream, prior=list(stream.ids))
 
     def step(self, engine: Engine) -> list[Delta]:
         """One engine step as text: a delta per sequence that took a token."""
@@ -145,11 +145,7 @@ class TextGenerator:
             raise InvalidParameterError("one seed, one set of parameters and one stop list per prompt")
         seqs = [self.sequence(p, sp, seed=sd, stop=st, resume=resume[i] if resume else None, index=i)
                 for i, (p, sp, sd, st) in enumerate(zip(prompts, per_row, seeds, stops, strict=True))]
-        for s in seqs:
-            if not s.prompt:
-                raise InvalidParameterError("empty prompt: give at least one token")
-            fit_prompt(s.prompt + s.done, s.budget, self.block_size, truncate=False)
-        engine = self.engine(min(slots or n, n), max_len=max(len(s.prompt) + len(s.done) + s.budget for s in seqs),
+        engine = self.engine(min(slots or n, n), max_len=max(len(s.prompt) + len(s.prior) + s.budget for s in seqs),
                              invariant=invariant)
         for s in seqs:
             engine.add(s)

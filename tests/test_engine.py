@@ -211,7 +211,7 @@ def test_priority_then_age_with_a_cap_per_group(gpt):
     assert {s.group for s in engine.running} == {"big", "small"}
     assert sum(s.group == "big" for s in engine.running) == 2
     engine.add(urgent)
-    while small.slot is not None:
+    while small.running:
         engine.step()
     engine.step()
     assert urgent in engine.running  # the freed slot went to the urgent one, not a third big one
@@ -247,7 +247,7 @@ def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt):
         engine.step()
     engine.inject_oom = 2
     engine.step()
-    assert engine.rungs and engine.rungs[0].preempted == [seqs[1]] and seqs[1].slot is None
+    assert engine.rungs and engine.rungs[0].preempted == [seqs[1]] and not seqs[1].running
     assert len(seqs[1].out) == 5  # kept: it is prefilled again from prompt + these
     while engine:
         engine.step()
@@ -455,9 +455,9 @@ def test_a_row_computes_bit_for_bit_what_it_computes_alone(make_gpt):
     def alone_logits():
         cache = SlotCache.for_model(gpt, 1, 80)
         at = SlotBatch([0], [0], [len(prompt)], "cpu")
-        first = gpt.forward_cached(torch.tensor([prompt]), cache, at, min_rows=2)
+        first = gpt.forward_cached(torch.tensor([prompt]), cache, at, [0, 0])  # the head over two rows
         at = SlotBatch([0, 0], [len(prompt)] * 2, [1, 1], "cpu")  # a lone one-id row, twice
-        second = gpt.forward_cached(torch.tensor([[9], [9]]), cache, at, [0], min_rows=2)
+        second = gpt.forward_cached(torch.tensor([[9], [9]]), cache, at, [0, 0])
         return first[0], second[0]
 
     def company_logits():
