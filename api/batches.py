@@ -22,7 +22,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gencli.api.completions import ChatRequest, CompletionRequest, Shape, check_served, request_items
+from gencli.api.completions import ChatRequest, CompletionRequest, ResponseKind, check_served, request_items
 from gencli.api.errors import APIError
 from gencli.api.jobs import client_of
 from gencli.model.errors import GencliError
@@ -287,7 +287,7 @@ def _render(job: Job, *, errors: bool) -> bytes:
     """A finished batch's output lines (each line whose requests all succeeded) or error lines."""
     rec = job.record()
     meta = rec.params["meta"]["batch"]
-    shape = Shape(chat=meta["endpoint"] == "/v1/chat/completions")
+    response_kind = ResponseKind(chat=meta["endpoint"] == "/v1/chat/completions")
     choices = _choices(job.client.file_content(meta["input_file_id"]) or b"")
     out = []
     for line, group in _lines(job.items()).items():
@@ -296,7 +296,8 @@ def _render(job: Job, *, errors: bool) -> bytes:
             continue
         entry: dict[str, Any] = {"id": f"batch_req_{rec.id}_{line}", "custom_id": group[0].custom_id}
         if ok:
-            body = shape.body(f"{rec.id}-{line}", _ts(rec.finished_at), rec.model, group, choices.get(line, 1))
+            body = response_kind.body(f"{rec.id}-{line}", _ts(rec.finished_at), rec.model, group,
+                                      choices.get(line, 1))
             entry |= {"response": {"status_code": 200, "request_id": f"req_{rec.id}_{line}", "body": body},
                       "error": None}
         else:

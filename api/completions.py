@@ -209,7 +209,7 @@ async def completions(body: CompletionRequest, request: Request):
     """OpenAI's completions: `prompt` (one or a list), `n` choices each."""
     request.state.arrived = time.perf_counter()
     job = await anyio.to_thread.run_sync(_submit, request, body)
-    return await _respond(request, job, body, Shape(chat=False))
+    return await _respond(request, job, body, ResponseKind(chat=False))
 
 
 @router.post("/v1/chat/completions")
@@ -218,7 +218,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     text: `<|im_end|>` in a message is never the special token)."""
     request.state.arrived = time.perf_counter()
     job = await anyio.to_thread.run_sync(_submit, request, body)
-    return await _respond(request, job, body, Shape(chat=True))
+    return await _respond(request, job, body, ResponseKind(chat=True))
 
 
 @router.get("/v1/models")
@@ -242,7 +242,7 @@ def _model(name: str, workers: int) -> dict:
 
 
 # --- answering ------------------------------------------------------------------------------------
-class Shape:
+class ResponseKind:
     """How a job's text is dressed: a completion's or a chat completion's objects and chunks."""
 
     def __init__(self, *, chat: bool):
@@ -289,7 +289,8 @@ def _failure(job: Job, items) -> str | None:
     return None
 
 
-async def _respond(request: Request, job: Job, body: CompletionRequest | ChatRequest, shape: Shape):
+async def _respond(request: Request, job: Job, body: CompletionRequest | ChatRequest,
+                   response_kind: ResponseKind):
     arrived = request.state.arrived
     keep = request.headers.get(KEEP_HEADER) == "1"
     headers = {"X-Gencli-Job": job.id}
@@ -297,7 +298,7 @@ async def _respond(request: Request, job: Job, body: CompletionRequest | ChatReq
     if body.stream:
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
         clock = TokenClock(request.app.state.metrics, body.model, arrived)
-        chunks = _chunks(job, shape, body, created, with_usage, clock)
+        chunks = _chunks(job, response_kind, body, created, with_usage, clock)
         return StreamingResponse(sse.stream(chunks, on_disconnect=None if keep else job.cancel),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
     await _until_end(request, job, keep)
@@ -305,7 +306,7 @@ async def _respond(request: Request, job: Job, body: CompletionRequest | ChatReq
     why = await anyio.to_thread.run_sync(_failure, job, items)
     if why:
         raise APIError(500, f"job {job.id} failed: {why}", type="server_error", code="generation_failed")
-    return JSONResponse(shape.body(job.id, created, body.model, items, body.n), headers=headers)
+    return JSONResponse(response_kind.body(job.id, created, body.model, items, body.n), headers=headers)
 
 
 async def _until_end(request: Request, job: Job, keep: bool) -> None:
@@ -333,11 +334,11 @@ def _follow_to_end(job: Job) -> None:
         job.wait()  # Redis is gone for longer than a follower waits: the store says when it ends
 
 
-def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage: bool,
+def _chunks(job: Job, response_kind: ResponseKind, body: Sampling, created: int, include_usage: bool,
             clock: TokenClock) -> Iterator[str]:
     """The job's text as OpenAI's chunks: per choice, text only ever grows (a worker that resumed
     from the store's checkpoint replays tokens the client has; they are not sent twice)."""
-    env = shape.envelope(job.id, created, body.model, chunk=True)
+    env = response_kind.envelope(job.id, created, body.model, chunk=True)
 
     def chunk(choices: list[dict], **extra) -> str:
         return sse.event({**env, "choices": choices, **extra})
@@ -348,8 +349,8 @@ def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage:
     text: dict[int, str] = {}  # the folded text of each choice
     sent: dict[int, str] = {}  # what the client has of it
     finished: set[int] = set()
-    if shape.chat:  # one conversation: n choices
-        yield chunk([shape.chunk_choice(i, None, None, role=True) for i in range(body.n)])
+    if response_kind.chat:  # one conversation: n choices
+        yield chunk([response_kind.chunk_choice(i, None, None, role=True) for i in range(body.n)])
 
     def advance(i: int, finish: str | None) -> Iterator[str]:
         have, now = sent.get(i, ""), text.get(i, "")
@@ -362,7 +363,7 @@ def _chunks(job: Job, shape: Shape, body: Sampling, created: int, include_usage:
             if finish:
                 finished.add(i)
             clock.tick()
-            yield chunk([shape.chunk_choice(i, now[len(have):], finish)])
+            yield chunk([response_kind.chunk_choice(i, now[len(have):], finish)])
 
     try:
         for d in job.watch():

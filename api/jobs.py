@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gencli.api import sse
 from gencli.api.errors import APIError
+from gencli.model.chat import require_text
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.storage.status import JobStatus, iso
 from gencli.storage.store import SearchError
@@ -85,9 +86,13 @@ def submit(body: JobRequest, request: Request, idempotency_key: str | None = Hea
     items = []
     for n, p in enumerate(raw, start=1):
         where = "" if body.prompt is not None else f"prompts[{n - 1}]: "
-        item = PromptItem(p, n) if isinstance(p, str) else prompt_line(p, n, where, seen)
-        if isinstance(p, str) and not p.strip():
-            raise APIError(422, f"{where}empty prompt: give some text", param=where[:-2] or "prompt")
+        if isinstance(p, str):
+            try:
+                item = PromptItem(require_text(p, where), n)
+            except GencliError as e:
+                raise APIError(422, str(e), param=where[:-2] or "prompt") from None
+        else:
+            item = prompt_line(p, n, where, seen)
         item.where = where
         items.append(item)
     sampling = {k: getattr(body, k) for k in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")

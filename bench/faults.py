@@ -110,48 +110,48 @@ def job_specs(n: int, max_tokens: int) -> list[dict]:
 def status_counts(store) -> dict[str, int]:
     from sqlalchemy import func, select
 
-    from gencli.storage.db import Job
+    from gencli.storage.db import JobRow
 
     with store.Session() as s:
-        return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        return dict(s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
 
 
 def running_jobs(store) -> list:
     """The jobs running now, oldest first."""
     from sqlalchemy import select
 
-    from gencli.storage.db import Job, JobStatus
+    from gencli.storage.db import JobRow, JobStatus
 
     with store.Session() as s:
-        return list(s.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value).order_by(Job.created_at)))
+        return list(s.scalars(select(JobRow).where(JobRow.status == JobStatus.RUNNING.value).order_by(JobRow.created_at)))
 
 
 def queued_ids(store) -> list[str]:
     from sqlalchemy import select
 
-    from gencli.storage.db import Job, JobStatus
+    from gencli.storage.db import JobRow, JobStatus
 
     with store.Session() as s:
-        return list(s.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value)))
+        return list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value)))
 
 
 def any_left_queue(store, ids: list[str]) -> bool:
     from sqlalchemy import func, select
 
-    from gencli.storage.db import Job, JobStatus
+    from gencli.storage.db import JobRow, JobStatus
 
     with store.Session() as s:
-        return bool(s.scalar(select(func.count()).where(Job.id.in_(ids), Job.status != JobStatus.QUEUED.value)))
+        return bool(s.scalar(select(func.count()).where(JobRow.id.in_(ids), JobRow.status != JobStatus.QUEUED.value)))
 
 
 def run_span_seconds(store) -> float:
     """First job created -> last job finished, by the database's clock."""
     from sqlalchemy import func, select
 
-    from gencli.storage.db import Job
+    from gencli.storage.db import JobRow
 
     with store.Session() as s:
-        first, last = s.execute(select(func.min(Job.created_at), func.max(Job.finished_at))).one()
+        first, last = s.execute(select(func.min(JobRow.created_at), func.max(JobRow.finished_at))).one()
     return (last - first).total_seconds()
 
 
@@ -525,11 +525,11 @@ def reference_outputs(store, model_dir: Path, job_ids: list[str]) -> dict[str, t
 
 def check_log(events: list[dict], item) -> dict:
     """What a job's stream log says: ends, repeated seqs, starts, whole, tokens streamed twice."""
-    from gencli.worker.stream import whole
+    from gencli.worker.stream import gapless
 
     seqs = [e["seq"] for e in events]
     ends = [e for e in events if e["t"] == "end"]
-    is_whole = bool(events) and whole(events, 0)
+    is_whole = bool(events) and gapless(events, 0)
     toks = [e for e in events if e["t"] == "tok" and e.get("id") is not None and e.get("e", 0) == item.epoch]
     resynced = any(e["t"] == "resync" for e in events)
     return {

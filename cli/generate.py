@@ -48,7 +48,7 @@ class Sample:
         return f"{name}, sample {self.sample + 1}"
 
 
-class DirectRunner:
+class LocalGeneration:
     def __init__(self, gen: TextGenerator, params: SamplingParams, *, stop, writer, verbose, model_name):
         self.gen = gen
         self.params = params  # the command's (the interactive chat's)
@@ -181,7 +181,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
             f"on {describe(dev)} in {loaded.dtype}]",
             err=True,
         )
-    runner = DirectRunner(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))
+    runner = LocalGeneration(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))
     if interactive:
         try:  # the shortest conversation must fit with max_tokens: found now, not at the first message
             gen.fit(gen.encode([{"role": "user", "content": ""}], chat=True), max_tokens, truncate=False)
@@ -211,7 +211,7 @@ def _encode(gen: TextGenerator, item: PromptItem, *, chat: bool, max_tokens: int
         raise GencliError(f"{where}: {e}") from None
 
 
-def chat_loop(runner: DirectRunner, *, seed: int | None, truncate: bool) -> int:
+def chat_loop(runner: LocalGeneration, *, seed: int | None, truncate: bool) -> int:
     """The interactive chat; returns the exit code."""
     history = _setup_readline()
     if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches the check below, as in the

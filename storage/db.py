@@ -38,7 +38,7 @@ from sqlalchemy.sql.expression import FunctionElement, literal
 
 from gencli.storage.status import ItemStatus, JobStatus
 
-__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "Job", "JobAttempt", "JobStatus", "db_now",
+__all__ = ["Base", "Deployment", "File", "Item", "ItemStatus", "JobRow", "JobAttempt", "JobStatus", "db_now",
            "make_engine", "make_sessionmaker", "normalize_url", "utcnow"]
 
 
@@ -75,7 +75,7 @@ class Base(DeclarativeBase):
     pass
 
 
-class Job(Base):
+class JobRow(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -140,7 +140,7 @@ class Item(Base):
     dtype: Mapped[str | None] = mapped_column(String(16))
     prompt_text: Mapped[str | None] = mapped_column(Text)  # the prompt as the search index reads it
 
-    job: Mapped[Job] = relationship(back_populates="items")
+    job: Mapped[JobRow] = relationship(back_populates="items")
 
 
 class JobAttempt(Base):

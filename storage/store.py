@@ -27,8 +27,8 @@ from gencli.storage.db import (
     File,
     Item,
     ItemStatus,
-    Job,
     JobAttempt,
+    JobRow,
     JobStatus,
     db_now,
     make_engine,
@@ -80,9 +80,9 @@ def _total(run_seconds: float | None) -> dict:
 def _totals(run_seconds: dict[str, float]) -> dict:
     """_total for several jobs in one UPDATE, by job id."""
     if not run_seconds:
-        return {"lease_owner": Job.lease_owner}  # a write that changes nothing, to lock the rows
-    return {"run_seconds": case({j: float(r) for j, r in run_seconds.items()}, value=Job.id,
-                                else_=Job.run_seconds)}
+        return {"lease_owner": JobRow.lease_owner}  # a write that changes nothing, to lock the rows
+    return {"run_seconds": case({j: float(r) for j, r in run_seconds.items()}, value=JobRow.id,
+                                else_=JobRow.run_seconds)}
 
 
 class StoreOpenError(GencliError):
@@ -177,7 +177,7 @@ class Store:
         kind: str = "generate",
         priority: int = 0,
         idempotency_key: str | None = None,
-    ) -> tuple[Job, bool]:
+    ) -> tuple[JobRow, bool]:
         """Record a job and its items in one transaction; (job, created).
 
         With an idempotency key that is already recorded, the existing job comes back.
@@ -191,7 +191,7 @@ class Store:
                       oom_retries=0, n_items=len(items), completion_tokens=0, run_seconds=0.0)
         try:
             with self.Write.begin() as s:
-                s.execute(Job.__table__.insert().values(created_at=db_now(), queued_at=db_now(), **fields))
+                s.execute(JobRow.__table__.insert().values(created_at=db_now(), queued_at=db_now(), **fields))
                 if items:  # a prep job has none
                     rows = [
                         dict(job_id=fields["id"], idx=i, line=it.get("line", i + 1), custom_id=it.get("custom_id"),
@@ -206,27 +206,27 @@ class Store:
                 if existing:
                     return existing, False
             raise
-        return Job(**fields), True
+        return JobRow(**fields), True
 
     def delete_job(self, job_id: str) -> None:
         """Remove a job that could not be enqueued (nothing half-recorded)."""
         with self.Write.begin() as s:
             s.execute(Item.__table__.delete().where(Item.job_id == job_id))
-            s.execute(Job.__table__.delete().where(Job.id == job_id))
+            s.execute(JobRow.__table__.delete().where(JobRow.id == job_id))
 
-    def job_by_key(self, key: str) -> Job | None:
+    def job_by_key(self, key: str) -> JobRow | None:
         with self.Session() as s:
-            return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
+            return s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()
 
-    def get_job(self, job_id: str) -> Job | None:
+    def get_job(self, job_id: str) -> JobRow | None:
         """A job by id, or by a unique prefix of at least 6 characters."""
         if "\x00" in job_id:  # no id holds one, and PostgreSQL refuses text with one
             return None
         with self.Session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(JobRow, job_id)
             if job or len(job_id) < 6:
                 return job
-            found = s.scalars(select(Job).where(Job.id.startswith(job_id)).limit(2)).all()
+            found = s.scalars(select(JobRow).where(JobRow.id.startswith(job_id)).limit(2)).all()
             return found[0] if len(found) == 1 else None
 
     def prefix_matches(self, prefix: str) -> int:
@@ -234,7 +234,7 @@ class Store:
         if "\x00" in prefix:
             return 0
         with self.Session() as s:
-            return len(s.scalars(select(Job.id).where(Job.id.startswith(prefix, autoescape=True)).limit(2)).all())
+            return len(s.scalars(select(JobRow.id).where(JobRow.id.startswith(prefix, autoescape=True)).limit(2)).all())
 
     def items(self, job_id: str) -> list[Item]:
         with self.Session() as s:
@@ -242,30 +242,30 @@ class Store:
 
     def list_jobs(self, *, status: str | None = None, model: str | None = None, kind: str | None = None,
                   limit: int = 50, after: str | None = None, query: str | None = None,
-                  since: datetime | None = None) -> list[Job]:
+                  since: datetime | None = None) -> list[JobRow]:
         """Newest first; `after` (a job id, the last of a page) gives the page that follows it.
 
         `query`: jobs with an item whose prompt or output holds every word of it (whole words, any
         case; see search_words); `since`: created at or after it (naive: UTC)."""
         if any(v and "\x00" in v for v in (status, model, kind)):
             return []  # no job holds one, and PostgreSQL refuses text with one
-        q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit)
         if query is not None:
-            q = q.where(Job.id.in_(select(Item.job_id).where(self._matches(query))))
+            q = q.where(JobRow.id.in_(select(Item.job_id).where(self._matches(query))))
         if since is not None:
-            q = q.where(Job.created_at >= _naive_utc(since))
+            q = q.where(JobRow.created_at >= _naive_utc(since))
         if after:
             mark = self.get_job(after)
             if mark is None:
                 raise StoreError(f"no job {after} to page after")
-            older = and_(Job.created_at == mark.created_at, Job.id < mark.id)
-            q = q.where(or_(Job.created_at < mark.created_at, older))
+            older = and_(JobRow.created_at == mark.created_at, JobRow.id < mark.id)
+            q = q.where(or_(JobRow.created_at < mark.created_at, older))
         if status:
-            q = q.where(Job.status == status)
+            q = q.where(JobRow.status == status)
         if model:
-            q = q.where(Job.model == model)
+            q = q.where(JobRow.model == model)
         if kind:
-            q = q.where(Job.kind == kind)
+            q = q.where(JobRow.kind == kind)
         with self.Session() as s:
             return list(s.scalars(q))
 
@@ -295,15 +295,15 @@ class Store:
                 search=" ".join(words))
         raise SearchError(f"searching needs the store on SQLite or PostgreSQL, not {self.engine.dialect.name}")
 
-    def queued_for(self, seconds: float) -> list[Job]:
+    def queued_for(self, seconds: float) -> list[JobRow]:
         """Jobs put on the queue (submitted, retried or taken over) more than `seconds` ago by the
         database's clock, started ones first (taken over), then by priority, then oldest first; id,
         kind, model, priority and started_at loaded."""
         with self.Session() as s:
             return list(s.scalars(
-                select(Job).where(Job.status == JobStatus.QUEUED.value, Job.queued_at < db_now(-seconds))
-                .order_by(Job.started_at.is_(None), Job.priority.desc(), Job.queued_at)
-                .options(load_only(Job.id, Job.kind, Job.model, Job.priority, Job.started_at))
+                select(JobRow).where(JobRow.status == JobStatus.QUEUED.value, JobRow.queued_at < db_now(-seconds))
+                .order_by(JobRow.started_at.is_(None), JobRow.priority.desc(), JobRow.queued_at)
+                .options(load_only(JobRow.id, JobRow.kind, JobRow.model, JobRow.priority, JobRow.started_at))
             ))
 
     # --- uploaded files (the Batch API's input) -------------------------------------------
@@ -345,9 +345,9 @@ class Store:
         """How many jobs wait, by (kind, model)."""
         with self.Session() as s:
             rows = s.execute(
-                select(Job.kind, Job.model, func.count())
-                .where(Job.status == JobStatus.QUEUED.value)
-                .group_by(Job.kind, Job.model)
+                select(JobRow.kind, JobRow.model, func.count())
+                .where(JobRow.status == JobStatus.QUEUED.value)
+                .group_by(JobRow.kind, JobRow.model)
             )
             return {(kind, model): n for kind, model, n in rows}
 
@@ -367,19 +367,19 @@ class Store:
     def status_counts(self) -> dict[str, int]:
         """How many jobs are in each status."""
         with self.Session() as s:
-            return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            return dict(s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
 
     def request_cancel(self, job_id: str) -> str:
         """Cancel: a queued job is cancelled at once; a running one is asked to stop (its worker
         sees the flag at its next lease renewal). The job's status after the request."""
         with self.Write.begin() as s:
             row = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_(_LIVE))
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(_LIVE))
                 .values(cancel_requested=True,
-                        status=case((Job.status == _QUEUED, JobStatus.CANCELLED.value), else_=Job.status),
-                        finished_at=case((Job.status == _QUEUED, db_now()), else_=Job.finished_at))
-                .returning(Job.status)
+                        status=case((JobRow.status == _QUEUED, JobStatus.CANCELLED.value), else_=JobRow.status),
+                        finished_at=case((JobRow.status == _QUEUED, db_now()), else_=JobRow.finished_at))
+                .returning(JobRow.status)
             ).first()
             if row is None:
                 return self._status_of(s, job_id)
@@ -391,15 +391,15 @@ class Store:
         """Put a finished job's failed and cancelled items back, each in a new epoch (a failed
         prep job whole); how many. Their old tokens and checkpoints are gone for good."""
         retryable = (Item.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]))
-        has_items = select(Item.id).where(Item.job_id == Job.id, retryable).exists()
+        has_items = select(Item.id).where(Item.job_id == JobRow.id, retryable).exists()
         with self.Write.begin() as s:
             row = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
-                       or_(Job.kind == "prep", has_items))
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+                       or_(JobRow.kind == "prep", has_items))
                 .values(status=_QUEUED, cancel_requested=False, attempts=0, finished_at=None, queued_at=db_now(),
                         run_seconds=0.0, error_class=None, error_message=None, error_where=None)
-                .returning(Job.kind)
+                .returning(JobRow.kind)
             ).first()
             if row is None:
                 status = self._status_of(s, job_id)
@@ -422,15 +422,15 @@ class Store:
     def claim(self, job_id: str, *, owner: str, worker: str, device: str, lease_seconds: float,
               max_deliveries: int) -> Claim:
         """Take the job for this delivery, or say why not (a redelivered copy, a live lease)."""
-        takeable = or_(Job.status == _QUEUED, and_(Job.status == _RUNNING, Job.lease_expires < db_now()))
-        taken = dict(status=_RUNNING, attempts=Job.attempts + 1, lease_owner=owner, lease_expires=db_now(lease_seconds),
+        takeable = or_(JobRow.status == _QUEUED, and_(JobRow.status == _RUNNING, JobRow.lease_expires < db_now()))
+        taken = dict(status=_RUNNING, attempts=JobRow.attempts + 1, lease_owner=owner, lease_expires=db_now(lease_seconds),
                      worker=worker, device=device)  # what either kind of claim sets
         with self.Write.begin() as s:
             row = s.execute(
-                update(Job)
-                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(False), Job.attempts < max_deliveries)
-                .values(**taken, started_at=func.coalesce(Job.started_at, db_now()))
-                .returning(Job.attempts, Job.run_seconds)
+                update(JobRow)
+                .where(JobRow.id == job_id, takeable, JobRow.cancel_requested.is_(False), JobRow.attempts < max_deliveries)
+                .values(**taken, started_at=func.coalesce(JobRow.started_at, db_now()))
+                .returning(JobRow.attempts, JobRow.run_seconds)
             ).first()
             if row is not None:
                 return Claim(True, attempt=row.attempts, run_seconds=row.run_seconds or 0.0)
@@ -438,38 +438,38 @@ class Store:
             # saw the cancel): claimed all the same, so that a worker ends each item with what it
             # had made, as readers saw it (the store alone cannot: the tokens are in the log).
             row = s.execute(
-                update(Job)
-                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True), Job.kind == "generate",
-                       Job.started_at.is_not(None), Job.attempts < max_deliveries)
+                update(JobRow)
+                .where(JobRow.id == job_id, takeable, JobRow.cancel_requested.is_(True), JobRow.kind == "generate",
+                       JobRow.started_at.is_not(None), JobRow.attempts < max_deliveries)
                 .values(**taken)
-                .returning(Job.attempts, Job.run_seconds)
+                .returning(JobRow.attempts, JobRow.run_seconds)
             ).first()
             if row is not None:
                 return Claim(True, attempt=row.attempts, run_seconds=row.run_seconds or 0.0, cancelled=True)
             # Not ours: say why, ending a cancelled job or one over its delivery limit on the way.
             ended = s.execute(
-                update(Job)
-                .where(Job.id == job_id, takeable, Job.cancel_requested.is_(True))
+                update(JobRow)
+                .where(JobRow.id == job_id, takeable, JobRow.cancel_requested.is_(True))
                 .values(status=JobStatus.CANCELLED.value, finished_at=db_now(), lease_owner=None,
                         lease_expires=None)
-                .returning(Job.id)
+                .returning(JobRow.id)
             ).first()
             if ended:
                 self._end_items(s, job_id, JobStatus.CANCELLED)
                 return Claim(False, "cancelled")
             ended = s.execute(
-                update(Job)
-                .where(Job.id == job_id, takeable, Job.attempts >= max_deliveries)
+                update(JobRow)
+                .where(JobRow.id == job_id, takeable, JobRow.attempts >= max_deliveries)
                 .values(status=JobStatus.FAILED.value, finished_at=db_now(), lease_owner=None, lease_expires=None,
                         error_class="DeliveryLimit",
                         error_message=(f"the job was delivered {max_deliveries} times and never finished: "
                                        "it may crash its worker"))
-                .returning(Job.error_message)
+                .returning(JobRow.error_message)
             ).first()
             if ended:
                 self._end_items(s, job_id, JobStatus.FAILED, error=ended.error_message)
                 return Claim(False, "too many deliveries")
-            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            status = s.scalar(select(JobRow.status).where(JobRow.id == job_id))
             if status is None:
                 return Claim(False, "missing")
             return Claim(False, "done" if JobStatus(status).done else "leased")
@@ -482,11 +482,11 @@ class Store:
         owners = dict(leases)
         with self.Write.begin() as s:
             rows = s.execute(
-                update(Job)
-                .where(Job.id.in_(list(owners)), Job.status == _RUNNING,
-                       Job.lease_owner == case(owners, value=Job.id))
+                update(JobRow)
+                .where(JobRow.id.in_(list(owners)), JobRow.status == _RUNNING,
+                       JobRow.lease_owner == case(owners, value=JobRow.id))
                 .values(lease_expires=db_now(lease_seconds))
-                .returning(Job.id, Job.cancel_requested)
+                .returning(JobRow.id, JobRow.cancel_requested)
             ).all()
         return {r.id: bool(r.cancel_requested) for r in rows}
 
@@ -503,11 +503,11 @@ class Store:
         owners = {job_id: owner for job_id, owner, _, _ in jobs}
         with self.Write.begin() as s:
             ours = set(s.scalars(
-                update(Job)
-                .where(Job.id.in_(list(owners)), Job.status == _RUNNING,
-                       Job.lease_owner == case(owners, value=Job.id))
+                update(JobRow)
+                .where(JobRow.id.in_(list(owners)), JobRow.status == _RUNNING,
+                       JobRow.lease_owner == case(owners, value=JobRow.id))
                 .values(**_totals({j: r for j, _, _, r in jobs if r is not None}))
-                .returning(Job.id)
+                .returning(JobRow.id)
             ).all())
             rows = [{"j": job_id, "i": i, "e": e, "v": list(ids)}
                     for job_id, _, progress, _ in jobs if job_id in ours for i, e, ids in progress]
@@ -544,7 +544,7 @@ class Store:
         is not ours. One INSERT ... SELECT: only the lease holder can add, so numbers never clash."""
         n = (select(func.count()).select_from(JobAttempt).where(JobAttempt.job_id == job_id)
              .scalar_subquery() + 1)
-        ours = select(Job.id).where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+        ours = select(JobRow.id).where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status == _RUNNING)
         with self.Write.begin() as s:
             row = s.execute(
                 insert(JobAttempt)
@@ -589,11 +589,11 @@ class Store:
         `gencli retry` runs them."""
         with self.Write.begin() as s:
             row = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status == _RUNNING)
                 .values(status=status.value, finished_at=db_now(), lease_owner=None, lease_expires=None,
                         **_total(run_seconds), **fields)
-                .returning(Job.error_message)
+                .returning(JobRow.error_message)
             ).first()
             if row is None:
                 return False
@@ -604,28 +604,28 @@ class Store:
         """Give a running job back to the queue (worker shutting down; run_seconds as in finish)."""
         with self.Write.begin() as s:
             return s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
-                .values(status=_QUEUED, lease_owner=None, lease_expires=None, attempts=Job.attempts - 1,
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status == _RUNNING)
+                .values(status=_QUEUED, lease_owner=None, lease_expires=None, attempts=JobRow.attempts - 1,
                         queued_at=db_now(), **_total(run_seconds))
             ).rowcount == 1
 
-    def take_expired(self) -> list[Job]:
+    def take_expired(self) -> list[JobRow]:
         """Running jobs whose lease ran out (their worker died): put back to queued, returned
         (id, kind, model, priority and the worker that lost them)."""
         with self.Write.begin() as s:
             rows = s.execute(
-                update(Job)
-                .where(Job.status == _RUNNING, Job.lease_expires < db_now())
+                update(JobRow)
+                .where(JobRow.status == _RUNNING, JobRow.lease_expires < db_now())
                 .values(status=_QUEUED, lease_owner=None, lease_expires=None, queued_at=db_now())
-                .returning(Job.id, Job.kind, Job.model, Job.priority, Job.worker)
+                .returning(JobRow.id, JobRow.kind, JobRow.model, JobRow.priority, JobRow.worker)
             ).all()
-        return [Job(id=r.id, kind=r.kind, model=r.model, priority=r.priority, worker=r.worker) for r in rows]
+        return [JobRow(id=r.id, kind=r.kind, model=r.model, priority=r.priority, worker=r.worker) for r in rows]
 
     @staticmethod
     def _status_of(s, job_id: str) -> str:
         """The job's status, within a transaction; StoreError when there is no such job."""
-        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        status = s.scalar(select(JobRow.status).where(JobRow.id == job_id))
         if status is None:
             raise StoreError(f"no job {job_id}")
         return status
@@ -635,8 +635,8 @@ class Store:
         """Within a write: True when the job is running under owner's lease, and its row is then
         locked until the transaction ends (a takeover waits for this write, then sees it)."""
         return s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == _RUNNING)
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status == _RUNNING)
             .values(lease_owner=owner)
         ).rowcount == 1
 

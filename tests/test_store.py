@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from services import pg_schema
 
-from gencli.storage.db import Base, Item, ItemStatus, Job, JobStatus, utcnow
+from gencli.storage.db import Base, Item, ItemStatus, JobRow, JobStatus, utcnow
 from gencli.storage.migrations import MIGRATIONS, SEARCH_TABLES, migrate
 from gencli.storage.store import Store, StoreError
 
@@ -141,7 +141,7 @@ def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_
     assert (fk["constrained_columns"], fk["referred_table"], fk["referred_columns"]) == (["job_id"], "jobs", ["id"])
     assert fk["options"].get("ondelete", "").upper() == "CASCADE"
     for key in ("id", "model", "status", "params", "created_at", "attempts", "cancel_requested", "n_items"):
-        assert not Job.__table__.c[key].nullable
+        assert not JobRow.__table__.c[key].nullable
     for key in ("job_id", "idx", "line", "prompt", "status"):
         assert not Item.__table__.c[key].nullable
 
@@ -495,7 +495,7 @@ def _killed_writer(url: str, job_id: str, stray_id: str) -> None:
     with store.Session.begin() as s:
         s.execute(sa.update(Item).where(Item.job_id == job_id, Item.idx == 1)
                   .values(status=ItemStatus.SUCCEEDED.value, output="never committed"))
-        s.add(Job(id=stray_id, kind="generate", model="stray", status="queued", params={}, priority=0,
+        s.add(JobRow(id=stray_id, kind="generate", model="stray", status="queued", params={}, priority=0,
                   created_at=utcnow(), attempts=0, cancel_requested=False,
                   oom_retries=0, n_items=0, completion_tokens=0))
         s.flush()  # both statements are on the database, inside the open transaction
@@ -527,7 +527,7 @@ def test_a_writer_killed_mid_transaction_leaves_committed_rows_only(store_url, o
     assert [(it.status, it.output) for it in items] == [
         ("succeeded", "committed"), ("pending", None), ("pending", None)]
     assert store.get_job(stray_id) is None
-    assert count(store, Job.__table__) == 1
+    assert count(store, JobRow.__table__) == 1
 
     # the job is redone: its lease runs out, it goes back to the queue, another worker finishes it
     time.sleep(0.05)

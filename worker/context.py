@@ -19,8 +19,7 @@ import redis
 
 from gencli.model.checkpoint import LoadedModel, load_model
 from gencli.model.textgen import TextGenerator
-from gencli.storage.db import Job as JobRecord
-from gencli.storage.db import JobStatus
+from gencli.storage.db import JobRow, JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import Claim, Store
 from gencli.worker import events, supervise
@@ -67,7 +66,7 @@ class JobKind(Protocol):
     provenance: dict  # what runs it, recorded per attempt
     stoppable: bool  # its body stops the job at the hard time limit (else the lease thread ends the process)
 
-    def run(self, run: RunningJob, job: JobRecord, attempt: int, start: int) -> Ending:
+    def run(self, run: RunningJob, job: JobRow, attempt: int, start: int) -> Ending:
         """The body, between the "start" event (numbered start) and the end; raises LeaseLost
         when another worker owns the job, Redis connection errors when Redis is away for good."""
         ...
@@ -90,6 +89,7 @@ class WorkerContext:
     max_slots_per_job: int | None = None  # None: no cap
     provenance: dict | None = None  # what runs its jobs (model/provenance.py runtime_record), recorded per attempt
     running: dict[str, RunningJob] = field(default_factory=dict)  # job id -> the job, running now
+    redis_clock_offset: float = 0.0  # Redis's clock less this machine's, in seconds (the heartbeat's)
     generator: TextGenerator | None = field(init=False, default=None)
     batcher: Batcher | None = field(init=False, default=None)
     _cpu: TextGenerator | None = field(init=False, default=None)
@@ -115,9 +115,12 @@ class WorkerContext:
             )
         return self._cpu
 
-    def publisher(self, job_id: str, owner: str | None) -> Publisher:
+    def publisher(self, job_id: str, owner: str | None, lease: LeaseClock | None = None) -> Publisher:
+        """The job's stream publisher; with lease, fenced by it (Redis refuses what arrives past it)."""
         s = self.settings
-        return Publisher(self.redis, self.keys, job_id, owner=owner, ttl=s.stream_ttl, max_events=s.stream_max_events)
+        fence = None if lease is None else (lambda: lease.until_unix() + self.redis_clock_offset)
+        return Publisher(self.redis, self.keys, job_id, owner=owner, ttl=s.stream_ttl, max_events=s.stream_max_events,
+                         fence=fence)
 
     def run_job(self, job_id: str, kind: JobKind) -> str:
         """Claim the job under a fresh lease owner and run it, its kind's body in the one lifecycle
@@ -132,8 +135,10 @@ class WorkerContext:
         if not claim.ok:
             self._not_run(job_id, claim)
             return Outcome(claim.reason).value
-        run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner), self.redis, self.keys,
-                         LeaseClock(s.lease_seconds, since), run_seconds_before=claim.run_seconds, stoppable=kind.stoppable, cancel_seen=claim.cancelled)
+        lease = LeaseClock(s.lease_seconds, since)
+        run = RunningJob(job_id, owner, claim.attempt, self.publisher(job_id, owner, lease), self.redis, self.keys,
+                         lease, run_seconds_before=claim.run_seconds, stoppable=kind.stoppable,
+                         cancel_seen=claim.cancelled)
         self.running[job_id] = run
         try:
             self.redis.delete(self.keys.sent(job_id))

@@ -18,8 +18,7 @@ import redis
 from gencli.model.provenance import software
 from gencli.prep.run import prepare
 from gencli.prep.spec import PrepResult, PrepSpec
-from gencli.storage.db import Job as JobRecord
-from gencli.storage.db import JobStatus
+from gencli.storage.db import JobRow, JobStatus
 from gencli.worker import events
 from gencli.worker.context import Ending, WorkerContext
 from gencli.worker.running import JobCancelled, LeaseLost, RunningJob, error_fields
@@ -55,7 +54,7 @@ class Prep:
         self.ctx = ctx
         self.provenance = {"kind": "prep", "device": "cpu", "software": software()}
 
-    def run(self, run: RunningJob, job: JobRecord, attempt: int, start: int) -> Ending:
+    def run(self, run: RunningJob, job: JobRow, attempt: int, start: int) -> Ending:
         last = 0.0
         t0 = time.perf_counter()
 

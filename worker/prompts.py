@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gencli.model.chat import check_messages
+from gencli.model.chat import check_messages, require_text
 from gencli.model.errors import GencliError
 from gencli.worker.unicode import check_json, check_text, utf8_position
 
@@ -119,9 +119,7 @@ def prompt_line(obj, n: int, where: str, first_line: dict[str, int]) -> PromptIt
             raise GencliError(f"{where}{e}") from None
         prompt = obj.pop("messages")
     elif isinstance(obj.get("prompt"), str):
-        prompt = obj.pop("prompt")
-        if not prompt.strip():
-            raise GencliError(f"{where}empty prompt")
+        prompt = require_text(obj.pop("prompt"), where)
     else:
         raise GencliError(f'{where}needs a string "prompt" or a "messages" list')
     custom_id = obj.pop("custom_id", None)

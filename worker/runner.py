@@ -27,8 +27,7 @@ import redis
 
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
-from gencli.storage.db import ItemStatus, JobStatus
-from gencli.storage.db import Job as JobRecord
+from gencli.storage.db import ItemStatus, JobRow, JobStatus
 from gencli.worker import events, supervise
 from gencli.worker.context import Ending, WorkerContext
 from gencli.worker.messages import DecodeFailed, MemoryRung, Published, PublishFailed, RedisLost, Stopped
@@ -41,7 +40,7 @@ from gencli.worker.running import (
     TimeLimitExceeded,
     error_fields,
 )
-from gencli.worker.stream import read_log, whole
+from gencli.worker.stream import gapless, read_log
 
 log = logging.getLogger("gencli.worker")
 WATCH_EVERY = 0.25  # seconds between a job's looks at its soft time limit (flags set elsewhere wake it at once)
@@ -76,7 +75,7 @@ class Generation:
         self.device = ctx.device
         self.provenance = ctx.provenance
 
-    def run(self, run: RunningJob, job: JobRecord, attempt: int, start: int) -> Ending:
+    def run(self, run: RunningJob, job: JobRow, attempt: int, start: int) -> Ending:
         return GenerationJob(self.ctx, run, attempt).execute(job, start)
 
 
@@ -93,14 +92,14 @@ class GenerationJob:
         self.attempt = attempt  # this claim's number among the job's recorded attempts
         self.stats = {"oom_retries": 0, "final_batch_size": ctx.batcher.engine.limit, "final_device": ctx.device}
 
-    def execute(self, job: JobRecord, start: int) -> Ending:
+    def execute(self, job: JobRow, start: int) -> Ending:
         """Resume the job's items after what the log before `start` holds, decode them, and say
         how the job ended (LeaseLost when another worker owns it)."""
         ctx, run = self.ctx, self.run
         store, job_id = ctx.store, run.job_id
         self.priority = job.priority
         earlier = read_log(ctx.redis, ctx.keys, job_id, upto=start - 1)  # no stale publish lands after the claim
-        streamed = _streamed_ids(earlier) if whole(earlier, 0, start - 1) else None
+        streamed = _streamed_ids(earlier) if gapless(earlier, 0, start - 1) else None
         status, error = JobStatus.SUCCEEDED, {}
         runs, resynced = self._resume_items(job, streamed)
         if resynced:
@@ -189,8 +188,7 @@ class GenerationJob:
                         batcher.stop(self, cancelled=False)
                         raise
                     except HardTimeLimitExceeded:
-                        stopping = HardTimeLimitExceeded(
-                            f"hard time limit of {self.ctx.settings.hard_time_limit:g} s exceeded")
+                        stopping = HardTimeLimitExceeded.after(self.ctx.settings.hard_time_limit)
                         batcher.stop(self, cancelled=True)
                     except (JobCancelled, TimeLimitExceeded) as e:
                         stopping = e

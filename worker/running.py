@@ -30,7 +30,10 @@ class LeaseClock:
     that was stopped (SIGSTOP, a paused VM) past its lease and wakes up must not publish, even
     where Redis restarted empty meanwhile and lost the stream's owner key that would refuse it
     (found by bench.exact: a worker woken after such a restart took a stream over from its new
-    owner). The margin leaves room for the two clocks' rates and a slow publish."""
+    owner). The margin leaves room for the two clocks' rates and a slow publish. That check and the
+    publish are two steps, and a worker stopped between them would still publish once on waking:
+    so every publish also carries this moment as a fence, which Redis compares with its own clock
+    (worker/stream.py; the offset between the clocks is measured at each heartbeat)."""
 
     MARGIN = 0.1  # of the lease
 
@@ -43,6 +46,10 @@ class LeaseClock:
 
     def holds(self) -> bool:
         return time.monotonic() < self.until
+
+    def until_unix(self) -> float:
+        """The same moment by the wall clock (seconds since the epoch): the publisher's fence."""
+        return time.time() + (self.until - time.monotonic())
 
 
 class JobCancelled(Exception):
@@ -58,7 +65,10 @@ class TimeLimitExceeded(Exception):
 
 
 class HardTimeLimitExceeded(Exception):
-    pass
+    @classmethod
+    def after(cls, limit: float) -> HardTimeLimitExceeded:
+        """The error of a job past GENCLI_HARD_TIME_LIMIT (limit seconds), its one wording."""
+        return cls(f"hard time limit of {limit:g} s exceeded")
 
 
 @dataclass

@@ -49,6 +49,7 @@ from gencli.worker.context import WorkerContext
 from gencli.worker.messages import CancelRequested, HardLimitPassed, LeaseGone
 from gencli.worker.redis_boot import patient_client, resolve_redis_url, shown_url
 from gencli.worker.runner import run_generation_job
+from gencli.worker.running import HardTimeLimitExceeded
 from gencli.worker.stream import StreamRefused
 from gencli.worker.supervise import OUTAGES
 
@@ -139,10 +140,10 @@ def serve(
 
         log.info("worker %s: serving dataset prep jobs", name)
     queues += [q for q in extra_queues if q not in queues]
-    quick = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)  # never waits long
-    _take_name(ctx, quick, tuple(queues), shown_url(redis_url))
+    short_redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)  # never waits long
+    _take_name(ctx, short_redis, tuple(queues), shown_url(redis_url))
     supervise.start("lease", _keep_lease, ctx)
-    supervise.start("heartbeat", _heartbeat, ctx, quick, app, tuple(queues), info)
+    supervise.start("heartbeat", _heartbeat, ctx, short_redis, app, tuple(queues), info)
     try:
         log.info("worker %s: up to %d jobs at once, %d slots%s", name, ctx.max_jobs, ctx.slots,
                  f", at most {ctx.max_slots_per_job} per job" if ctx.max_slots_per_job and model_path else "")
@@ -155,8 +156,8 @@ def serve(
         return ended.get("code") or 0
     finally:
         try:  # gone from `gencli status` at once, not when the heartbeat expires
-            quick.delete(keys.worker(name))
-            quick.srem(keys.workers, name)
+            short_redis.delete(keys.worker(name))
+            short_redis.srem(keys.workers, name)
         except redis.RedisError:
             pass
 
@@ -250,7 +251,7 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
     (a dataset job, or a decoding step stuck that long): fail them, then end this process; a
     supervisor (`gencli workers`) restarts it. The process's other jobs are taken over elsewhere."""
     limit = ctx.settings.hard_time_limit
-    msg = f"hard time limit of {limit:g} s exceeded: worker {ctx.worker_name} was ended"
+    msg = f"{HardTimeLimitExceeded.after(limit)}: worker {ctx.worker_name} was ended"
     for run in runs:
         log.error("job %s: %s", run.job_id, msg)
         try:
@@ -385,7 +386,10 @@ def _heartbeat(ctx: WorkerContext, r: redis.Redis, app, queues: tuple[str, ...],
             beat = r.pipeline(transaction=False)
             beat.set(ctx.keys.worker(ctx.worker_name), _beat(ctx, queues), ex=int(HEARTBEAT_SECONDS * 5))
             beat.sadd(ctx.keys.workers, ctx.worker_name)
-            beat.execute()
+            beat.time()
+            sent = time.time()
+            (sec, usec) = beat.execute()[-1]
+            ctx.redis_clock_offset = sec + usec / 1e6 - (sent + time.time()) / 2  # (the publishers' fences)
             if time.monotonic() - last_reap > max(1.0, s.lease_seconds / 3):
                 last_reap = time.monotonic()
                 for job in ctx.store.take_expired():

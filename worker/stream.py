@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 
@@ -35,8 +35,15 @@ class StreamRefused(Exception):
 # (the submit side: a queued job's cancel, a retry's reset) numbers on from the log. A claim or an
 # "any" publish that finds no log at all numbers from ARGV[7] (the floor, see seq_floor), so that a
 # log Redis lost and a new attempt starts again is never numbered below what readers have seen.
+# ARGV[8], a worker's fence: the moment its lease may run out, by Redis's clock; a claim or an
+# "owner" publish that arrives later is refused, however long the worker was stopped between
+# deciding to publish and its call reaching Redis (and even where Redis lost the owner key).
 _PUBLISH = """
 local mode, owner = ARGV[1], ARGV[2]
+if ARGV[8] ~= '' and mode ~= 'any' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1e6 > tonumber(ARGV[8]) then return {-3, 0} end
+end
 if mode == 'owner' then
   local cur = redis.call('GET', KEYS[3])
   if cur and cur ~= owner then return {-1, 0} end
@@ -54,9 +61,9 @@ if mode == 'owner' then
 elseif last == 0 then
   first = math.max(1, tonumber(ARGV[7]))
 end
-for i = 8, #ARGV do
-  local data = '{"seq":' .. (first + i - 8) .. ',' .. string.sub(ARGV[i], 2)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], (first + i - 8) .. '-0', 'e', data)
+for i = 9, #ARGV do
+  local data = '{"seq":' .. (first + i - 9) .. ',' .. string.sub(ARGV[i], 2)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], (first + i - 9) .. '-0', 'e', data)
   redis.call('PUBLISH', KEYS[2], data)
 end
 if tonumber(ARGV[4]) > 0 then
@@ -72,16 +79,19 @@ class Publisher:
 
     A worker's publisher is guarded by its lease owner: `claim()` takes the stream, and every later
     publish is refused (StreamRefused) once another owner has claimed it, so a worker that stalled
-    past its lease and woke up after a takeover writes nothing more. A publisher without an owner
-    (the submit side) just numbers on from the log.
+    past its lease and woke up after a takeover writes nothing more. Its fence, where given, says
+    until when (by Redis's clock, seconds since the epoch) its lease surely holds: Redis refuses a
+    publish that reaches it later, which guards also a log whose owner key Redis lost. A publisher
+    without an owner (the submit side) just numbers on from the log.
     """
 
     def __init__(self, r: redis.Redis, keys: Keys, job_id: str, *, owner: str | None, ttl: int,
-                 max_events: int = 200_000):
+                 max_events: int = 200_000, fence: Callable[[], float] | None = None):
         self.r = r
         self.keys = keys
         self.job_id = job_id
         self.owner = owner
+        self.fence = fence
         self.ttl = ttl
         self.max_events = max_events
         self.seq = 0  # the last number this publisher wrote
@@ -109,7 +119,7 @@ class Publisher:
         payload = [json.dumps(e, ensure_ascii=False) for e in events]
         return {"keys": [self.keys.log(self.job_id), self.keys.channel(self.job_id), self.keys.owner(self.job_id)],
                 "args": [mode, self.owner or "", self.seq + 1, ttl, self.max_events, self.ttl + RUNNING_TTL, floor,
-                         *payload]}
+                         "" if self.fence is None else repr(self.fence()), *payload]}
 
     def _accept(self, result, events: list[dict]) -> None:
         first, last = result
@@ -117,6 +127,8 @@ class Publisher:
             raise StreamRefused(f"job {self.job_id}: another worker owns its stream now")
         if first == -2:
             raise StreamRefused(f"job {self.job_id}: seq {self.seq + 1} is already in its log (up to {last})")
+        if first == -3:
+            raise StreamRefused(f"job {self.job_id}: its lease may have run out before the publish reached Redis")
         for n, e in enumerate(events):
             e["seq"] = first + n
         self.seq = first + len(events) - 1
@@ -183,7 +195,7 @@ def read_log(r: redis.Redis, keys: Keys, job_id: str, after: int = 0, upto: int 
         start = f"{out[-1]['seq'] + 1}-0"
 
 
-def whole(events: list[dict], after: int = 0, upto: int | None = None) -> bool:
+def gapless(events: list[dict], after: int = 0, upto: int | None = None) -> bool:
     """True when events are exactly seq after+1, after+2, ... (up to upto): nothing lost."""
     if upto is not None and (events[-1]["seq"] if events else after) != upto:
         return False

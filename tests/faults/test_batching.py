@@ -15,14 +15,14 @@ from services import start_worker
 from sqlalchemy import update
 from tailing import Tailer, reference, wait_for
 
-from gencli.storage.db import Job, JobStatus, db_now
+from gencli.storage.db import JobRow, JobStatus, db_now
 from gencli.worker.stream import read_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
 
 def _spec(n: int) -> dict:
-    """Job n of a mixed set: 1 to 3 lines, its own budget, greedy or seeded sampling with its own
+    """JobRow n of a mixed set: 1 to 3 lines, its own budget, greedy or seeded sampling with its own
     temperature and top_k."""
     sampled = n % 2 == 1
     return {"prompts": [f"job {n} line {k}:" for k in range(1 + n % 3)], "max_tokens": 12 + 9 * n,
@@ -162,7 +162,7 @@ def test_a_lease_lost_for_one_of_several_jobs_stops_only_that_job_which_is_then_
         wait_for(lambda: all(len(read_log(r, env["keys"], j.id)) > 15 for j in jobs), 60, "every job decoding")
         victim = jobs[0]
         with client.store.Write.begin() as s:  # another owner takes the lease, and lets it run out
-            s.execute(update(Job).where(Job.id == victim.id).values(lease_owner="thief", lease_expires=db_now(-60)))
+            s.execute(update(JobRow).where(JobRow.id == victim.id).values(lease_owner="thief", lease_expires=db_now(-60)))
         for j in jobs:
             assert j.wait(120) is JobStatus.SUCCEEDED
         log = w.log.read_text()

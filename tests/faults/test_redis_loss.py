@@ -18,7 +18,7 @@ from tailing import Tailer, reference, wait_for
 
 from gencli.cli.main import main
 from gencli.storage.db import JobStatus
-from gencli.worker.stream import Publisher, follow, publish_many, read_log
+from gencli.worker.stream import Publisher, StreamRefused, follow, publish_many, read_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
@@ -291,3 +291,30 @@ def test_a_log_redis_lost_is_numbered_above_what_readers_saw_when_a_new_attempt_
     assert start > seen
     got = list(follow(env["vars"]["GENCLI_REDIS_URL"], env["keys"], job_id, after=seen, is_done=lambda: True))
     assert [e["t"] for e in got] == ["gap", "start", "resync", "tok", "end"]
+
+
+def test_a_publish_that_reaches_redis_past_its_fence_is_refused_even_with_the_owner_key_gone(env):
+    """A worker stopped after its last lease check but before its call reached Redis, and woken after
+    Redis restarted empty (no owner key left to refuse it), must still publish nothing: Redis compares
+    the fence the call carries (until when the lease surely holds) with its own clock."""
+    r = env["redis"].client()
+    job_id = f"fenced-{env['id']}"
+    now = time.time()
+    tok = {"t": "tok", "i": 0, "e": 0, "id": 1, "text": "a", "finish": None}
+    start = {"t": "start", "worker": "w1", "device": "cpu", "attempt": 1}
+
+    stale = Publisher(r, env["keys"], job_id, owner="owner-1", ttl=60, fence=lambda: now - 0.5)
+    with pytest.raises(StreamRefused, match="lease may have run out"):
+        stale.claim(start, attempt=1)
+    with pytest.raises(StreamRefused, match="lease may have run out"):
+        stale.publish([tok])
+    refusals, _ = publish_many(r, [(stale, [dict(tok)])])  # the outbox's way
+    assert isinstance(refusals[0], StreamRefused)
+    assert read_log(r, env["keys"], job_id) == [] and r.get(env["keys"].owner(job_id)) is None  # nothing written
+
+    live = Publisher(r, env["keys"], job_id, owner="owner-2", ttl=60, fence=lambda: time.time() + 30)
+    live.claim(start, attempt=2)
+    live.publish([dict(tok)])
+    submit_side = Publisher(r, env["keys"], job_id, owner=None, ttl=60, fence=lambda: now - 0.5)  # (never fenced)
+    submit_side.publish([{"t": "cancel"}])
+    assert [e["t"] for e in read_log(r, env["keys"], job_id)] == ["start", "tok", "cancel"]
