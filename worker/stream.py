@@ -29,6 +29,14 @@ class StreamRefused(Exception):
     """A publish was refused: another worker owns the job's stream now (this one lost its lease)."""
 
 
+class FenceExpired(StreamRefused):
+    """A publish reached Redis past its fence (at `redis_now`, by Redis's clock)."""
+
+    def __init__(self, message: str, redis_now: float):
+        super().__init__(message)
+        self.redis_now = redis_now
+
+
 # Appends events to the log and publishes them, in one atomic step. Modes: "claim" makes owner the
 # stream's owner and numbers on from the log; "owner" publishes only while owner still owns the
 # stream, with the seq numbers the publisher expects (never a number already in the log); "any"
@@ -42,7 +50,8 @@ _PUBLISH = """
 local mode, owner = ARGV[1], ARGV[2]
 if ARGV[8] ~= '' and mode ~= 'any' then
   local t = redis.call('TIME')
-  if tonumber(t[1]) + tonumber(t[2]) / 1e6 > tonumber(ARGV[8]) then return {-3, 0} end
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  if now > tonumber(ARGV[8]) then return {-3, tostring(now)} end
 end
 if mode == 'owner' then
   local cur = redis.call('GET', KEYS[3])
@@ -110,7 +119,19 @@ class Publisher:
             self._run("owner" if self.owner else "any", events, floor)
 
     def _run(self, mode: str, events: list[dict], floor: int = 0) -> None:
-        self._accept(self._script(**self._call(mode, events, floor)), events)
+        while True:
+            try:
+                return self._accept(self._script(**self._call(mode, events, floor)), events)
+            except FenceExpired as e:
+                if not self.renewed_since(e):
+                    raise
+
+    def renewed_since(self, refusal: FenceExpired) -> bool:
+        """Whether the lease, renewed since the refused call was built, holds at the moment Redis
+        refused it: then the call was only held back (a Redis outage the client waited out, retrying
+        the call as built), and it goes again with the new fence. A worker whose lease ran out has
+        had no renewal to move its fence on."""
+        return self.fence is not None and self.fence() > refusal.redis_now
 
     def _call(self, mode: str, events: list[dict], floor: int = 0) -> dict:
         ttl = 0  # the log's TTL is set at a job's start and end only: the log outlives the job by ttl
@@ -128,7 +149,8 @@ class Publisher:
         if first == -2:
             raise StreamRefused(f"job {self.job_id}: seq {self.seq + 1} is already in its log (up to {last})")
         if first == -3:
-            raise StreamRefused(f"job {self.job_id}: its lease may have run out before the publish reached Redis")
+            raise FenceExpired(f"job {self.job_id}: its lease may have run out before the publish reached Redis",
+                               float(last))
         for n, e in enumerate(events):
             e["seq"] = first + n
         self.seq = first + len(events) - 1
@@ -175,7 +197,12 @@ def publish_many(r: redis.Redis, batch: list[tuple[Publisher, list[dict]]],
     out: list[StreamRefused | None] = []
     for (pub, events), result in zip(batch, results[: len(batch)], strict=True):
         try:
-            pub._accept(result, events)
+            try:
+                pub._accept(result, events)
+            except FenceExpired as e:
+                if not pub.renewed_since(e):
+                    raise
+                pub.publish(events)  # held back by an outage, not past its lease: again, with its new fence
             out.append(None)
         except StreamRefused as e:
             out.append(e)

@@ -318,3 +318,12 @@ def test_a_publish_that_reaches_redis_past_its_fence_is_refused_even_with_the_ow
     submit_side = Publisher(r, env["keys"], job_id, owner=None, ttl=60, fence=lambda: now - 0.5)  # (never fenced)
     submit_side.publish([{"t": "cancel"}])
     assert [e["t"] for e in read_log(r, env["keys"], job_id)] == ["start", "tok", "cancel"]
+
+    # A call built before a Redis outage that the client waited out reaches Redis past the fence it
+    # carries; the lease was renewed meanwhile (the store was up), so it goes again, once.
+    fences = iter([now - 0.5, time.time() + 30, time.time() + 30])
+    held_back = Publisher(r, env["keys"], job_id, owner="owner-2", ttl=60, fence=lambda: next(fences))
+    held_back.seq = read_log(r, env["keys"], job_id)[-1]["seq"]  # (the owner numbers on from its log)
+    refusals, _ = publish_many(r, [(held_back, [dict(tok, id=2, text="b")])])
+    assert refusals == [None]
+    assert [e.get("text") for e in read_log(r, env["keys"], job_id)] == [None, "a", None, "b"]
