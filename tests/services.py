@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -175,6 +176,105 @@ def child_env(test_vars: Mapping[str, str], extra: Mapping[str, str] | None = No
     return {**base, **test_vars, **(extra or {})}
 
 
+class ForkedProcess:
+    """A child of the fork server (tests/forkserver.py), with the parts of subprocess.Popen's interface
+    the tests use: pid, returncode, poll(), wait(), kill(), terminate(). Its exit status comes from
+    the server, which is its parent."""
+
+    def __init__(self, conn: socket.socket):
+        self._conn = conn
+        self._buf = b""
+        self.pid: int = json.loads(self._line(None))["pid"]
+        self.returncode: int | None = None
+
+    def _line(self, timeout: float | None) -> bytes | None:
+        """The server's next line, or None when none came within timeout (None: wait for it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                return None
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError("the tests' fork server went away before saying how its child ended")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def _read(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            line = self._line(timeout)
+            if line is None:
+                return None
+            self.returncode = json.loads(line)["returncode"]
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._read(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self._read(timeout)
+        if rc is None:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+_fork_server: tuple[subprocess.Popen, str] | None = None
+
+
+def _fork_server_path() -> str:
+    """The socket of this test process's fork server, started the first time a worker is asked for."""
+    global _fork_server
+    if _fork_server is None or _fork_server[0].poll() is not None:
+        import atexit
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="gencli-fork-"), "socket")
+        log = path + ".log"
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), path],
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        atexit.register(proc.kill)
+        deadline = time.time() + 60
+        while not os.path.exists(path):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the tests' fork server did not start: {Path(log).read_text()[-2000:]}")
+            time.sleep(0.05)
+        _fork_server = (proc, path)
+    return _fork_server[1]
+
+
+def start_gencli(args: list[str], env: Mapping[str, str], log: Path, *,
+                 append: bool = False) -> subprocess.Popen | ForkedProcess:
+    """`gencli ARGS` in a process of its own session, its output to log: forked from the fork server
+    (tests/forkserver.py: the same command line, without paying for the imports again), or a fresh
+    interpreter where the environment must reach the interpreter itself (LD_PRELOAD, faketime) or
+    GENCLI_TEST_FORK=0 asks for that."""
+    fresh = os.environ.get("GENCLI_TEST_FORK") == "0" or any(k in env for k in ("LD_PRELOAD", "FAKETIME"))
+    if fresh:
+        return subprocess.Popen([sys.executable, "-m", "gencli.cli", *args], env=env,
+                                stdout=open(log, "a" if append else "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    if not append:
+        open(log, "w").close()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(_fork_server_path())
+    request = {"args": list(args), "env": dict(env), "cwd": os.getcwd(), "log": str(log)}
+    conn.sendall(json.dumps(request).encode() + b"\n")
+    return ForkedProcess(conn)
+
+
 class Worker:
     """`gencli worker` in a subprocess, as a user starts it.
 
@@ -192,9 +292,7 @@ class Worker:
             raise ValueError(f"worker {name}: the test's vars need GENCLI_NAMESPACE, to find its heartbeat")
         self.key = Keys(namespace).worker(name)
         serve = ["--model", model] if model else []
-        cmd = [sys.executable, "-m", "gencli.cli", "worker", *serve, "--device", "cpu", "--name", name, *args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = start_gencli(["worker", *serve, "--device", "cpu", "--name", name, *args], self.env, log)
 
     def wait_ready(self, r: redis.Redis, timeout: float = 60) -> Worker:
         deadline = time.time() + timeout
@@ -291,9 +389,7 @@ class APIServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.env = child_env(test_vars, extra_env)
-        cmd = [sys.executable, "-m", "gencli.cli", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = start_gencli(["serve", "--port", str(self.port), *args], self.env, log, append=True)
 
     def wait_ready(self, timeout: float = 60) -> APIServer:
         import httpx
