@@ -172,8 +172,11 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
                 status = d["status"]
     except KeyboardInterrupt:
         if cancel_on_interrupt:
-            job.cancel()
-            click.echo(f"\n[cancelled job {job.id}]", err=True)
+            status = job.cancel()
+            if status in (JobStatus.RUNNING, JobStatus.CANCELLED):
+                click.echo(f"\n[cancelled job {job.id}]", err=True)
+            else:  # it ended before the interrupt reached the store
+                click.echo(f"\n[job {job.id} had already ended: {status.value}]", err=True)
         else:
             click.echo(f"\n[detached; the job goes on: gencli tail {job.id}]", err=True)
         return EXIT_INTERRUPTED

@@ -338,7 +338,9 @@ def test_ctrl_c_in_tail_detaches_or_cancels(env, client, worker, cancel):
     import subprocess
     import sys
 
-    job = client.submit(["a long one"] * 4, model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=2)
+    # long enough to be running still when the interrupt comes: the tail starts a fresh interpreter,
+    # and 4 lines of 240 tokens ended before it printed its first tokens from the replay log
+    job = client.submit(["a long one"] * 32, model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=2)
     args = [sys.executable, "-m", "gencli.cli", "tail", job.id] + (["--cancel-on-interrupt"] if cancel else [])
     p = subprocess.Popen(args, env=child_env(env["vars"], {"PYTHONUNBUFFERED": "1"}), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
