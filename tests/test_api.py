@@ -422,19 +422,34 @@ def test_openai_refusals_of_what_gencli_lacks_name_the_field(oai, client, kind, 
     assert jobs_recorded(client) == before
 
 
-def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(api, client):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 110,
+def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(env, api, tiny, client, tmp_path):
+    # the hang-up comes while the job runs, however slow this machine: once the client has its
+    # first text, the worker's decoding waits while the stall file exists
+    model = f"tiny-hangup-{env['id']}"
+    stall = tmp_path / "stall"
+    w = start_worker(env, tiny, f"hangup-{env['id']}@test", "--model-name", model,
+                     extra_env={"GENCLI_INJECT_STALL": str(stall)})
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 110,
             "stream": True, "temperature": 0}
     ids = {}
-    for keep in (False, True):
-        headers = {"X-Gencli-Keep": "1"} if keep else {}
-        with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
-            ids[keep] = r.headers["x-gencli-job"]
-            for line in r.iter_lines():
-                if '"content": "' in line and '"content": ""' not in line:
-                    break  # one chunk of text, then hang up
-    wait_for(lambda: client.job(ids[False]).status is JobStatus.CANCELLED, 20, "the abandoned request's cancel")
-    assert client.job(ids[True]).wait(60) is JobStatus.SUCCEEDED
+    try:
+        for keep in (False, True):
+            headers = {"X-Gencli-Keep": "1"} if keep else {}
+            with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+                ids[keep] = r.headers["x-gencli-job"]
+                for line in r.iter_lines():
+                    if '"content": "' in line and '"content": ""' not in line:
+                        stall.touch()
+                        break  # one chunk of text, then hang up
+            if not keep:
+                wait_for(lambda: client.job(ids[False]).record().cancel_requested, 20, "the abandoned request's cancel")
+            stall.unlink()
+        wait_for(lambda: client.job(ids[False]).status is JobStatus.CANCELLED, 20, "the abandoned request's cancel")
+        assert client.job(ids[True]).wait(60) is JobStatus.SUCCEEDED
+    finally:
+        stall.unlink(missing_ok=True)
+        w.stop()
+    assert not client.job(ids[True]).record().cancel_requested
     assert len(httpx.get(f"{api.url}/v1/jobs/{ids[True]}/results").text.splitlines()) == 1
     got = client.job(ids[False]).items()[0]
     assert got.finish_reason == "cancelled" and got.completion_tokens < 110

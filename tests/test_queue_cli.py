@@ -30,18 +30,29 @@ def cli(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def test_cancel_and_retry_from_the_command_line(client, worker, tiny):
-    job = client.submit(["cancel me"], model="tiny", max_tokens=240, temperature=1.0, top_k=1000, seed=4)
-    wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to run")
-    r = cli("cancel", job.id)
-    assert r.exit_code == 0, r.output
-    assert "asked to stop" in r.output or "cancelled" in r.output
-    assert job.wait(30) is JobStatus.CANCELLED
-    t = cli("tail", job.id)
-    assert t.exit_code == 3 and f"[job {job.id} cancelled" in t.stderr
-    r = cli("retry", job.id)
-    assert r.exit_code == 0 and "1 line(s) queued again" in r.output, r.output
-    assert job.wait(60) is JobStatus.SUCCEEDED
+def test_cancel_and_retry_from_the_command_line(env, client, tiny, tmp_path):
+    # the cancel comes while the job runs, however slow this machine: its worker's decoding waits
+    # while the stall file exists (a 240-token line alone can end before a busy CLI call does)
+    model = f"tiny-cancel-{env['id']}"
+    stall = tmp_path / "stall"
+    w = start_worker(env, tiny, f"cancel-{env['id']}@test", "--model-name", model,
+                     extra_env={"GENCLI_INJECT_STALL": str(stall)})
+    try:
+        stall.touch()
+        job = client.submit(["cancel me"], model=model, max_tokens=240, temperature=1.0, top_k=1000, seed=4)
+        wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to run")
+        r = cli("cancel", job.id)
+        assert r.exit_code == 0 and "asked to stop" in r.output, r.output
+        stall.unlink()
+        assert job.wait(30) is JobStatus.CANCELLED
+        t = cli("tail", job.id)
+        assert t.exit_code == 3 and f"[job {job.id} cancelled" in t.stderr
+        r = cli("retry", job.id)
+        assert r.exit_code == 0 and "1 line(s) queued again" in r.output, r.output
+        assert job.wait(60) is JobStatus.SUCCEEDED
+    finally:
+        stall.unlink(missing_ok=True)
+        w.stop()
     (res,) = job.result()
     assert res["output"] == reference(tiny, ["cancel me"], 240, temperature=1.0, top_k=1000, seed=4)[0]
     r = cli("retry", job.id)
