@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from pathlib import Path
 
 from gencli.model.checkpoint import load_model
 from gencli.model.params import SamplingParams
@@ -64,7 +66,19 @@ def wait_for(cond, timeout: float, what: str, every: float = 0.05):
 
 def reference(model_dir, prompts: list[str], max_tokens: int, *, temperature: float = 0.0, top_k: int | None = 200,
               seed: int | None = None) -> list[str]:
-    """Each prompt's output run alone, in-process, without the queue (seeded: the same draws)."""
+    """Each prompt's output run alone, in-process, without the queue (seeded: the same draws).
+
+    Kept for the test process's life, keyed by the model directory's files (name, size, mtime): a
+    module's tests ask for the same references again, and a model rewritten in place is run anew."""
+    path = Path(model_dir)
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in (sorted(path.iterdir()) if path.is_dir() else [path]))
+    return list(_reference(str(model_dir), files, tuple(prompts), max_tokens, temperature, top_k, seed))
+
+
+@functools.cache
+def _reference(model_dir: str, files: tuple, prompts: tuple[str, ...], max_tokens: int, temperature: float,
+               top_k: int | None, seed: int | None) -> tuple[str, ...]:
     tg = TextGenerator(load_model(model_dir))
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k)
-    return [tg.generate([tg.encode(p, chat=False)], sp, seeds=[seed])[0].text for p in prompts]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    return tuple(tg.generate([tg.encode(p, chat=False)], sp)[0].text for p in prompts)
