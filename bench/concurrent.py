@@ -339,8 +339,8 @@ def main() -> int:
         alone = {t: gen.generate([gen.encode(t, chat=False)], greedy)[0].text for t in [*texts, one_line]}
         seeded = {}
         for text, s in pois["specs"]:
-            sp = SamplingParams(max_tokens=a.max_tokens, temperature=0.8, top_k=200)
-            seeded[(text, s)] = gen.generate([gen.encode(text, chat=False)], sp, seeds=[s])[0].text
+            sp = SamplingParams(max_tokens=a.max_tokens, temperature=0.8, top_k=200, seed=s)
+            seeded[(text, s)] = gen.generate([gen.encode(text, chat=False)], sp)[0].text
         want_greedy = [alone[t] for t in texts]
         checks = {
             "one_job": all(o == want_greedy for o in outs["one_job"]),

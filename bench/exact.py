@@ -536,17 +536,17 @@ def oracle(client, model_dir: Path, tasks: list[Task]) -> dict:
         chat, truncate = bool(job.record().params.get("chat")), bool(job.record().params.get("truncate"))
         for ln in p.lines:
             ids = tg.fit(tg.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
-            (s,) = tg.generate([ids], ln.params, seeds=[ln.seed], stop=[ln.stop], slots=1)
+            (s,) = tg.generate([ids], ln.params, slots=1)
             texts[(t.job_id, ln.idx)] = s.text
             if ln.finish_reason == "cancelled":  # as far as it went, as gencli replay runs it
-                (s,) = tg.generate([ids], as_far_as_it_went(ln), seeds=[ln.seed], stop=[ln.stop], slots=1)
+                (s,) = tg.generate([ids], as_far_as_it_went(ln), slots=1)
             ln.compare(s.ids, s.text, s.finish_reason)
             lines += 1
             if ln.result != "equal":
                 differ += 1
                 if len(first) < 10:
                     first.append(f"job {t.job_id} ({t.kind}) line {ln.line}: differs at token {ln.at} "
-                                 f"(seed {ln.seed}, {ln.params})")
+                                 f"({ln.params})")
     return {"lines": lines, "differ": differ, "skipped": skipped, "first": first, "texts": texts}
 
 

@@ -515,10 +515,10 @@ def reference_outputs(store, model_dir: Path, job_ids: list[str]) -> dict[str, t
         if not items:
             continue  # lost: nothing to compare
         item = items[0]
-        params, seed, stop = resolve_sampling(job.params, item.params, tg.block_size)
+        params = resolve_sampling(job.params, item.params, tg.block_size)
         ids = tg.fit(tg.encode(item.prompt, chat=bool(job.params.get("chat"))), params.max_tokens,
                      truncate=bool(job.params.get("truncate")))
-        s = tg.generate([ids], params, seeds=[seed], stop=stop)[0]
+        s = tg.generate([ids], params)[0]
         out[job_id] = (s.text, list(s.ids))
     return out
 

@@ -19,7 +19,7 @@ import torch
 
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
-from gencli.cli.options import model_options, sampling_options, sampling_params
+from gencli.cli.options import model_options, sampling_options
 from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
@@ -38,9 +38,7 @@ class Sample:
     item: PromptItem
     sample: int  # 0-based sample number of its prompt
     ids: list[int]
-    seed: int | None
-    params: SamplingParams  # the command's, with its .jsonl line's own overrides
-    stop: tuple[str, ...]
+    params: SamplingParams  # the command's, with its .jsonl line's own overrides (its seed: the sample's)
 
     @property
     def label(self) -> str:
@@ -49,10 +47,9 @@ class Sample:
 
 
 class LocalGeneration:
-    def __init__(self, gen: TextGenerator, params: SamplingParams, *, stop, writer, verbose, model_name):
+    def __init__(self, gen: TextGenerator, params: SamplingParams, *, writer, verbose, model_name):
         self.gen = gen
         self.params = params  # the command's (the interactive chat's)
-        self.stop = stop
         self.writer = writer
         self.verbose = verbose
         self.model_name = model_name
@@ -66,8 +63,8 @@ class LocalGeneration:
         printer = OrderedPrinter([s.label for s in seqs] if labelled else None)
         # Sequences in company compute exactly what each computes alone (Engine's invariant mode);
         # one at a time there is no company, and the one-row kernel is about 1.3-1.4x faster.
-        tg = self.gen.stream([s.ids for s in seqs], [s.params for s in seqs], seeds=[s.seed for s in seqs],
-                             stop=[s.stop for s in seqs], slots=slots, invariant=slots > 1 and len(seqs) > 1)
+        tg = self.gen.stream([s.ids for s in seqs], [s.params for s in seqs], slots=slots,
+                             invariant=slots > 1 and len(seqs) > 1)
         t0 = time.perf_counter()
         first = None
         def show(d) -> None:
@@ -113,16 +110,17 @@ class LocalGeneration:
         return [st.text for st in tg.streams]
 
     def record(self, s: Sample, output: str, finish_reason: str | None, n_tokens: int) -> dict:
+        params = {k: v for k, v in vars(s.params).items() if k != "seed"} | {"stop": list(s.params.stop)}
         return {
             "model": self.model_name,
             "prompt": s.item.prompt,
             "custom_id": s.item.custom_id,
             "sample": s.sample + 1,
-            "seed": s.seed,
+            "seed": s.params.seed,
             "output": output,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(s.ids), "completion_tokens": n_tokens},
-            "params": vars(s.params) | {"stop": list(s.stop)},
+            "params": params,
         }
 
 
@@ -173,7 +171,6 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
     loaded = load_model(model_path, tokenizer=tokenizer, chat_format=chat_format, device=dev, dtype=dtype)
     gen = TextGenerator(loaded)
     max_tokens = max_tokens or default_max_tokens(gen.block_size)
-    params = sampling_params(max_tokens, temperature, top_k, top_p)
     if verbose:
         click.echo(
             f"[loaded {loaded.kind} model {model_path} ({loaded.model.num_params() / 1e6:.1f}M params, "
@@ -181,23 +178,24 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
             f"on {describe(dev)} in {loaded.dtype}]",
             err=True,
         )
-    runner = LocalGeneration(gen, params, stop=tuple(stop), writer=writer, verbose=verbose, model_name=str(model_path))
+    flags = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+             "stop": list(stop)}
+    runner = LocalGeneration(gen, resolve_sampling(flags, None, gen.block_size), writer=writer, verbose=verbose,
+                             model_name=str(model_path))
     if interactive:
         try:  # the shortest conversation must fit with max_tokens: found now, not at the first message
             gen.fit(gen.encode([{"role": "user", "content": ""}], chat=True), max_tokens, truncate=False)
         except ContextOverflowError as e:
             raise GencliError(f"--max_tokens {max_tokens} does not fit the interactive chat: {e}") from None
-        ctx.exit(chat_loop(runner, seed=seed, truncate=truncate))
-    flags = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-             "stop": list(stop)}
+        ctx.exit(chat_loop(runner, truncate=truncate))
     seqs = []
     for item in items:  # a .jsonl line's own parameters, checked as submit checks them
         where = f"{prompt_file}:{item.line}: " if item.extra else ""
         line = check_overrides(item.extra, where) if item.extra else None
-        sp, line_seed, line_stop = resolve_sampling(flags, line, gen.block_size, where=where)
+        sp = resolve_sampling(flags, line, gen.block_size, where=where)
         ids = _encode(gen, item, chat=chat, max_tokens=sp.max_tokens, truncate=truncate)
         for k in range(num_samples):
-            seqs.append(Sample(item, k, ids, None if line_seed is None else line_seed + k, sp, line_stop))
+            seqs.append(Sample(item, k, ids, sp.seeded(None if sp.seed is None else sp.seed + k)))
     runner.run(seqs, batch_size)
     if runner.interrupts:
         ctx.exit(EXIT_INTERRUPTED)
@@ -211,7 +209,7 @@ def _encode(gen: TextGenerator, item: PromptItem, *, chat: bool, max_tokens: int
         raise GencliError(f"{where}: {e}") from None
 
 
-def chat_loop(runner: LocalGeneration, *, seed: int | None, truncate: bool) -> int:
+def chat_loop(runner: LocalGeneration, *, truncate: bool) -> int:
     """The interactive chat; returns the exit code."""
     history = _setup_readline()
     if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches the check below, as in the
@@ -249,7 +247,8 @@ def chat_loop(runner: LocalGeneration, *, seed: int | None, truncate: bool) -> i
                 messages.pop()
                 continue
             item = PromptItem(prompt=list(messages), line=turn + 1)
-            seq = Sample(item, 0, ids, None if seed is None else seed + turn, runner.params, runner.stop)
+            seed = runner.params.seed
+            seq = Sample(item, 0, ids, runner.params.seeded(None if seed is None else seed + turn))
             runner.interrupts = 0
             (reply,) = runner.run_batch([seq], labelled=False)
             messages.append({"role": "assistant", "content": reply})

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
-from gencli.model.params import DEFAULTS, DTYPES, SamplingParams
+from gencli.model.params import DEFAULTS, DTYPES
 from gencli.worker.unicode import invalid_at, what_is_wrong
 
 
@@ -90,10 +90,6 @@ def _stops(value: tuple[str, ...]) -> tuple[str, ...]:
         if (at := invalid_at(s)) is not None:  # argv: a byte 0xff arrives as U+DCFF
             raise click.BadParameter(what_is_wrong(s, at))
     return value
-
-
-def sampling_params(max_tokens: int, temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
 
 
 class Since(click.ParamType):

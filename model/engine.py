@@ -70,7 +70,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     budget: int | None = None  # None: params.max_tokens
-    seed: int | None = None
     skip_draws: int = 0  # draws its generator made before (a resumed sequence's sampled ids)
     stop_ids: frozenset[int] = frozenset()
     group: Hashable = None
@@ -177,7 +176,7 @@ class Engine:
             raise InvalidParameterError("a sequence needs a token budget of at least 1")
         fit_prompt(seq.prompt + seq.prior, seq.budget, self.max_len, truncate=False)
         if seq.generator is None:
-            seq.generator = seeded_generator(seq.seed, seq.skip_draws)
+            seq.generator = seeded_generator(seq.params.seed, seq.skip_draws)
         seq.status, seq.slot, seq.cached = Status.WAITING, None, 0
         self.scheduler.add(seq)
 
@@ -340,25 +339,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int | None = None,
-             seeds: list[int | None] | None = None, budgets: list[int] | None = None,
-             skip_draws: list[int] | None = None, stop_ids: frozenset[int] = frozenset(),
-             allowed_ids: torch.Tensor | None = None, invariant: bool = True,
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+             slots: int | None = None, budgets: list[int] | None = None, skip_draws: list[int] | None = None,
+             stop_ids: frozenset[int] = frozenset(), allowed_ids: torch.Tensor | None = None, invariant: bool = True,
              observe: Observer | None = None) -> list[list[int]]:
     """Every prompt's new ids (a stop id included where one ended it), decoded together on an engine
-    of `slots` slots (default: one per prompt), its cache as long as the longest prompt needs."""
+    of `slots` slots (default: one per prompt), its cache as long as the longest prompt needs.
+    params: one for all, or one per prompt (each row's seed is its params')."""
     if not prompts:
         raise InvalidParameterError("no prompts to generate from")
     n = len(prompts)
-    seeds = seeds if seeds is not None else [None] * n
-    budgets = budgets if budgets is not None else [params.max_tokens] * n
+    per_row = params if isinstance(params, list) else [params] * n
+    budgets = budgets if budgets is not None else [sp.max_tokens for sp in per_row]
     skips = skip_draws if skip_draws is not None else [0] * n
-    if not len(seeds) == len(budgets) == len(skips) == n:
-        raise InvalidParameterError("one seed, budget and skip count per prompt")
+    if not len(per_row) == len(budgets) == len(skips) == n:
+        raise InvalidParameterError("one set of parameters, budget and skip count per prompt")
     max_len = max(len(p) + b for p, b in zip(prompts, budgets))
     engine = Engine(model, slots or n, max_len=max_len, allowed_ids=allowed_ids, invariant=invariant, observe=observe)
-    seqs = [Sequence(list(p), params, b, seed=s, skip_draws=k, stop_ids=stop_ids, index=i)
-            for i, (p, b, s, k) in enumerate(zip(prompts, budgets, seeds, skips))]
+    seqs = [Sequence(list(p), sp, b, skip_draws=k, stop_ids=stop_ids, index=i)
+            for i, (p, sp, b, k) in enumerate(zip(prompts, per_row, budgets, skips))]
     for s in seqs:
         engine.add(s)
     while engine:

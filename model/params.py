@@ -9,7 +9,7 @@ This module is the one home of the sampling keys, their defaults and their rules
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 
@@ -94,19 +94,30 @@ DEFAULT_MAX_TOKENS = 256  # new tokens when none are asked for, within half the 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What the engine samples with. Its defaults are DEFAULTS, the one home of them (the CLI's
-    options, submit and the worker read them there too)."""
+    """How one sequence is sampled and where it ends, as vLLM's SamplingParams: the engine reads
+    the sampling fields and the seed, the text layer (TextStream) the stop strings. Its defaults are
+    DEFAULTS, the one home of them (the CLI's options, submit and the worker read them there too),
+    except max_tokens: a job's None means the model's default, resolved here to a number
+    (default_max_tokens), as an engine needs one."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULTS["temperature"]  # 0: greedy
     top_k: int | None = DEFAULTS["top_k"]  # None: no top-k cut
     top_p: float = DEFAULTS["top_p"]
+    seed: int | None = DEFAULTS["seed"]  # None: a random seed
+    stop: tuple[str, ...] = tuple(DEFAULTS["stop"])  # stop strings
 
     def __post_init__(self):
         _max_tokens(self.max_tokens, none=False)
         _temperature(self.temperature)
         _whole(self.top_k, "top_k", "e.g. 200, or None for no top-k cut", none=True)  # 0 is the callers' to map
         _top_p(self.top_p)
+        _seed(self.seed)
+        object.__setattr__(self, "stop", tuple(_stop(self.stop)))  # (a list or one string given: a tuple)
+
+    def seeded(self, seed: int | None) -> SamplingParams:
+        """The same parameters with another seed."""
+        return replace(self, seed=seed)
 
 
 def check_sampling(p: dict, where: str = "") -> dict:
@@ -136,16 +147,13 @@ def check_overrides(p: dict, where: str = "") -> dict:
     return {k: v for k, v in check_sampling(p, where).items() if k in p}
 
 
-def resolve_sampling(
-    params: dict, override: dict | None, block_size: int, *, where: str = ""
-) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
-    """One prompt's (sampling params, seed, stop strings): the job's sampling keys, its line's
-    overrides, and for max_tokens left unset the model's default; checked by check_sampling."""
+def resolve_sampling(params: dict, override: dict | None, block_size: int, *, where: str = "") -> SamplingParams:
+    """One prompt's sampling parameters: the job's sampling keys, its line's overrides, and for
+    max_tokens left unset the model's default; checked by check_sampling."""
     job = {k: v for k, v in params.items() if k in SAMPLING_KEYS}  # a job's params hold chat, truncate too
     p = check_sampling({**job, **(override or {})}, where)
     max_tokens = default_max_tokens(block_size) if p["max_tokens"] is None else p["max_tokens"]
-    sp = SamplingParams(max_tokens=max_tokens, temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"])
-    return sp, p["seed"], tuple(p["stop"])
+    return SamplingParams(**{**p, "max_tokens": max_tokens})
 
 
 def default_max_tokens(block_size: int) -> int:

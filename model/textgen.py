@@ -89,9 +89,8 @@ class TextGenerator:
         return Engine(self.model, slots, max_len=max_len, allowed_ids=self.allowed, max_per_group=max_per_group,
                       invariant=invariant, **kw)
 
-    def sequence(self, prompt: list[int], params: SamplingParams, *, seed: int | None = None,
-                 stop: tuple[str, ...] = (), resume: TextStream | None = None, index: int = 0,
-                 group: Hashable = None, priority: int = 0) -> Sequence:
+    def sequence(self, prompt: list[int], params: SamplingParams, *, resume: TextStream | None = None,
+                 index: int = 0, group: Hashable = None, priority: int = 0) -> Sequence:
         """A sequence for an engine; with resume, the continuation of that unfinished stream.
 
         A resumed sequence feeds its prompt, then the ids it already made, one a step as they were
@@ -99,11 +98,11 @@ class TextGenerator:
         budget and its random generator advanced past the draws already made: it yields what an
         uninterrupted run would have (token for token when greedy).
         """
-        stream = resume or self.new_stream(stop)
+        stream = resume or self.new_stream(params.stop)
         if stream.finished:
             raise InvalidParameterError("cannot resume a finished sequence")
         done = len(stream.ids)
-        return Sequence(list(prompt), params, params.max_tokens - done, seed=seed, skip_draws=done,
+        return Sequence(list(prompt), params, params.max_tokens - done, skip_draws=done,
                         stop_ids=self.tokenizer.stop_ids, group=group, priority=priority, index=index,
                         stream=stream, prior=list(stream.ids))
 
@@ -126,25 +125,22 @@ class TextGenerator:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams],
         *,
-        seeds: list[int | None] | None = None,
-        stop: tuple[str, ...] | list[tuple[str, ...]] = (),
         resume: list[TextStream] | None = None,
         slots: int | None = None,
         invariant: bool = True,
     ) -> TextBatch:
-        """Decode prompts (each with its own params and stop strings, where lists are given) on an
-        engine of `slots` slots (default: one per prompt); with resume, continue unfinished streams.
-        invariant: as the worker decodes (see Engine), a lone row too computes what it would in company."""
+        """Decode prompts (each with its own params, seed and stop strings, where a list is given)
+        on an engine of `slots` slots (default: one per prompt); with resume, continue unfinished
+        streams. invariant: as the worker decodes (see Engine), a lone row too computes what it
+        would in company."""
         if not prompts:
             raise InvalidParameterError("no prompts to generate from")
         n = len(prompts)
         per_row = params if isinstance(params, list) else [params] * n
-        seeds = seeds if seeds is not None else [None] * n
-        stops = stop if isinstance(stop, list) else [stop] * n
-        if len(seeds) != n or len(per_row) != n or len(stops) != n:
-            raise InvalidParameterError("one seed, one set of parameters and one stop list per prompt")
-        seqs = [self.sequence(p, sp, seed=sd, stop=st, resume=resume[i] if resume else None, index=i)
-                for i, (p, sp, sd, st) in enumerate(zip(prompts, per_row, seeds, stops, strict=True))]
+        if len(per_row) != n:
+            raise InvalidParameterError("one set of parameters per prompt")
+        seqs = [self.sequence(p, sp, resume=resume[i] if resume else None, index=i)
+                for i, (p, sp) in enumerate(zip(prompts, per_row, strict=True))]
         engine = self.engine(min(slots or n, n), max_len=max(len(s.prompt) + len(s.prior) + s.budget for s in seqs),
                              invariant=invariant)
         for s in seqs:

@@ -24,6 +24,11 @@ def greedy(n):
     return SamplingParams(max_tokens=n, temperature=0)
 
 
+def seeded(params, seeds):
+    """One params per row: params with each seed."""
+    return [params.seeded(s) for s in seeds]
+
+
 def steps_of(gpt, prompts, params, **kw):
     """Run prompts on one engine; per step, each prompt's new id or None."""
     engine = Engine(gpt, len(prompts))
@@ -57,25 +62,25 @@ def test_batched_greedy_same_lengths_and_reordered(gpt):
 def test_seeded_sampling_does_not_depend_on_batch(gpt):
     params = SamplingParams(max_tokens=16, temperature=1.0)
     seeds = [11, 22, 33, 44]
-    batched = generate(gpt, PROMPTS, params, seeds=seeds)
-    alone = [generate(gpt, [p], params, seeds=[s])[0] for p, s in zip(PROMPTS, seeds)]
+    batched = generate(gpt, PROMPTS, seeded(params, seeds))
+    alone = [generate(gpt, [p], seeded(params, [s]))[0] for p, s in zip(PROMPTS, seeds)]
     assert batched == alone
-    reordered = generate(gpt, PROMPTS[::-1], params, seeds=seeds[::-1])
+    reordered = generate(gpt, PROMPTS[::-1], seeded(params, seeds[::-1]))
     assert reordered == batched[::-1]
     # The same prompt and seed next to different company.
-    mixed = generate(gpt, [PROMPTS[2], [9, 9, 9, 9, 9], PROMPTS[0]], params, seeds=[33, 5, 11])
+    mixed = generate(gpt, [PROMPTS[2], [9, 9, 9, 9, 9], PROMPTS[0]], seeded(params, [33, 5, 11]))
     assert mixed[0] == batched[2] and mixed[2] == batched[0]
 
 
 def test_same_seed_same_output_different_seeds_differ(gpt):
     params = SamplingParams(max_tokens=24, temperature=1.0)
-    a = generate(gpt, [PROMPTS[1]], params, seeds=[1234])
-    b = generate(gpt, [PROMPTS[1]], params, seeds=[1234])
-    c = generate(gpt, [PROMPTS[1]], params, seeds=[4321])
+    a = generate(gpt, [PROMPTS[1]], seeded(params, [1234]))
+    b = generate(gpt, [PROMPTS[1]], seeded(params, [1234]))
+    c = generate(gpt, [PROMPTS[1]], seeded(params, [4321]))
     assert a == b
     assert a != c
     # Two rows of one batch with one prompt and different seeds differ too.
-    x, y = generate(gpt, [PROMPTS[1], PROMPTS[1]], params, seeds=[1, 2])
+    x, y = generate(gpt, [PROMPTS[1], PROMPTS[1]], seeded(params, [1, 2]))
     assert x != y
 
 
@@ -105,7 +110,7 @@ def test_stream_ends_when_every_sequence_stopped(gpt):
 
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_max_tokens_respected(gpt, n):
-    _, _, steps = steps_of(gpt, PROMPTS, SamplingParams(max_tokens=n, temperature=0.8), seed=1)
+    _, _, steps = steps_of(gpt, PROMPTS, SamplingParams(max_tokens=n, temperature=0.8, seed=1))
     assert len(steps) == n
     assert all(t is not None for s in steps for t in s)
     assert all(len(o) == n for o in generate(gpt, PROMPTS, greedy(n)))
@@ -163,9 +168,9 @@ def test_sequences_added_mid_decoding_and_mixed_parameters_equal_each_alone(gpt)
              SamplingParams(max_tokens=20, temperature=1.3, top_k=7), SamplingParams(max_tokens=11, top_p=0.8),
              SamplingParams(max_tokens=16, temperature=0.7, top_k=40, top_p=0.95)]
     rows = [(PROMPTS[i % 4], kinds[i % 5], 100 + i) for i in range(10)]
-    alone = [generate(gpt, [p], sp, seeds=[seed])[0] for p, sp, seed in rows]
+    alone = [generate(gpt, [p], sp.seeded(seed))[0] for p, sp, seed in rows]
     engine = Engine(gpt, 4)
-    seqs = [Sequence(list(p), sp, seed=seed) for p, sp, seed in rows]
+    seqs = [Sequence(list(p), sp.seeded(seed)) for p, sp, seed in rows]
     for s in seqs[:3]:
         engine.add(s)
     later = iter(seqs[3:])
@@ -222,7 +227,7 @@ def test_out_of_memory_preempts_the_newest_and_outputs_are_unchanged(gpt):
     leave their slots and are prefilled again later from their ids so far."""
     alone = [generate(gpt, [p], greedy(10))[0] for p in PROMPTS]
     params = SamplingParams(max_tokens=10, temperature=1.0)
-    seeded = [generate(gpt, [p], params, seeds=[7 + i])[0] for i, p in enumerate(PROMPTS)]
+    each = [generate(gpt, [p], params.seeded(7 + i))[0] for i, p in enumerate(PROMPTS)]
     engine = Engine(gpt, 4)
     engine.inject_oom = 3
     seqs = [Sequence(list(p), greedy(10)) for p in PROMPTS]
@@ -234,7 +239,7 @@ def test_out_of_memory_preempts_the_newest_and_outputs_are_unchanged(gpt):
     while engine:
         engine.step()
     assert [s.out for s in seqs] == alone
-    assert generate(gpt, PROMPTS, params, seeds=[7, 8, 9, 10]) == seeded
+    assert generate(gpt, PROMPTS, seeded(params, [7, 8, 9, 10])) == each
 
 
 def test_out_of_memory_midway_resumes_preempted_rows_from_their_ids(gpt):
@@ -276,20 +281,20 @@ def test_out_of_memory_at_one_row_raises_and_the_sequence_can_go_on_elsewhere(gp
 
 def test_top_k_1_equals_greedy(gpt):
     g = generate(gpt, PROMPTS, greedy(16))
-    k1 = generate(gpt, PROMPTS, SamplingParams(max_tokens=16, temperature=1.3, top_k=1), seeds=[1, 2, 3, 4])
+    k1 = generate(gpt, PROMPTS, seeded(SamplingParams(max_tokens=16, temperature=1.3, top_k=1), [1, 2, 3, 4]))
     assert k1 == g
 
 
 def test_tiny_top_p_equals_greedy(gpt):
     g = generate(gpt, PROMPTS, greedy(16))
-    p = generate(gpt, PROMPTS, SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6), seeds=[5, 6, 7, 8])
+    p = generate(gpt, PROMPTS, seeded(SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6), [5, 6, 7, 8]))
     assert p == g
 
 
 def test_top_k_limits_choices(gpt):
     """With top_k=3 every sampled id is one of the 3 likeliest at its step."""
     prompt = PROMPTS[1]
-    (out,) = generate(gpt, [prompt], SamplingParams(max_tokens=12, temperature=2.0, top_k=3), seeds=[9])
+    (out,) = generate(gpt, [prompt], seeded(SamplingParams(max_tokens=12, temperature=2.0, top_k=3), [9]))
     ctx = list(prompt)
     with torch.inference_mode():
         for t in out:
@@ -329,13 +334,13 @@ def test_valid_edge_params_accepted(gpt):
     assert [len(o) for o in generate(gpt, PROMPTS, p)] == [1] * len(PROMPTS)  # and they run
 
 
-def test_empty_prompt_and_seed_count_refused(gpt):
+def test_empty_prompt_and_params_count_refused(gpt):
     with pytest.raises(InvalidParameterError):
         generate(gpt, [], greedy(3))
     with pytest.raises(InvalidParameterError):
         generate(gpt, [[1, 2], []], greedy(3))
     with pytest.raises(InvalidParameterError):
-        generate(gpt, [[1, 2], [3]], greedy(3), seeds=[1])
+        generate(gpt, [[1, 2], [3]], [greedy(3)])  # one params per prompt, or one for all
     with pytest.raises(InvalidParameterError):
         Engine(gpt, 2).add(Sequence([], greedy(3)))
     with pytest.raises(ContextOverflowError):
@@ -381,9 +386,9 @@ def test_allowed_mask_is_never_violated(make_gpt, forced, params):
     allowed_set = {3, 17, 41, 99, 255}
     allowed = torch.zeros(VOCAB, dtype=torch.bool)
     allowed[list(allowed_set)] = True
-    unmasked = generate(gpt, [[1, 2, 3]], params, seeds=[0])[0]
+    unmasked = generate(gpt, [[1, 2, 3]], seeded(params, [0]))[0]
     assert any(t not in allowed_set for t in unmasked)
-    out = generate(gpt, PROMPTS, params, seeds=[1, 2, 3, 4], allowed_ids=allowed)
+    out = generate(gpt, PROMPTS, seeded(params, [1, 2, 3, 4]), allowed_ids=allowed)
     seen = {t for o in out for t in o}
     assert seen <= allowed_set
     if params.temperature >= 1.5:
@@ -435,7 +440,7 @@ def test_extreme_temperatures_sample_allowed_ids(make_gpt, forced, temperature):
     allowed = torch.zeros(VOCAB, dtype=torch.bool)
     allowed[list(allowed_set)] = True
     params = SamplingParams(max_tokens=20, temperature=temperature)
-    out = generate(gpt, PROMPTS, params, seeds=[1, 2, 3, 4], allowed_ids=allowed)
+    out = generate(gpt, PROMPTS, seeded(params, [1, 2, 3, 4]), allowed_ids=allowed)
     assert {t for o in out for t in o} <= allowed_set
     if temperature < 1e-30:
         assert out == generate(gpt, PROMPTS, greedy(20), allowed_ids=allowed)
@@ -490,10 +495,10 @@ def test_greedy_and_seeded_outputs_do_not_depend_on_company(make_gpt):
         p = torch.randint(0, VOCAB, (n,), generator=g).tolist()
         sp = SamplingParams(max_tokens=5 + 3 * (i % 7), temperature=0 if i % 2 else 0.9, top_k=None if i % 3 else 20)
         rows.append((p, sp, 40 + i))
-    alone = [generate(gpt, [p], sp, seeds=[s])[0] for p, sp, s in rows]
+    alone = [generate(gpt, [p], sp.seeded(s))[0] for p, sp, s in rows]
     for slots, prefill in ((3, 512), (8, 16), (16, 7)):
         engine = Engine(gpt, slots, prefill_tokens=prefill)
-        seqs = [Sequence(list(p), sp, seed=s) for p, sp, s in rows]
+        seqs = [Sequence(list(p), sp.seeded(s)) for p, sp, s in rows]
         pending = iter(seqs)
         for s in [next(pending) for _ in range(5)]:
             engine.add(s)

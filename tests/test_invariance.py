@@ -91,7 +91,7 @@ def _alone(model: GPT, rows) -> tuple[list[list[int]], list[list[torch.Tensor]]]
     outs, logits = [], []
     for prompt, sp, seed in rows:
         seen: list[torch.Tensor] = []
-        (out,) = generate(model, [prompt], sp, seeds=[seed], observe=lambda s, lg, seen=seen: seen.append(lg.clone()))
+        (out,) = generate(model, [prompt], sp.seeded(seed), observe=lambda s, lg, seen=seen: seen.append(lg.clone()))
         outs.append(out)
         logits.append(seen)
     return outs, logits
@@ -101,7 +101,7 @@ def _in_company(model: GPT, rows, *, slots: int, seed: int) -> tuple[list[list[i
     """The rows on one engine, joining a few at a time at random steps as others run and leave."""
     seen: list[list[torch.Tensor]] = [[] for _ in rows]
     engine = Engine(model, slots, max_len=1024, observe=lambda s, lg: seen[s.index].append(lg.clone()))
-    seqs = [Sequence(list(p), sp, seed=sd, index=i) for i, (p, sp, sd) in enumerate(rows)]
+    seqs = [Sequence(list(p), sp.seeded(sd), index=i) for i, (p, sp, sd) in enumerate(rows)]
     rng = random.Random(seed)
     pending = seqs[::-1]
     while pending or engine:

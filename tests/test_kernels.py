@@ -101,9 +101,10 @@ def test_int8_greedy_and_seeded_outputs_do_not_depend_on_company(make_gpt):
     prompts = [torch.randint(0, 320, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (6,), generator=g)]
     for params, seeds in ((SamplingParams(max_tokens=16, temperature=0), [None] * 6),
                           (SamplingParams(max_tokens=16, temperature=1.0), list(range(6)))):
-        alone = [generate(model, [p], params, seeds=[s])[0] for p, s in zip(prompts, seeds, strict=True)]
-        assert generate(model, prompts, params, seeds=seeds) == alone
-        assert generate(model, prompts, params, seeds=seeds, slots=2) == alone  # joining as others finish
+        per_row = [params.seeded(s) for s in seeds]
+        alone = [generate(model, [p], sp)[0] for p, sp in zip(prompts, per_row, strict=True)]
+        assert generate(model, prompts, per_row) == alone
+        assert generate(model, prompts, per_row, slots=2) == alone  # joining as others finish
     fp32 = make_gpt(320, seed=3, n_embd=64)
     greedy = SamplingParams(max_tokens=16, temperature=0)
     same = sum(a == b for x, y in zip(generate(fp32, prompts, greedy), generate(model, prompts, greedy), strict=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -103,10 +104,18 @@ def test_worker_side_refuses_what_submit_refuses(name, value):
 @pytest.mark.parametrize(
     "kw",
     [dict(top_k=3.0), dict(top_k=True), dict(max_tokens=True), dict(max_tokens=5.0), dict(temperature=True),
-     dict(temperature="1"), dict(top_p=True)],
+     dict(temperature="1"), dict(top_p=True), dict(seed=True), dict(seed=1.0), dict(seed=2**64), dict(stop=[""]),
+     dict(stop=3)],
 )
 def test_sampling_params_refuses_bools_floats_and_strings(kw):
     _raises(lambda: SamplingParams(**kw), next(iter(kw)))
+
+
+def test_sampling_params_hold_the_seed_and_the_stop_strings():
+    sp = SamplingParams(temperature=1.0, seed=7, stop="END")
+    assert sp.stop == ("END",) and sp.seed == 7  # one string is a list of one, kept as a tuple
+    assert sp.seeded(8) == SamplingParams(temperature=1.0, seed=8, stop=("END",)) and sp.seed == 7
+    assert hash(sp) == hash(SamplingParams(temperature=1.0, seed=7, stop=["END"]))
 
 
 def test_defaults_complete_a_fresh_copy():
@@ -153,12 +162,12 @@ def test_overrides_keep_only_the_keys_a_line_gives():
 
 def test_resolve_merges_job_line_and_model_default():
     job = {**check_sampling({"temperature": 0.5, "top_k": 40, "stop": ["END"]}), "chat": True, "truncate": False}
-    sp, seed, stop = resolve_sampling(job, {"top_k": None, "seed": 9}, BLOCK)
-    assert sp == SamplingParams(max_tokens=default_max_tokens(BLOCK), temperature=0.5, top_k=None, top_p=1.0)
-    assert (seed, stop) == (9, ("END",))
-    sp, seed, stop = resolve_sampling(job, None, BLOCK)
-    assert (sp.top_k, seed) == (40, None)
-    assert resolve_sampling(job, {"max_tokens": 5}, BLOCK)[0].max_tokens == 5
+    sp = resolve_sampling(job, {"top_k": None, "seed": 9}, BLOCK)
+    assert sp == SamplingParams(max_tokens=default_max_tokens(BLOCK), temperature=0.5, top_k=None, top_p=1.0, seed=9,
+                                stop=("END",))
+    sp = resolve_sampling(job, None, BLOCK)
+    assert (sp.top_k, sp.seed) == (40, None)
+    assert resolve_sampling(job, {"max_tokens": 5}, BLOCK).max_tokens == 5
 
 
 ACCEPTED = [
@@ -192,14 +201,14 @@ ACCEPTED = [
 @pytest.mark.parametrize("given", ACCEPTED)
 def test_every_accepted_dict_runs_a_real_engine_step(make_gpt, given):
     gpt = make_gpt(VOCAB, seed=0, block_size=BLOCK)
-    sp, seed, stop = resolve_sampling({}, check_overrides(given), BLOCK)
-    assert isinstance(sp, SamplingParams) and all(isinstance(s, str) for s in stop)
+    sp = resolve_sampling({}, check_overrides(given), BLOCK)
+    assert isinstance(sp, SamplingParams) and all(isinstance(s, str) for s in sp.stop)
     prompt = [1, 2, 3, 4]
     n = min(sp.max_tokens, 6)
-    params = SamplingParams(max_tokens=n, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
-    (out,) = generate(gpt, [prompt], params, seeds=[seed])
+    params = replace(sp, max_tokens=n)
+    (out,) = generate(gpt, [prompt], params)
     assert len(out) == n and all(0 <= t < VOCAB for t in out)
     if sp.temperature < 1e-30 or sp.top_k == 1 or sp.top_p < 1e-6:
         assert out == generate(gpt, [prompt], SamplingParams(max_tokens=n, temperature=0))[0]
     if sp.max_tokens == BLOCK - 4:  # the whole budget: the prompt fills the rest of the context
-        assert len(generate(gpt, [prompt], sp, seeds=[seed])[0]) == BLOCK - 4
+        assert len(generate(gpt, [prompt], sp)[0]) == BLOCK - 4

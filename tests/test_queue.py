@@ -23,7 +23,7 @@ def alone(model_dir, prompts, max_tokens, *, dtype="auto", temperature=0.0, seed
     tg = TextGenerator(load_model(model_dir, dtype=dtype))
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=None)
     seeds = seeds or [None] * len(prompts)
-    return [tg.generate([tg.encode(p, chat=False)], sp, seeds=[s])[0].text for p, s in zip(prompts, seeds, strict=True)]
+    return [tg.generate([tg.encode(p, chat=False)], sp.seeded(s))[0].text for p, s in zip(prompts, seeds, strict=True)]
 
 
 PROMPTS = ["Once upon a time", "The sea is", "日本語のテキスト 🌍", "abc"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gencli.model.chat import ChatFormat, render, stop_strings
@@ -45,9 +47,10 @@ def test_streamed_text_is_the_decode_of_the_engines_ids(textgen, tok_chatml):
     that decode except an unfinished UTF-8 character (ChatML has no stop strings to hold back)."""
     ps = prompts(textgen)
     params, seeds = SamplingParams(max_tokens=40, temperature=1.0), [1, 2, 3]
-    engine = generate(textgen.model, ps, params, seeds=seeds, stop_ids=tok_chatml.stop_ids,
+    params = [params.seeded(s) for s in seeds]
+    engine = generate(textgen.model, ps, params, stop_ids=tok_chatml.stop_ids,
                       allowed_ids=textgen.allowed)
-    tg = textgen.stream(ps, params, seeds=seeds)
+    tg = textgen.stream(ps, params)
     fed: list[list[int]] = [[], [], []]
     shown: list[list[str]] = [[], [], []]  # the text on screen after each delta
     finishes: list[list[str]] = [[], [], []]
@@ -97,7 +100,7 @@ def test_stop_string_ends_one_sequence_others_continue(textgen):
     assert len(t0) > 6
     mid = len(t0) // 2
     stop = t0[mid : mid + 3]
-    tg = textgen.stream(ps, GREEDY, stop=(stop,))
+    tg = textgen.stream(ps, replace(GREEDY, stop=(stop,)))
     per_seq = collect(tg)
     for i, s in enumerate(tg.streams):
         full = free[i].text
@@ -132,7 +135,7 @@ def test_a_chatml_reply_ends_where_the_model_opens_the_next_turn(make_gpt, force
     model = forced(make_gpt(vocab_for(tok_chatml), block_size=64), {well: 5.0, tok_chatml.im_start_id: 4.0})
     tg = TextGenerator(loaded_for(model, tok_chatml, ChatFormat.CHATML))
     prompt = tg.encode([{"role": "user", "content": "hi"}], chat=True)
-    streams = tg.generate([prompt] * 8, SamplingParams(max_tokens=40, temperature=1.0, top_k=2), seeds=list(range(8)))
+    streams = tg.generate([prompt] * 8, [SamplingParams(max_tokens=40, temperature=1.0, top_k=2, seed=s) for s in range(8)])
     for s in streams:
         assert s.finish_reason == "stop"
         assert s.ids == [well] * len(s.ids) and s.text == " well" * len(s.ids)
@@ -153,7 +156,7 @@ def test_cancel_returns_held_text(make_gpt, forced, loaded_for, tok_chatml):
     model = forced(make_gpt(vocab_for(tok_chatml), block_size=64), {a[0]: 12.0})
     gen = TextGenerator(loaded_for(model, tok_chatml))
     params = SamplingParams(max_tokens=20, temperature=0)
-    tg = gen.stream([tok_chatml.encode("x"), tok_chatml.encode("y")], params, stop=("ab",))
+    tg = gen.stream([tok_chatml.encode("x"), tok_chatml.encode("y")], replace(params, stop=("ab",)))
     it = iter(tg)
     shown = ["", ""]
     for step in it:  # step 1 holds "a" back (it may begin "ab"); step 2 shows the first "a"
@@ -182,10 +185,10 @@ def test_never_generates_an_undecodable_id(make_gpt, forced, loaded_for, tok_cha
     ordinary = tok_chatml.encode(" the cat sat on a mat")
     model = forced(make_gpt(vocab, block_size=256), {**{i: 20.0 for i in bad}, **{i: 8.0 for i in ordinary}})
     params = SamplingParams(max_tokens=150, temperature=2.0)
-    unmasked = generate(model, [[1, 2]], SamplingParams(max_tokens=20, temperature=2.0), seeds=[0])[0]
+    unmasked = generate(model, [[1, 2]], SamplingParams(max_tokens=20, temperature=2.0, seed=0))[0]
     assert set(unmasked) & set(bad)  # without the mask they do come out
     gen = TextGenerator(loaded_for(model, tok_chatml))
-    streams = gen.generate([[1, 2], [3], tok_chatml.encode("hi")], params, seeds=[1, 2, 3])
+    streams = gen.generate([[1, 2], [3], tok_chatml.encode("hi")], [params.seeded(s) for s in (1, 2, 3)])
     for s in streams:
         assert s.finish_reason == "length"
         assert len(s.ids) == 150
@@ -210,7 +213,7 @@ def test_streamed_fragments_of_multibyte_chars(make_gpt, forced, loaded_for, tok
     ids = tok_chatml.encode("héllo 🌍 日本語 テスト 👩‍👩‍👧")
     model = forced(make_gpt(vocab_for(tok_chatml), block_size=128), {i: 20.0 for i in ids})
     gen = TextGenerator(loaded_for(model, tok_chatml))
-    tg = gen.stream([[1], [2], [3], [4]], SamplingParams(max_tokens=60, temperature=1.0), seeds=[1, 2, 3, 4])
+    tg = gen.stream([[1], [2], [3], [4]], [SamplingParams(max_tokens=60, temperature=1.0, seed=s) for s in (1, 2, 3, 4)])
     deltas: list[list[str]] = [[], [], [], []]
     for step in tg:
         for d in step:

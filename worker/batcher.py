@@ -160,7 +160,7 @@ class Batcher:
                 case _Add(job, runs):
                     try:
                         for r in runs:
-                            r.seq = self.gen.sequence(r.prompt_ids, r.params, seed=r.seed, resume=r.stream,
+                            r.seq = self.gen.sequence(r.prompt_ids, r.params, resume=r.stream,
                                                       index=r.idx, group=job, priority=job.priority)
                             r.engine = self.engine
                             self.engine.add(r.seq)

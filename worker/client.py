@@ -279,7 +279,7 @@ class Client:
         for it in items:
             try:
                 ids = encode_prompt(tok, fmt, it["prompt"], chat=chat)
-                sampling, _, _ = resolve_sampling(params, it.get("params"), info["block_size"])
+                sampling = resolve_sampling(params, it.get("params"), info["block_size"])
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 where = it["where"] if it.get("where") is not None else f"line {it['line']}: "

@@ -12,7 +12,7 @@ the summary says the promise does not hold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gencli.model.errors import GencliError
 from gencli.model.params import SamplingParams, resolve_sampling
@@ -31,9 +31,7 @@ class Line:
     line: int
     custom_id: str | None
     prompt: object
-    params: SamplingParams
-    seed: int | None
-    stop: tuple[str, ...]
+    params: SamplingParams  # its recorded seed and stop strings included
     ids: list[int]  # what the job recorded
     output: str
     finish_reason: str | None
@@ -93,22 +91,20 @@ def plan(job, *, line: int | None = None) -> Plan:
         if it.sampling:
             s = it.sampling
             params = SamplingParams(max_tokens=s["max_tokens"], temperature=s["temperature"], top_k=s["top_k"],
-                                    top_p=s["top_p"])
-            seed, stop = s["seed"], tuple(s["stop"])
+                                    top_p=s["top_p"], seed=s["seed"], stop=tuple(s["stop"]))
         else:  # a line of an older gencli: its parameters as given, replayable when greedy or seeded
-            params, seed, stop = resolve_sampling(record.params, it.params, 10**9)
-            if params.temperature != 0 and seed is None:
+            params = resolve_sampling(record.params, it.params, 10**9)
+            if params.temperature != 0 and params.seed is None:
                 skipped.append((it, "sampled without a recorded seed"))
                 continue
             if (it.params or {}).get("max_tokens", record.params.get("max_tokens")) is None:
                 budget = len(it.ids) + (it.finish_reason == "stop")  # a stop id is made, not kept
-                params = SamplingParams(max_tokens=max(budget, 1), temperature=params.temperature,
-                                        top_k=params.top_k, top_p=params.top_p)
+                params = replace(params, max_tokens=max(budget, 1))
         if it.status == "cancelled":  # as far as it went
             if not it.ids:
                 skipped.append((it, "cancelled before its first token"))
                 continue
-        lines.append(Line(it.idx, it.line, it.custom_id, it.prompt, params, seed, stop, list(it.ids), it.output,
+        lines.append(Line(it.idx, it.line, it.custom_id, it.prompt, params, list(it.ids), it.output,
                           it.finish_reason))
         used.add(p.get("attempt"))
     if not lines:
@@ -165,8 +161,7 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
         ids = gen.fit(gen.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
         prompts.append(ids)
         params.append(as_far_as_it_went(ln))
-    streams = gen.generate(prompts, params, seeds=[ln.seed for ln in p.lines], stop=[ln.stop for ln in p.lines],
-                           slots=min(slots, len(p.lines)))
+    streams = gen.generate(prompts, params, slots=min(slots, len(p.lines)))
     for ln, s in zip(p.lines, streams, strict=True):
         ln.compare(s.ids, s.text, s.finish_reason)
     return str(loaded.device), loaded.dtype
@@ -181,7 +176,7 @@ def run_queued(job, p: Plan, *, timeout: float | None = None):
     for ln in p.lines:
         sp = as_far_as_it_went(ln)
         extra = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
-                 "seed": ln.seed, "stop": list(ln.stop)}
+                 "seed": sp.seed, "stop": list(sp.stop)}
         items.append(PromptItem(ln.prompt, ln.line, ln.custom_id, extra))
     replay = job.client.submit(items, model=record.model, chat=bool(record.params.get("chat")),
                                truncate=bool(record.params.get("truncate")),
@@ -201,5 +196,4 @@ def as_far_as_it_went(ln: Line) -> SamplingParams:
     """A cancelled line is re-run for the tokens it made; the others with their own budget."""
     if ln.finish_reason != "cancelled":
         return ln.params
-    return SamplingParams(max_tokens=len(ln.ids), temperature=ln.params.temperature, top_k=ln.params.top_k,
-                          top_p=ln.params.top_p)
+    return replace(ln.params, max_tokens=len(ln.ids))

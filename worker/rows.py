@@ -19,8 +19,7 @@ class ItemRun:
     epoch: int
     prompt_ids: list[int]
     stream: TextStream
-    seed: int | None
-    params: SamplingParams
+    params: SamplingParams  # its seed drawn, where the job left it to chance
     seq: Sequence | None = None  # the batcher's, once it took the item
     engine: Engine | None = None  # which engine holds seq
     published: list[int] = field(default_factory=list)  # its ids in the log: the job's thread's, from Published

@@ -50,10 +50,10 @@ class ModelChanged(Exception):
     """A replay job reached a worker whose model is not the one its original ran on."""
 
 
-def sampling_record(params: SamplingParams, stop: tuple[str, ...], seed: int, drawn: bool) -> dict:
+def sampling_record(params: SamplingParams, drawn: bool) -> dict:
     """What an item samples with, as the store records it (model/params.py's keys, resolved)."""
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
-            "top_p": params.top_p, "stop": list(stop), "seed": seed, "seed_drawn": drawn}
+            "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed, "seed_drawn": drawn}
 
 
 class PublishRefused(Exception):
@@ -252,18 +252,18 @@ class GenerationJob:
             if item.status != ItemStatus.PENDING.value:
                 continue
             try:
-                params, seed, stop = resolve_sampling(job.params, item.params, gen.block_size)
+                params = resolve_sampling(job.params, item.params, gen.block_size)
                 ids = gen.fit(gen.encode(item.prompt, chat=chat), params.max_tokens, truncate=truncate)
             except GencliError as e:
                 self._save_failed(item.idx, item.epoch, str(e))
                 continue
             if item.sampling:  # an earlier attempt started it: the same seed, so it samples what it would have
-                seed = item.sampling["seed"]
+                params = params.seeded(item.sampling["seed"])
             else:  # recorded before its first token, a drawn seed too, so the line can be replayed
-                drawn = seed is None
-                seed = secrets.randbelow(2**63) if drawn else seed
-                starting.append((item.idx, item.epoch, sampling_record(params, stop, seed, drawn)))
-            stream = gen.new_stream(stop)
+                drawn = params.seed is None
+                params = params.seeded(secrets.randbelow(2**63)) if drawn else params
+                starting.append((item.idx, item.epoch, sampling_record(params, drawn)))
+            stream = gen.new_stream(params.stop)
             checkpoint = list(item.ids or [])
             logged = [(t, f) for epoch, t, f in (streamed or {}).get(item.idx, []) if epoch == item.epoch]
             logged_ids = [t for t, _ in logged if t is not None]
@@ -279,7 +279,7 @@ class GenerationJob:
                     stream.feed(token)
             if not stream.finished and len(stream.ids) >= params.max_tokens:
                 stream.finish("length")
-            r = ItemRun(item.idx, item.epoch, ids, stream, seed, params, published=list(stream.ids))
+            r = ItemRun(item.idx, item.epoch, ids, stream, params, published=list(stream.ids))
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
             if stream.finished:  # made whole, but the worker died before recording it
