@@ -33,14 +33,14 @@ torch.set_num_threads(1)
 
 
 
-# The suite runs its files on two processes at once (pyproject's addopts: pytest-xdist, -n 2, one
+# The suite runs its files on three processes at once (pyproject's addopts: pytest-xdist, -n 3, one
 # file to a process at a time, so a module's Redis, store and workers are built once). The files
 # that take longest start first, so that none of them is left to run alone at the end: xdist hands
 # out files in this order (--no-loadscope-reorder: else it orders them by their number of tests).
 # Measured with --durations on the 2-core machine, longest first; the rest take seconds.
-LONGEST_FIRST = ("test_docker.py", "test_exact.py", "test_takeover.py", "test_batching.py", "test_redis_restart.py",
-                 "test_crash.py", "test_redis_loss.py", "test_queue_cli.py", "test_api.py", "test_workers.py",
-                 "test_replay.py", "test_queue.py", "test_demo.py", "test_store_races.py", "test_api_fuzz.py",
+LONGEST_FIRST = ("test_exact.py", "test_takeover.py", "test_docker.py", "test_redis_restart.py", "test_redis_loss.py",
+                 "test_queue.py", "test_crash.py", "test_queue_cli.py", "test_batching.py", "test_workers.py",
+                 "test_api.py", "test_replay.py", "test_api_fuzz.py", "test_store_races.py", "test_demo.py",
                  "test_deployments.py", "test_invariance.py", "test_cli.py")
 
 
