@@ -51,6 +51,14 @@ PREFILL_TOKENS = 512  # prompt tokens prefilled in one step, over all admitted s
 GROW_AFTER = 64  # steps without running out of memory before the row limit is doubled again
 
 
+def _inject_oom(value: str | None) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidParameterError(f"{INJECT_OOM_ENV}={value!r}: use a number of rows >= 1, or unset it")
+    return int(value)
+
+
 class Status(enum.Enum):
     """Where a sequence is: queued in the scheduler, holding a cache slot, or ended (its last id
     made, finished by its owner, or taken out to another engine)."""
@@ -149,9 +157,10 @@ class Engine:
         self.invariant = invariant
         self.min_rows = 2 if invariant and not model.quantized else 1  # see _at_least_min_rows
         self.observe = observe
-        # fault injection, read once (the README's "Fault injection"; tests set these attributes)
-        oom = os.environ.get(INJECT_OOM_ENV)
-        self.inject_oom: int | None = int(oom) if oom else None
+        # fault injection, read once where the faults happen (the README's "Fault injection"; tests
+        # set these attributes). Read here, not in storage/settings.py: the model layer imports nothing
+        # of the queue's, and `gencli generate` honours them as a worker does.
+        self.inject_oom: int | None = _inject_oom(os.environ.get(INJECT_OOM_ENV))
         self.inject_stall: str | None = os.environ.get(INJECT_STALL_ENV) or None
         self.limit = slots  # rows run at once: lowered by running out of memory
         self.running: list[Sequence] = []  # in admission order

@@ -73,6 +73,23 @@ class _Stop:
     cancelled: bool
 
 
+# What the batcher hands the outbox, a list of these per step:
+@dataclass
+class _Emitted:
+    """A job's events of one step, and its items that ended with them."""
+
+    job: Decoding
+    events: list[dict]
+    ended: list[ItemRun]
+
+
+@dataclass(frozen=True)
+class _Halted:
+    """A job's rows left the batch: once what came before is published, the job is told Stopped."""
+
+    job: Decoding
+
+
 class Batcher:
     def __init__(self, gen: TextGenerator, r: redis.Redis, *, slots: int, max_per_group: int | None,
                  cpu_generator: Callable[[], TextGenerator], inject_crash: str | None = None):
@@ -180,8 +197,7 @@ class Batcher:
             if cancelled:
                 events.append(_tok(r, None, r.stream.finish("cancelled"), "cancelled"))
                 ended.append(r)
-        self.outbox.put([(job, events, ended)])
-        self.outbox.put([(job, None, None)])  # ("stopped",) after them
+        self.outbox.put([_Emitted(job, events, ended), _Halted(job)])
 
     def _fail(self, job: Decoding, error: BaseException) -> None:
         job.run.tell(DecodeFailed(error))
@@ -197,7 +213,7 @@ class Batcher:
             self.counters["generation_tokens"] += d.token is not None
             if d.finish_reason:
                 ended.append(r)
-        self.outbox.put([(job, events, ended) for job, (events, ended) in per_job.items()])
+        self.outbox.put([_Emitted(job, events, ended) for job, (events, ended) in per_job.items()])
 
     def _record_rungs(self, engine: Engine) -> None:
         for rung in engine.rungs:
@@ -256,8 +272,8 @@ class Outbox:
     def start(self) -> None:
         self._thread = supervise.start("outbox", self._loop)
 
-    def put(self, step: list[tuple[Decoding, list[dict] | None, list[ItemRun] | None]]) -> None:
-        """(job, events, items ended) per job; events None: tell the job it is stopped, after the rest."""
+    def put(self, step: list[_Emitted | _Halted]) -> None:
+        """One step's events, job by job, in order."""
         self._q.put(step)
 
     def _loop(self) -> None:
@@ -268,33 +284,31 @@ class Outbox:
                     steps.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            batch: list[tuple[Decoding, list[dict], list[ItemRun]]] = []
+            batch: dict[Decoding, _Emitted] = {}  # per job, what piled up, in order
             for step in steps:
-                for job, events, ended in step:
-                    if events is None:  # a stop marker: flush what came before, then say so
-                        self._send(batch)
-                        batch = []
-                        if job in self._untold:
-                            self._tell_published(job, ())
-                        job.run.tell(Stopped())
-                        continue
-                    for entry in batch:
-                        if entry[0] is job:
-                            entry[1].extend(events)
-                            entry[2].extend(ended)
-                            break
-                    else:
-                        batch.append((job, list(events), list(ended)))
-            self._send(batch)
+                for entry in step:
+                    match entry:
+                        case _Halted(job):  # flush what came before, then say so
+                            self._send(list(batch.values()))
+                            batch = {}
+                            if job in self._untold:
+                                self._tell_published(job, ())
+                            job.run.tell(Stopped())
+                        case _Emitted(job, events, ended) if job in batch:
+                            batch[job].events.extend(events)
+                            batch[job].ended.extend(ended)
+                        case _Emitted(job, events, ended):
+                            batch[job] = _Emitted(job, list(events), list(ended))
+            self._send(list(batch.values()))
 
     def _tell_published(self, job: Decoding, ended) -> None:
         ids = self._untold.pop(job, {})
         self._told_at[job] = time.monotonic()
         job.run.tell(Published({i: tuple(v) for i, v in ids.items()}, tuple(ended)))
 
-    def _send(self, batch) -> None:
+    def _send(self, batch: list[_Emitted]) -> None:
         live = []
-        for job, events, ended in batch:
+        for job, events, ended in ((e.job, e.events, e.ended) for e in batch):
             if events and not job.run.lease.holds():  # (see running.LeaseClock) the job's thread stops it
                 if job not in self._held_back:
                     self._held_back.add(job)
