@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,6 +31,12 @@ from gencli.worker.keys import Keys
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
 # waiting makes them several times slower.
 torch.set_num_threads(1)
+
+# A runner that starts pytest with SIGINT ignored (as a shell does a background job without job
+# control: `(pytest &)`) passes that on to every process the tests start, and the Ctrl-C tests'
+# SIGINT would then do nothing. The processes the tests start get Python's own handler back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 
