@@ -38,7 +38,7 @@ from gencli.model.cache import SlotBatch, SlotCache
 from gencli.model.errors import InvalidParameterError
 from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams, fit_prompt
-from gencli.model.sampler import Sampler, seeded_generator
+from gencli.model.sampler import Sampler, TokenLogprob, logprob_of, seeded_generator
 from gencli.model.scheduler import Scheduler
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
@@ -49,6 +49,7 @@ INJECT_OOM_ENV = "GENCLI_INJECT_OOM"
 INJECT_STALL_ENV = "GENCLI_INJECT_STALL"
 PREFILL_TOKENS = 512  # prompt tokens prefilled in one step, over all admitted sequences
 GROW_AFTER = 64  # steps without running out of memory before the row limit is doubled again
+SCORE_POSITIONS = 64  # prompt positions whose logits are computed at once for prompt logprobs
 
 
 def _inject_oom(value: str | None) -> int | None:
@@ -92,6 +93,9 @@ class Sequence:
     cached: int = 0  # of prompt + prior + out, how many are in the cache
     arrival: int = 0
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per id of out, where params.logprobs is set
+    # where params.prompt_logprobs is set: one per prompt id once prefilled, None for the first
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def __post_init__(self):
         if self.budget is None:
@@ -204,7 +208,7 @@ class Engine:
         self.finish(seq)
         return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, group=seq.group,
                         priority=seq.priority, index=seq.index, stream=seq.stream, prior=seq.prior + seq.out,
-                        generator=seq.generator)
+                        generator=seq.generator, prompt_logprobs=seq.prompt_logprobs)
 
     def _release(self, seq: Sequence) -> None:
         """Free a running sequence's slot; its caller says what it is now (finished, or waiting again)."""
@@ -279,11 +283,14 @@ class Engine:
         if len(slots) > len(rows):
             idx[1:] = idx[0]
         ready = [b for b, s in enumerate(seqs) if s.cached + counts[b] == s.length]
+        scored = [b for b, s in enumerate(seqs) if s.params.prompt_logprobs is not None and s.cached < len(s.prompt)]
         try:
-            logits = self._forward(idx.to(self.device), batch, ready, len(rows))
+            logits, hidden = self._forward(idx.to(self.device), batch, ready, len(rows), hidden=bool(scored))
         except torch.OutOfMemoryError:
             self._shrink(len(rows))
             return False
+        for b in scored:
+            self._score_prompt(seqs[b], hidden[b, : counts[b]])
         for s, n in rows:
             s.cached += n
             self.cache.lengths[s.slot] = s.cached
@@ -292,8 +299,10 @@ class Engine:
                 self.observe(seqs[b], logits[j])
         if ready:
             picked = self.sampler.sample(logits, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
-            for b, token in zip(ready, picked):
+            for j, (b, token) in enumerate(zip(ready, picked)):
                 s = seqs[b]
+                if s.params.logprobs is not None:
+                    s.logprobs.append(logprob_of(logits[j], token, s.params.logprobs))
                 s.out.append(token)
                 new_ids.append((s, token))
                 if token in s.stop_ids or len(s.out) >= s.budget:
@@ -304,15 +313,34 @@ class Engine:
             self._steps_since_oom = 0
         return True
 
-    def _forward(self, idx: torch.Tensor, batch: SlotBatch, ready: list[int], rows: int) -> torch.Tensor | None:
-        """The logits of the ready rows' last ids (None when no row is ready); rows: sequences in it."""
+    def _forward(self, idx: torch.Tensor, batch: SlotBatch, ready: list[int], rows: int, *,
+                 hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the ready rows' last ids (None when no row is ready), and with hidden every
+        new id's hidden state (B, T, C); rows: sequences in the pass."""
         while self.inject_stall and os.path.exists(self.inject_stall):
             time.sleep(0.05)
         if self.inject_oom and rows >= self.inject_oom:
             raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self.inject_oom}: forward pass over {rows} rows")
+        x = self.model.hidden_cached(idx, self.cache, batch)
         if not ready:
-            return self.model.forward_cached(idx, self.cache, batch, [])
-        return self.model.forward_cached(idx, self.cache, batch, self._at_least_min_rows(ready))[: len(ready)]
+            return None, x if hidden else None
+        return self.model.last_logits(x, batch, self._at_least_min_rows(ready))[: len(ready)], x if hidden else None
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Prompt logprobs from a prefill chunk's hidden states (n, C): position j's logits give the
+        logprob of the prompt id after it. A row's own chunk, SCORE_POSITIONS positions at a time:
+        the same products alone or in company (a re-prefilled row, after out of memory, is not
+        scored twice)."""
+        start, top = seq.cached, seq.params.prompt_logprobs
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first id has nothing before it
+        for j0 in range(0, hidden.size(0), SCORE_POSITIONS):
+            chunk = hidden[j0 : j0 + SCORE_POSITIONS]
+            logits = self.model.logits_of(chunk)
+            for k in range(chunk.size(0)):
+                at = start + j0 + k + 1  # the prompt position these logits predict
+                if at == len(seq.prompt_logprobs) and at < len(seq.prompt):
+                    seq.prompt_logprobs.append(logprob_of(logits[k], seq.prompt[at], top))
 
     def _at_least_min_rows(self, rows: list) -> list:
         """rows, the first repeated up to min_rows: a float32 product over one row takes another kernel

@@ -245,14 +245,26 @@ class GPT(nn.Module):
         positions batch.starts[b].. of slot batch.slots[b]. Returns the logits (len(rows), V) of the last
         new token of each of rows, in that order, a row as often as it is named (default: every
         row; none: None)."""
+        return self.last_logits(self.hidden_cached(idx, cache, batch), batch, rows)
+
+    def hidden_cached(self, idx: torch.Tensor, cache: SlotCache, batch: SlotBatch) -> torch.Tensor:
+        """forward_cached's last block's output (B, T, C), every new token's (logits_of turns any of
+        them into logits)."""
         if batch.length > min(self.config.block_size, cache.max_len):
             raise ValueError(f"sequence of {batch.length} tokens exceeds the context of {cache.max_len}")
         pos = batch.positions.clamp(max=self.config.block_size - 1)  # a pad query's position is never read
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x, cache, batch)
+        return x
+
+    def last_logits(self, x: torch.Tensor, batch: SlotBatch, rows: list[int] | None = None) -> torch.Tensor | None:
+        """The logits of the last new token of each of rows (forward_cached's result) from x."""
         rows = list(range(batch.n)) if rows is None else rows
         if not rows:
             return None
-        last = x[torch.tensor(rows, device=x.device), batch.last[rows]]  # (len(rows), C)
-        return self._head(self.transformer.ln_f(last))
+        return self.logits_of(x[torch.tensor(rows, device=x.device), batch.last[rows]])  # (len(rows), V)
+
+    def logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of hidden states x (N, C) from hidden_cached."""
+        return self._head(self.transformer.ln_f(x))

@@ -90,6 +90,16 @@ def _stop(value, where: str = "") -> list[str]:
 
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when none are asked for, within half the model's context
+MAX_LOGPROBS = 20  # the most top logprobs a token may come with, as OpenAI's API allows
+
+
+def _logprobs(value, where: str = "", *, name: str = "logprobs") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise _bad(where, name, value, f"a whole number from 0 to {MAX_LOGPROBS} or null",
+                   "e.g. 5 (0: the token's own alone)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,12 @@ class SamplingParams:
     top_p: float = DEFAULTS["top_p"]
     seed: int | None = DEFAULTS["seed"]  # None: a random seed
     stop: tuple[str, ...] = tuple(DEFAULTS["stop"])  # stop strings
+    # None: no logprobs; N: each new id's logprob and the N likeliest ids' (model/sampler.py's
+    # logprob_of says of which distribution). The engine computes them; the queue does not carry them yet.
+    logprobs: int | None = None
+    # None: none; N: each prompt id's logprob given the ids before it (None for the first), and the N
+    # likeliest ids' there (vLLM's prompt_logprobs): what echo and scoring read
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         _max_tokens(self.max_tokens, none=False)
@@ -113,6 +129,8 @@ class SamplingParams:
         _whole(self.top_k, "top_k", "e.g. 200, or None for no top-k cut", none=True)  # 0 is the callers' to map
         _top_p(self.top_p)
         _seed(self.seed)
+        _logprobs(self.logprobs)
+        _logprobs(self.prompt_logprobs, name="prompt_logprobs")
         object.__setattr__(self, "stop", tuple(_stop(self.stop)))  # (a list or one string given: a tuple)
 
     def seeded(self, seed: int | None) -> SamplingParams:

@@ -10,6 +10,7 @@ the same bit for bit as when it runs alone.
 from __future__ import annotations
 
 from collections.abc import Sequence as Rows
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -25,6 +26,14 @@ def seeded_generator(seed: int | None, skip: int = 0) -> torch.Generator:
     for _ in range(skip):
         torch.rand((), generator=g)
     return g
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A new id's log-probability and the `top` likeliest ids' (id, logprob), likeliest first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Sampler:
@@ -82,6 +91,20 @@ class Sampler:
         if dead.any():
             picked[dead] = probs[dead].argmax(dim=-1)
         return picked
+
+
+def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Of one position's logits (V,): token's log-probability and the `top` likeliest ids'.
+
+    The model's own distribution: the log-softmax of its logits over its whole vocabulary, as
+    training's loss and transformers compute it, before temperature, top_k, top_p and the mask of
+    ids generation never yields (so a prompt's special ids, scored, are finite); vLLM's default
+    (its raw_logprobs mode). The same whichever way the id was picked. One position at a time:
+    nothing of another row's length or company enters its reductions."""
+    lp = F.log_softmax(logits.float().unsqueeze(0), dim=-1)[0]
+    best = torch.topk(lp, min(top, lp.numel())) if top else None
+    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(float(lp[token]), pairs)
 
 
 NUCLEUS_FIRST = 256  # candidates the nucleus is first looked for among

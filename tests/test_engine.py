@@ -529,3 +529,79 @@ def test_a_preempted_sequence_goes_back_first_and_its_group_keeps_its_cap():
     assert sched.next() is a2 and sched.next() is None  # still at most 2 of group a running
     sched.released(a1)
     assert sched.next() is a3 and len(sched) == 0
+
+
+def test_logprobs_are_the_models_own_distribution_whatever_samples(make_gpt):
+    """Each new id's logprob is the log-softmax of the model's logits at its position (a whole
+    forward pass over prompt and ids, without the cache, agrees to float32's rounding), before
+    temperature, top_k and top_p; the top ids are the likeliest, likeliest first."""
+    gpt = make_gpt(VOCAB, seed=0)  # (well-separated logits: the full pass ranks the top ids alike)
+    prompt = PROMPTS[2]
+    for sp in (SamplingParams(max_tokens=12, temperature=0, logprobs=3),
+               SamplingParams(max_tokens=12, temperature=1.7, top_k=5, top_p=0.8, seed=3, logprobs=0)):
+        engine = Engine(gpt, 2)
+        seq = Sequence(list(prompt), sp)
+        engine.add(seq)
+        while engine:
+            engine.step()
+        assert len(seq.logprobs) == len(seq.out) == 12
+        with torch.inference_mode():
+            logits, _ = gpt(torch.tensor([prompt + seq.out[:-1]]))
+        full = torch.log_softmax(logits[0, len(prompt) - 1 :].float(), dim=-1)
+        for k, (token, lp) in enumerate(zip(seq.out, seq.logprobs, strict=True)):
+            assert lp.logprob == pytest.approx(full[k, token].item(), abs=1e-4)
+            assert len(lp.top) == sp.logprobs
+            if sp.logprobs:
+                ids = [i for i, _ in lp.top]
+                assert ids == full[k].topk(sp.logprobs).indices.tolist()
+                assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            if sp.temperature == 0:  # greedy: the chosen id is the likeliest
+                assert lp.logprob == lp.top[0][1] and token == lp.top[0][0]
+    plain = Sequence(list(prompt), greedy(4))
+    engine = Engine(gpt, 1)
+    engine.add(plain)
+    while engine:
+        engine.step()
+    assert plain.logprobs == []  # none asked for, none computed
+
+
+def test_logprobs_are_over_the_whole_vocabulary_not_only_the_ids_generation_may_yield(gpt):
+    """The mask of ids generation never yields picks the ids, not the distribution their logprobs
+    are read from: as in training's loss, every id of the vocabulary has its share."""
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[[3, 5, 8]] = True
+    sp = SamplingParams(max_tokens=4, temperature=1.0, seed=1, logprobs=20)
+    masked, free = Sequence([1, 2, 3], sp), Sequence([1, 2, 3], sp)
+    for seq, mask in ((masked, allowed), (free, None)):
+        engine = Engine(gpt, 1, allowed_ids=mask)
+        engine.add(seq)
+        while engine:
+            engine.step()
+    assert all(token in (3, 5, 8) for token in masked.out)
+    for token, lp in zip(masked.out, masked.logprobs, strict=True):
+        assert len(lp.top) == 20 and any(i not in (3, 5, 8) for i, _ in lp.top)
+        assert sum(math.exp(v) for _, v in lp.top) < 1.0  # (near-ties: 20 of 512 ids hold little)
+    assert masked.logprobs[0].top == free.logprobs[0].top  # the same first position, masked or not
+
+
+def test_prompt_logprobs_score_every_prompt_id_across_prefill_chunks(make_gpt):
+    """Each prompt id's logprob given the ids before it (None for the first), as a whole forward
+    pass computes it, whether the prompt is prefilled in one chunk or in several."""
+    gpt = make_gpt(VOCAB, seed=0, block_size=128)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, VOCAB, (70,), generator=g).tolist()
+    with torch.inference_mode():
+        logits, _ = gpt(torch.tensor([prompt]))
+    full = torch.log_softmax(logits[0].float(), dim=-1)
+    sp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    for prefill in (512, 16, 7):  # one chunk, then chunks of 16 and of 7 ids
+        engine = Engine(gpt, 2, prefill_tokens=prefill)
+        seq = Sequence(list(prompt), sp)
+        engine.add(seq)
+        while engine:
+            engine.step()
+        assert len(seq.prompt_logprobs) == len(prompt) and seq.prompt_logprobs[0] is None
+        for at in range(1, len(prompt)):
+            lp = seq.prompt_logprobs[at]
+            assert lp.logprob == pytest.approx(full[at - 1, prompt[at]].item(), abs=1e-4)
+            assert [i for i, _ in lp.top] == full[at - 1].topk(2).indices.tolist()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gencli.model.config import GPTConfig
-from gencli.model.engine import PREFILL_TOKENS, Engine, Sequence, generate
+from gencli.model.engine import PREFILL_TOKENS, Engine, Sequence
 from gencli.model.gpt import GPT
 from gencli.model.kernels import int8_supported
 from gencli.model.params import SamplingParams
@@ -82,22 +82,28 @@ def _rows(seed: int) -> list[tuple[list[int], SamplingParams, int | None]]:
         prompt = [rng.randrange(VOCAB) for _ in range(n)]
         t = rng.choice([1.0, 1.0, 0.0, 0.7])
         sp = SamplingParams(max_tokens=rng.randrange(4, 24), temperature=t, top_k=rng.choice([None, 40]),
-                            top_p=rng.choice([1.0, 0.9]))
+                            top_p=rng.choice([1.0, 0.9]), logprobs=rng.choice([None, 0, 5, 20]),
+                            prompt_logprobs=rng.choice([None, None, 0, 3]))
         rows.append((prompt, sp, 1000 + i if t else None))
     return rows
 
 
-def _alone(model: GPT, rows) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-    outs, logits = [], []
+def _alone(model: GPT, rows) -> tuple[list[list[int]], list[list[torch.Tensor]], list[list]]:
+    outs, logits, logprobs = [], [], []
     for prompt, sp, seed in rows:
         seen: list[torch.Tensor] = []
-        (out,) = generate(model, [prompt], sp.seeded(seed), observe=lambda s, lg, seen=seen: seen.append(lg.clone()))
-        outs.append(out)
+        engine = Engine(model, 1, max_len=1024, observe=lambda s, lg, seen=seen: seen.append(lg.clone()))
+        seq = Sequence(list(prompt), sp.seeded(seed))
+        engine.add(seq)
+        while engine:
+            engine.step()
+        outs.append(seq.out)
         logits.append(seen)
-    return outs, logits
+        logprobs.append((seq.logprobs, seq.prompt_logprobs))
+    return outs, logits, logprobs
 
 
-def _in_company(model: GPT, rows, *, slots: int, seed: int) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+def _in_company(model: GPT, rows, *, slots: int, seed: int) -> tuple[list[list[int]], list[list[torch.Tensor]], list[list]]:
     """The rows on one engine, joining a few at a time at random steps as others run and leave."""
     seen: list[list[torch.Tensor]] = [[] for _ in rows]
     engine = Engine(model, slots, max_len=1024, observe=lambda s, lg: seen[s.index].append(lg.clone()))
@@ -110,7 +116,7 @@ def _in_company(model: GPT, rows, *, slots: int, seed: int) -> tuple[list[list[i
                 if pending:
                     engine.add(pending.pop())
         engine.step()
-    return [s.out for s in seqs], seen
+    return [s.out for s in seqs], seen, [(s.logprobs, s.prompt_logprobs) for s in seqs]
 
 
 def _first_difference(alone: list[torch.Tensor], company: list[torch.Tensor]) -> str | None:
@@ -124,14 +130,20 @@ def _first_difference(alone: list[torch.Tensor], company: list[torch.Tensor]) ->
 
 def _check(model: GPT, *, slots: int, seed: int, monkeypatch=None, oom: int | None = None) -> None:
     rows = _rows(seed)
-    alone_ids, alone_logits = _alone(model, rows)
+    alone_ids, alone_logits, alone_logprobs = _alone(model, rows)
     if oom is not None:
         monkeypatch.setenv("GENCLI_INJECT_OOM", str(oom))
-    company_ids, company_logits = _in_company(model, rows, slots=slots, seed=seed)
+    company_ids, company_logits, company_logprobs = _in_company(model, rows, slots=slots, seed=seed)
     diffs = [f"row {i} (prompt of {len(rows[i][0])}, {rows[i][1]}): {d}"
              for i in range(len(rows)) if (d := _first_difference(alone_logits[i], company_logits[i]))]
     assert not diffs, "\n".join(diffs)
     assert company_ids == alone_ids
+    # each new id's logprobs and each prompt id's too, equal as floats (bit for bit), with their top
+    # ids in the same order; prompts longer than a prefill chunk are scored chunk by chunk
+    assert company_logprobs == alone_logprobs
+    for (new, prompt), out, (p, sp, _) in zip(alone_logprobs, alone_ids, rows, strict=True):
+        assert len(new) == (len(out) if sp.logprobs is not None else 0)
+        assert len(prompt) == (len(p) if sp.prompt_logprobs is not None else 0)
 
 
 @pytest.mark.parametrize("weights", ["untrained", "trained"])

@@ -105,7 +105,7 @@ def test_worker_side_refuses_what_submit_refuses(name, value):
     "kw",
     [dict(top_k=3.0), dict(top_k=True), dict(max_tokens=True), dict(max_tokens=5.0), dict(temperature=True),
      dict(temperature="1"), dict(top_p=True), dict(seed=True), dict(seed=1.0), dict(seed=2**64), dict(stop=[""]),
-     dict(stop=3)],
+     dict(stop=3), dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True), dict(logprobs=2.0)],
 )
 def test_sampling_params_refuses_bools_floats_and_strings(kw):
     _raises(lambda: SamplingParams(**kw), next(iter(kw)))
