@@ -81,8 +81,11 @@ def serve(path: str) -> None:
         raise RuntimeError(f"the fork server must fork from one thread; the imports started {threading.enumerate()}")
     parent = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
+    # bound and listening under another name first: the test process waits for `path` to exist,
+    # and a connect between bind and listen would be refused
+    server.bind(path + ".new")
     server.listen(64)
+    os.rename(path + ".new", path)
     children: dict[int, socket.socket] = {}
     while os.getppid() == parent:
         readable, _, _ = select.select([server], [], [], 0.05)
