@@ -139,7 +139,7 @@ def _not_utf8(e: StarletteHTTPException) -> APIError | None:
 
 def create_app(client: Client | None = None, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The app over `client` (default: one on this process's settings)."""
-    from gencli.api import batches, completions, jobs
+    from gencli.api import batches, completions, jobs, tokenize
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -188,6 +188,7 @@ def create_app(client: Client | None = None, *, token: str | None = None, max_bo
     app.include_router(jobs.router)
     app.include_router(completions.router)
     app.include_router(batches.router)
+    app.include_router(tokenize.router)
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(Timing, metrics=app.state.metrics)
     if token:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from gencli.model.errors import ContextOverflowError, GencliError
-from gencli.worker.client import JobNotFound, JobStateError, QueueFull, RedisUnavailable
+from gencli.worker.client import JobNotFound, JobStateError, ModelNotServed, QueueFull, RedisUnavailable
 from gencli.worker.unicode import InvalidText
 
 
@@ -34,6 +34,8 @@ def from_domain(e: GencliError) -> APIError:
                         headers={"Retry-After": str(QueueFull.retry_after)})
     if isinstance(e, JobNotFound):
         return APIError(404, msg, code="not_found")
+    if isinstance(e, ModelNotServed):
+        return APIError(404, msg, param="model", code="model_not_found")
     if isinstance(e, JobStateError):
         return APIError(409, msg, code="conflict")
     if isinstance(e, InvalidText):

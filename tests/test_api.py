@@ -711,3 +711,61 @@ def test_flower_sees_the_workers_and_their_tasks(env, worker, client):
 
         os.killpg(flower.pid, signal.SIGTERM)
         flower.wait(20)
+
+
+# --- vLLM's tokenizer routes, as lm-evaluation-harness's remote tokenizer calls them ----------------
+
+
+def test_tokenize_gives_the_ids_completions_take_and_detokenize_gives_the_text_back(api, oai):
+    cl100k = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    text = "Hello <|endoftext|> and <|im_end|> stay text, caf\u00e9 \U0001f600"
+    # lm-eval's RemoteTokenizer: no model named (one is served), add_special_tokens false
+    r = httpx.post(api.url + "/tokenize", json={"prompt": text, "add_special_tokens": False})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["tokens"] == cl100k.encode(text) and got["count"] == len(got["tokens"])
+    assert cl100k.eot_id not in got["tokens"] and got["max_model_len"] == 256 and got["token_strs"] is None
+    assert oai.completions.create(model="tiny", prompt=text, max_tokens=1).usage.prompt_tokens == got["count"]
+    named = httpx.post(api.url + "/tokenize", json={"model": "tiny", "prompt": text, "return_token_strs": True}).json()
+    assert named["tokens"] == got["tokens"] and "".join(named["token_strs"]).startswith("Hello <|endoftext|>")
+    back = httpx.post(api.url + "/detokenize", json={"tokens": got["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+    assert httpx.post(api.url + "/detokenize", json={"tokens": [cl100k.eot_id]}).json() == {"prompt": "<|endoftext|>"}
+    assert httpx.post(api.url + "/tokenize", json={"prompt": ""}).json()["tokens"] == []
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = httpx.post(api.url + "/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == encode_prompt(cl100k, ChatFormat.CHATML, messages, chat=True)
+    reply = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert reply.usage.prompt_tokens == chat["count"]
+    closed = httpx.post(api.url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert chat["tokens"][: closed["count"]] == closed["tokens"] and closed["count"] < chat["count"]
+
+    info = httpx.get(api.url + "/tokenizer_info").json()
+    assert info == {"model": "tiny", "tokenizer_class": "tiktoken", "tokenizer": "cl100k_base", "chat_format": "chatml",
+                    "model_max_length": 256, "vocab_size": info["vocab_size"], "eos_token": "<|endoftext|>",
+                    "eos_token_id": cl100k.eot_id, "bos_token": None, "pad_token": None, "chat_template": None}
+    assert info["vocab_size"] > cl100k.max_used_id
+
+
+def test_tokenizer_routes_refuse_what_they_cannot_answer_in_openais_shape(api):
+    cases = [
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "prompt"),
+        ("/tokenize", {}, 422, "prompt"),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/tokenize", {"prompt": "x", "continue_final_message": True}, 422, None),
+        ("/tokenize", {"prompt": "x", "add_generation_prompt": False}, 422, "add_generation_prompt"),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "messages"),
+        ("/detokenize", {"tokens": [10**9]}, 422, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 422, "tokens"),
+        ("/detokenize", {"tokens": ["a"]}, 422, None),
+    ]
+    for path, body, status, param in cases:
+        r = httpx.post(api.url + path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        err = error_of(r)
+        if param is not None:
+            assert err["param"] == param, (body, err)
+    r = httpx.get(api.url + "/tokenizer_info", params={"model": "nope"})
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    assert "gencli worker" in error_of(r)["message"]

@@ -18,6 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
@@ -66,6 +67,21 @@ class JobNotFound(GencliError):
 
 class JobStateError(GencliError):
     """The job's state does not allow it: cancelling a finished job, retrying a running one (HTTP 409)."""
+
+
+class ModelNotServed(GencliError):
+    """No worker has described the model (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class ModelTokenizer:
+    """A served model's tokenizer, as its workers described it."""
+
+    model: str
+    tokenizer: Tokenizer
+    chat_format: ChatFormat
+    block_size: int
+    vocab_size: int
 
 
 WORKERS_BACK_WITHIN = 5.0  # seconds after Redis (re)starts by which live workers have beaten (every 2 s)
@@ -212,6 +228,28 @@ class Client:
         except (redis.RedisError, OSError) as e:
             raise self._unreachable(e, "nothing was submitted") from None
         return json.loads(raw) if raw else None
+
+    def tokenizer_of(self, model: str | None) -> ModelTokenizer:
+        """The tokenizer of a model its workers described (model_info). model None: the one that
+        every served model shares (lm-eval's remote tokenizer names no model), else an error that
+        asks for a model's name."""
+        if model is not None:
+            info = self.model_info(model)
+            if info is None:
+                raise ModelNotServed(f"no worker has served model {model!r}: start one (gencli worker --model PATH "
+                                     f"--model-name {model}), or name a served model")
+            infos = {model: info}
+        else:
+            infos = {name: info for name in sorted(self.served_models()) if (info := self.model_info(name))}
+            if not infos:
+                raise ModelNotServed("no model is served: start a worker (gencli worker --model PATH)")
+            kinds = {(i["tokenizer"], i["chat_format"], i["block_size"], i["vocab_size"]) for i in infos.values()}
+            if len(kinds) > 1:
+                raise GencliError(f"the served models ({', '.join(infos)}) differ in tokenizer, chat format or "
+                                  "context: name one with model")
+        name, info = next(iter(infos.items()))
+        return ModelTokenizer(name, _tokenizer(info["tokenizer"], info["chat_format"]),
+                              ChatFormat(info["chat_format"]), info["block_size"], info["vocab_size"])
 
     def _unreachable(self, e: BaseException, why: str = "") -> RedisUnavailable:
         """The one way the client says Redis did not answer (and what that means for the caller)."""
