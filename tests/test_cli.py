@@ -347,4 +347,6 @@ def test_default_max_tokens_fits_a_small_context(model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     (rec,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
     assert rec["params"]["max_tokens"] == 128  # half the tiny model's 256-token context
+    assert rec["params"] == {"max_tokens": 128, "temperature": 0.0, "top_k": 200, "top_p": 1.0, "stop": []}
+    assert rec["seed"] is None
     assert rec["usage"]["completion_tokens"] <= 128
