@@ -139,28 +139,38 @@ def test_a_retry_whose_reset_publish_was_lost_never_reuses_the_cancelled_attempt
     assert {d.item for d in restarts} >= {line - 1 for line in partial}
 
 
-def test_retry_reruns_only_the_cancelled_lines(env, tiny, client, worker, tmp_path):
-    """A line that finished before the cancel keeps its output and is not run again."""
-    f = tmp_path / "mixed.jsonl"
-    f.write_text('{"prompt": "short", "max_tokens": 3}\n{"prompt": "long one"}\n{"prompt": "long two"}\n')
-    from gencli.worker.prompts import read_prompt_file
+def test_retry_reruns_only_the_cancelled_lines(env, tiny, client, tmp_path):
+    """A line that finished before the cancel keeps its output and is not run again.
 
-    job = client.submit(read_prompt_file(str(f), each_line=False), model="tiny", max_tokens=240, temperature=0)
-    for d in job.stream():
-        if d.item == 0 and d.finish_reason:
-            job.cancel()
-            break
-    assert job.wait(30) is JobStatus.CANCELLED
-    before = job.result()
-    assert [r["status"] for r in before] == ["succeeded", "cancelled", "cancelled"]
-    first_run = len(read_log(env["redis"].client(), env["keys"], job.id))
-    assert job.retry() == 2
-    assert job.wait(60) is JobStatus.SUCCEEDED
+    On a worker of one slot, the short line runs first and alone, then the long ones one after the
+    other: the cancel, sent when the short line's end is read, has 720 steps to arrive in (with the
+    lines side by side on 8 slots, 240 were once too few on a busy machine: the job succeeded)."""
+    model = f"tiny-retry-{env['id']}"
+    w = start_worker(env, tiny, f"one-slot-{env['id']}@test", "--model-name", model, "--batch_size", "1")
+    try:
+        f = tmp_path / "mixed.jsonl"
+        f.write_text('{"prompt": "short", "max_tokens": 3}\n{"prompt": "long one"}\n{"prompt": "long two"}\n'
+                     '{"prompt": "long three"}\n')
+        from gencli.worker.prompts import read_prompt_file
+
+        job = client.submit(read_prompt_file(str(f), each_line=False), model=model, max_tokens=240, temperature=0)
+        for d in job.stream():
+            if d.item == 0 and d.finish_reason:
+                job.cancel()
+                break
+        assert job.wait(30) is JobStatus.CANCELLED
+        before = job.result()
+        assert [r["status"] for r in before] == ["succeeded", "cancelled", "cancelled", "cancelled"]
+        first_run = len(read_log(env["redis"].client(), env["keys"], job.id))
+        assert job.retry() == 3
+        assert job.wait(60) is JobStatus.SUCCEEDED
+    finally:
+        w.stop()
     after = job.result()
     assert after[0] == before[0]
-    assert [r["output"] for r in after[1:]] == reference(tiny, ["long one", "long two"], 240)
+    assert [r["output"] for r in after[1:]] == reference(tiny, ["long one", "long two", "long three"], 240)
     rerun = read_log(env["redis"].client(), env["keys"], job.id, after=first_run)
-    assert {e["i"] for e in rerun if e["t"] == "tok"} == {1, 2}  # the finished line made no token again
+    assert {e["i"] for e in rerun if e["t"] == "tok"} == {1, 2, 3}  # the finished line made no token again
 
 
 def test_the_soft_time_limit_counts_the_running_time_of_every_attempt(env, tiny, client):
