@@ -24,7 +24,7 @@ from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
 from gencli.model.errors import ContextOverflowError, GencliError
-from gencli.model.params import SAMPLING_KEYS, SamplingParams, check_overrides, default_max_tokens, resolve_sampling
+from gencli.model.params import SamplingParams, check_overrides, default_max_tokens, resolve_sampling
 from gencli.model.textgen import TextGenerator
 from gencli.storage.settings import get_settings
 from gencli.worker.prompts import PromptItem, read_prompts
@@ -110,7 +110,6 @@ class LocalGeneration:
         return [st.text for st in tg.streams]
 
     def record(self, s: Sample, output: str, finish_reason: str | None, n_tokens: int) -> dict:
-        params = {k: getattr(s.params, k) for k in SAMPLING_KEYS if k != "seed"} | {"stop": list(s.params.stop)}
         return {
             "model": self.model_name,
             "prompt": s.item.prompt,
@@ -120,7 +119,7 @@ class LocalGeneration:
             "output": output,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(s.ids), "completion_tokens": n_tokens},
-            "params": params,
+            "params": {k: v for k, v in s.params.as_json().items() if k != "seed"},
         }
 
 

@@ -137,6 +137,11 @@ class SamplingParams:
         """The same parameters with another seed."""
         return replace(self, seed=seed)
 
+    def as_json(self) -> dict:
+        """Its SAMPLING_KEYS as JSON (stop as a list), as check_sampling gives them: what the store
+        records of a line, what a replay submits, what gencli generate saves."""
+        return {k: list(self.stop) if k == "stop" else getattr(self, k) for k in SAMPLING_KEYS}
+
 
 def check_sampling(p: dict, where: str = "") -> dict:
     """Sampling parameters complete (DEFAULTS for the missing keys), checked and normalised.

@@ -116,6 +116,9 @@ def test_sampling_params_hold_the_seed_and_the_stop_strings():
     assert sp.stop == ("END",) and sp.seed == 7  # one string is a list of one, kept as a tuple
     assert sp.seeded(8) == SamplingParams(temperature=1.0, seed=8, stop=("END",)) and sp.seed == 7
     assert hash(sp) == hash(SamplingParams(temperature=1.0, seed=7, stop=["END"]))
+    as_json = sp.as_json()  # what the store records and a replay submits: check_sampling's own form
+    assert as_json == check_sampling(as_json) and json.loads(json.dumps(as_json)) == as_json
+    assert SamplingParams(**as_json) == sp
 
 
 def test_defaults_complete_a_fresh_copy():

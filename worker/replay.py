@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gencli.model.errors import GencliError
-from gencli.model.params import SamplingParams, resolve_sampling
+from gencli.model.params import SAMPLING_KEYS, SamplingParams, resolve_sampling
 from gencli.storage.status import JobStatus
 
 
@@ -90,8 +90,7 @@ def plan(job, *, line: int | None = None) -> Plan:
             continue
         if it.sampling:
             s = it.sampling
-            params = SamplingParams(max_tokens=s["max_tokens"], temperature=s["temperature"], top_k=s["top_k"],
-                                    top_p=s["top_p"], seed=s["seed"], stop=tuple(s["stop"]))
+            params = SamplingParams(**{k: s[k] for k in SAMPLING_KEYS})
         else:  # a line of an older gencli: its parameters as given, replayable when greedy or seeded
             params = resolve_sampling(record.params, it.params, 10**9)
             if params.temperature != 0 and params.seed is None:
@@ -174,10 +173,7 @@ def run_queued(job, p: Plan, *, timeout: float | None = None):
     record = job.record()
     items = []
     for ln in p.lines:
-        sp = as_far_as_it_went(ln)
-        extra = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
-                 "seed": sp.seed, "stop": list(sp.stop)}
-        items.append(PromptItem(ln.prompt, ln.line, ln.custom_id, extra))
+        items.append(PromptItem(ln.prompt, ln.line, ln.custom_id, as_far_as_it_went(ln).as_json()))
     replay = job.client.submit(items, model=record.model, chat=bool(record.params.get("chat")),
                                truncate=bool(record.params.get("truncate")),
                                meta={"replay": {"of": job.id, "model_sha256": p.model_sha256}})

@@ -52,8 +52,7 @@ class ModelChanged(Exception):
 
 def sampling_record(params: SamplingParams, drawn: bool) -> dict:
     """What an item samples with, as the store records it (model/params.py's keys, resolved)."""
-    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
-            "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed, "seed_drawn": drawn}
+    return params.as_json() | {"seed_drawn": drawn}
 
 
 class PublishRefused(Exception):
