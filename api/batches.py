@@ -22,7 +22,14 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gencli.api.completions import ChatRequest, CompletionRequest, ResponseKind, check_served, request_items
+from gencli.api.completions import (
+    ChatRequest,
+    CompletionRequest,
+    ResponseKind,
+    check_served,
+    request_items,
+    tokenizer_for,
+)
 from gencli.api.errors import APIError
 from gencli.api.jobs import client_of
 from gencli.model.errors import GencliError
@@ -297,7 +304,7 @@ def _render(job: Job, *, errors: bool) -> bytes:
         entry: dict[str, Any] = {"id": f"batch_req_{rec.id}_{line}", "custom_id": group[0].custom_id}
         if ok:
             body = response_kind.body(f"{rec.id}-{line}", _ts(rec.finished_at), rec.model, group,
-                                      choices.get(line, 1))
+                                      choices.get(line, 1), tokenizer_for(job.client, rec.model, group))
             entry |= {"response": {"status_code": 200, "request_id": f"req_{rec.id}_{line}", "body": body},
                       "error": None}
         else:

@@ -8,8 +8,14 @@ stream) is the job's text. A client that disconnects before the end cancels the 
 (GET /v1/jobs/{id}/stream) and results stay readable.
 
 Defaults are OpenAI's, not gencli's: temperature 1, top_p 1, no top-k cut, and max_tokens 16 for
-completions (the model's default for chat). Parameters gencli does not implement (logprobs, echo,
-best_of, penalties, logit_bias, tools, ...) are refused with 422 unless at their neutral value.
+completions (the model's default for chat). Parameters gencli does not implement (best_of,
+penalties, logit_bias, tools, ...) are refused with 422 unless at their neutral value.
+
+Log-probabilities (api/logprobs.py has their shapes) are the model's own distribution, before
+temperature, top_k and top_p, whichever way a token was picked: vLLM's default (raw logprobs), what
+lm-evaluation-harness and a perplexity need. Completions take `logprobs: N` (0-20) and `echo` (the
+prompt and its tokens' logprobs first; with `max_tokens: 0` the prompt is scored and nothing made),
+and token-id prompts; chat takes `logprobs: true` with `top_logprobs: N`. Streamed too, but `echo`.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gencli.api import sse
+from gencli.api import logprobs, sse
 from gencli.api.errors import APIError
 from gencli.api.jobs import client_of
 from gencli.api.metrics import TokenClock
 from gencli.model.errors import ContextOverflowError
-from gencli.model.params import SEED_RANGE
+from gencli.model.params import MAX_LOGPROBS, SEED_RANGE
+from gencli.model.tokenizer import Tokenizer
 from gencli.worker.client import Client, Job
 from gencli.worker.fold import StreamDelta
 from gencli.worker.prompts import PromptItem
@@ -54,7 +61,8 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0, description="0: none made (completions with echo: the "
+                                                                     "prompt scored)")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, description="gencli's extension, as in vLLM: 0 or null for no cut")
@@ -67,12 +75,13 @@ class Sampling(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
-    logprobs: Any = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str | int | list[int]] = Field(description="text, or a list of texts (token ids, as OpenAI "
-                                                                  "also takes, are refused by name)")
+    prompt: str | list[str | int | list[int]] = Field(description="text, a list of texts, token ids, or a list of "
+                                                                  "lists of token ids")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="each token's logprob and "
+                                                                                  "the N likeliest tokens'")
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -97,15 +106,15 @@ class ChatMessage(BaseModel):
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
 
 NEUTRAL = {  # field -> the values that ask for nothing gencli lacks
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
     "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
@@ -123,12 +132,20 @@ def prompts_of(body: CompletionRequest | ChatRequest) -> list:
     if isinstance(body, ChatRequest):
         return [[{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content, i)}
                  for i, m in enumerate(body.messages)]]
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not all(isinstance(p, str) for p in prompts):
-        raise APIError(422, "prompt: token-id prompts are not supported yet: give the prompt as text", param="prompt",
-                       code="unsupported_parameter")
-    if not prompts or any(not p.strip() for p in prompts):
-        raise APIError(422, "prompt is empty: give some text", param="prompt")
+    given = body.prompt
+    if isinstance(given, str):
+        prompts = [given]
+    elif given and all(type(p) is int for p in given):  # one prompt of ids
+        prompts = [{"token_ids": given}]
+    elif all(isinstance(p, str) for p in given):
+        prompts = list(given)
+    elif all(isinstance(p, list) for p in given):
+        prompts = [{"token_ids": p} for p in given]
+    else:
+        raise APIError(422, "prompt: give text, a list of texts, a list of token ids or a list of such lists, not a "
+                            "mix", param="prompt")
+    if not prompts or any(not p.strip() if isinstance(p, str) else not p["token_ids"] for p in prompts):
+        raise APIError(422, "prompt is empty: give some text (or at least one token id)", param="prompt")
     return prompts
 
 
@@ -165,11 +182,24 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
                             "out", param="stop")
     if isinstance(body, ChatRequest):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens == 0:
+            raise APIError(422, "max_tokens 0 makes no reply: ask for at least 1", param="max_tokens")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(422, "top_logprobs needs logprobs: true", param="top_logprobs")
+        top, prompt_top = (body.top_logprobs or 0) if body.logprobs else None, None
     else:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise APIError(422, "max_tokens 0 makes nothing: set echo to score the prompt, or ask for at least 1",
+                           param="max_tokens")
+        if body.echo and body.stream:
+            raise APIError(422, "echo is not supported with stream: leave one out", param="echo",
+                           code="unsupported_parameter")
+        # echo: the prompt's ids scored (so the response can give their logprobs, and its text)
+        top, prompt_top = body.logprobs, (body.logprobs or 0) if body.echo else None
     sampling = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
                 "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,  # 0: no cut
-                "stop": stop or []}
+                "stop": stop or [], "logprobs": top, "prompt_logprobs": prompt_top}
     given = prompts_of(body)
     if line is not None:
         where = None  # "line N: " of the batch's input file
@@ -250,28 +280,44 @@ class ResponseKind:
         self.kind = "chat.completion" if chat else "text_completion"
         self.prefix = "chatcmpl-" if chat else "cmpl-"
 
-    def choice(self, index: int, text: str, finish: str | None) -> dict:
+    def choice(self, index: int, item, tok: Tokenizer | None) -> dict:
+        """A finished item as a choice; tok: the model's tokenizer, where an item has logprobs (or echo)."""
+        text, record, lps = item.output or "", item.logprobs or {}, None
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            if "tokens" in record:
+                lps = logprobs.chat(tok, record)
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                    "finish_reason": item.finish_reason}
+        echo = "prompt" in record  # (the API scores a completion's prompt only for echo)
+        if echo:
+            text = tok.decode([e[0] for e in record["prompt"]]) + text
+        if "tokens" in record:
+            lps = logprobs.legacy(tok, record, echo=echo)
+        return {"index": index, "text": text, "logprobs": lps, "finish_reason": item.finish_reason}
 
-    def chunk_choice(self, index: int, text: str | None, finish: str | None, *, role: bool = False) -> dict:
+    def chunk_choice(self, index: int, text: str | None, finish: str | None, *, role: bool = False,
+                     lps: dict | None = None) -> dict:
         if self.chat:  # the last chunk, when a stop token ends the reply, has no text: an empty delta
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish}
 
     def envelope(self, id: str, created: int, model: str, *, chunk: bool) -> dict:
         kind = self.kind + (".chunk" if chunk and self.chat else "")
         return {"id": self.prefix + id, "object": kind, "created": created, "model": model,
                 "system_fingerprint": None}
 
-    def body(self, id: str, created: int, model: str, items, n: int) -> dict:
-        """The whole response of a request whose items (n choices per prompt, in order) have ended."""
+    def body(self, id: str, created: int, model: str, items, n: int, tok: Tokenizer | None = None) -> dict:
+        """The whole response of a request whose items (n choices per prompt, in order) have ended;
+        tok: the model's tokenizer, needed where an item has logprobs (tokenizer_for)."""
         return {**self.envelope(id, created, model, chunk=False),
-                "choices": [self.choice(k, it.output or "", it.finish_reason) for k, it in enumerate(items)],
+                "choices": [self.choice(k, it, tok) for k, it in enumerate(items)],
                 "usage": usage(items, n)}
+
+
+def tokenizer_for(client: Client, model: str, items) -> Tokenizer | None:
+    """The model's tokenizer where some item has logprobs to show (else None: not needed)."""
+    return client.tokenizer_of(model).tokenizer if any(it.logprobs for it in items) else None
 
 
 def usage(items, n: int) -> dict:
@@ -306,7 +352,8 @@ async def _respond(request: Request, job: Job, body: CompletionRequest | ChatReq
     why = await anyio.to_thread.run_sync(_failure, job, items)
     if why:
         raise APIError(500, f"job {job.id} failed: {why}", type="server_error", code="generation_failed")
-    return JSONResponse(response_kind.body(job.id, created, body.model, items, body.n), headers=headers)
+    tok = await anyio.to_thread.run_sync(tokenizer_for, job.client, body.model, items)
+    return JSONResponse(response_kind.body(job.id, created, body.model, items, body.n, tok), headers=headers)
 
 
 async def _until_end(request: Request, job: Job, keep: bool) -> None:
@@ -349,6 +396,26 @@ def _chunks(job: Job, response_kind: ResponseKind, body: Sampling, created: int,
     text: dict[int, str] = {}  # the folded text of each choice
     sent: dict[int, str] = {}  # what the client has of it
     finished: set[int] = set()
+    wants = body.logprobs is not None and body.logprobs is not False  # (completions' 0: the token's own alone)
+    tok = job.client.tokenizer_of(body.model).tokenizer if wants else None
+    made: dict[int, dict[int, list]] = {}  # per choice, its tokens' logprob entries by position
+    given: dict[int, int] = {}  # per choice, how many of them the client has
+    legacy: dict[int, logprobs.Legacy] = {}
+
+    def lps(i: int) -> dict | None:
+        """The logprobs of choice i's tokens the client does not have yet, in order."""
+        if tok is None:
+            return None
+        have, new = given.get(i, 0), []
+        while have + len(new) in made.get(i, {}):
+            new.append(made[i][have + len(new)])
+        given[i] = have + len(new)
+        if response_kind.chat:
+            return {"content": [logprobs.chat_entry(tok, e) for e in new if e[0] not in tok.stop_ids]}
+        obj = legacy.setdefault(i, logprobs.Legacy(tok))
+        for e in new:
+            obj.add(e)
+        return obj.take()
     if response_kind.chat:  # one conversation: n choices
         yield chunk([response_kind.chunk_choice(i, None, None, role=True) for i in range(body.n)])
 
@@ -363,12 +430,14 @@ def _chunks(job: Job, response_kind: ResponseKind, body: Sampling, created: int,
             if finish:
                 finished.add(i)
             clock.tick()
-            yield chunk([response_kind.chunk_choice(i, now[len(have):], finish)])
+            yield chunk([response_kind.chunk_choice(i, now[len(have):], finish, lps=lps(i))])
 
     try:
         for d in job.watch():
             if isinstance(d, StreamDelta):
                 text[d.item] = d.text if d.restart else text.get(d.item, "") + d.text
+                if d.lp is not None:
+                    made.setdefault(d.item, {})[d.lp[1][0]] = [d.lp[0], d.lp[1][1], d.lp[1][2]]
                 yield from advance(d.item, d.finish_reason)
             elif d["t"] == "item" and d.get("status") == "failed":
                 yield error(f"choice {d['i']} failed: {d.get('error')}")
@@ -381,7 +450,11 @@ def _chunks(job: Job, response_kind: ResponseKind, body: Sampling, created: int,
             else:
                 for it in items:  # the store's text is the record: anything the stream lacked comes now
                     text[it.idx] = it.output or ""
+                    for k, e in enumerate((it.logprobs or {}).get("tokens", [])):
+                        made.setdefault(it.idx, {})[k] = e
                     yield from advance(it.idx, it.finish_reason)
+                    if tok is not None and given.get(it.idx, 0) < len(made.get(it.idx, {})):  # logprobs of
+                        yield chunk([response_kind.chunk_choice(it.idx, None, None, lps=lps(it.idx))])  # held text
                 if include_usage:
                     yield chunk([], usage=usage(items, body.n))
     except _Diverged as e:

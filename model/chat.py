@@ -111,8 +111,17 @@ def require_text(prompt: str, where: str = "") -> str:
     return prompt
 
 
-def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict], *, chat: bool) -> list[int]:
-    """A prompt's ids: messages, or text with chat, through the template; plain text as text."""
+def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict] | dict, *, chat: bool,
+                  vocab_size: int | None = None) -> list[int]:
+    """A prompt's ids: messages, or text with chat, through the template; plain text as text; a
+    prompt given as ids ({"token_ids": [...]}, the HTTP API's) as they are, once checked against the
+    tokenizer and the model's vocab_size (where known)."""
+    if isinstance(prompt, dict):
+        ids = prompt.get("token_ids")
+        if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+            raise InvalidParameterError("a prompt given as token ids needs at least one id, each a whole number")
+        tok.check_ids(ids, vocab_size if vocab_size is not None else 2**63)
+        return list(ids)
     if isinstance(prompt, list):
         return render(tok, fmt, prompt)
     require_text(prompt)

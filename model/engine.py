@@ -185,8 +185,9 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         if not seq.prompt:
             raise InvalidParameterError("empty prompt: give at least one token")
-        if seq.budget < 1:
-            raise InvalidParameterError("a sequence needs a token budget of at least 1")
+        if seq.budget < (0 if seq.params.scores else 1):
+            raise InvalidParameterError("a sequence needs a token budget of at least 1 (0 where it only scores its "
+                                        "ids: prompt_logprobs or logprobs set)")
         fit_prompt(seq.prompt + seq.prior, seq.budget, self.max_len, truncate=False)
         if seq.generator is None:
             seq.generator = seeded_generator(seq.params.seed, seq.skip_draws)
@@ -208,7 +209,7 @@ class Engine:
         self.finish(seq)
         return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, group=seq.group,
                         priority=seq.priority, index=seq.index, stream=seq.stream, prior=seq.prior + seq.out,
-                        generator=seq.generator, prompt_logprobs=seq.prompt_logprobs)
+                        generator=seq.generator, logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
 
     def _release(self, seq: Sequence) -> None:
         """Free a running sequence's slot; its caller says what it is now (finished, or waiting again)."""
@@ -217,13 +218,14 @@ class Engine:
         self.running.remove(seq)
         self.scheduler.released(seq)
 
-    def step(self) -> list[tuple[Sequence, int]]:
+    def step(self) -> list[tuple[Sequence, int | None]]:
         """Schedule, run, sample: admit waiting sequences, then one prefill pass and one decode pass.
-        Returns (sequence, new id) for each sequence that made one; a sequence that made its last id
+        Returns (sequence, new id) for each sequence that made one, and (sequence, None) for one with
+        no budget (it only scored its ids) whose ids are all fed now; a sequence that made its last id
         (a stop id, or its budget) is FINISHED and out of the cache."""
         self._admit()
         self._compact()
-        new_ids: list[tuple[Sequence, int]] = []
+        new_ids: list[tuple[Sequence, int | None]] = []
         with torch.inference_mode():
             prefill = self._prefill_rows()
             if prefill and not self._pass(prefill, new_ids):
@@ -268,8 +270,9 @@ class Engine:
         return rows
 
     def _pass(self, rows: list[tuple[Sequence, int]], new_ids: list) -> bool:
-        """One forward pass; sample for each row whose ids are now all cached. False: it ran out
-        of memory (the ladder took a rung; nothing was made)."""
+        """One forward pass; sample for each row whose ids are now all cached (end those with no
+        budget left), and score what the rows want scored. False: it ran out of memory (the ladder
+        took a rung; nothing was made)."""
         rows = sorted(rows, key=lambda r: r[0].slot)
         seqs = [s for s, _ in rows]
         counts = [n for _, n in rows]
@@ -282,27 +285,38 @@ class Engine:
             idx[b, :n] = torch.tensor(s.feed(n), dtype=torch.long)
         if len(slots) > len(rows):
             idx[1:] = idx[0]
-        ready = [b for b, s in enumerate(seqs) if s.cached + counts[b] == s.length]
+        ends = [b for b, s in enumerate(seqs) if s.cached + counts[b] == s.length]  # their last id fed
+        ready = [b for b in ends if len(seqs[b].out) < seqs[b].budget]  # to sample from
+        spent = [b for b in ends if len(seqs[b].out) >= seqs[b].budget]  # budget 0: scored, nothing to make
+        known = {b: self._known_id(s, counts[b]) for b, s in enumerate(seqs) if b not in ends}
+        relogit = [b for b, k in known.items() if k is not None]  # their next id is known: its logprob
+        at = {b: j for j, b in enumerate(sorted(ready + relogit))}  # row -> its row of logits
         scored = [b for b, s in enumerate(seqs) if s.params.prompt_logprobs is not None and s.cached < len(s.prompt)]
         try:
-            logits, hidden = self._forward(idx.to(self.device), batch, ready, len(rows), hidden=bool(scored))
+            logits, hidden = self._forward(idx.to(self.device), batch, sorted(at), len(rows), hidden=bool(scored))
         except torch.OutOfMemoryError:
             self._shrink(len(rows))
             return False
         for b in scored:
             self._score_prompt(seqs[b], hidden[b, : counts[b]])
+        for b in relogit:
+            seqs[b].logprobs.append(logprob_of(logits[at[b]], known[b], seqs[b].params.logprobs))
         for s, n in rows:
             s.cached += n
             self.cache.lengths[s.slot] = s.cached
+        for b in spent:
+            self.finish(seqs[b])
+            new_ids.append((seqs[b], None))
         if ready and self.observe is not None:
-            for j, b in enumerate(ready):
-                self.observe(seqs[b], logits[j])
+            for b in ready:
+                self.observe(seqs[b], logits[at[b]])
         if ready:
-            picked = self.sampler.sample(logits, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
-            for j, (b, token) in enumerate(zip(ready, picked)):
+            rl = logits if len(ready) == len(at) else logits[[at[b] for b in ready]]
+            picked = self.sampler.sample(rl, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
+            for b, token in zip(ready, picked):
                 s = seqs[b]
                 if s.params.logprobs is not None:
-                    s.logprobs.append(logprob_of(logits[j], token, s.params.logprobs))
+                    s.logprobs.append(logprob_of(logits[at[b]], token, s.params.logprobs))
                 s.out.append(token)
                 new_ids.append((s, token))
                 if token in s.stop_ids or len(s.out) >= s.budget:
@@ -312,6 +326,18 @@ class Engine:
             self.limit = min(self.slots, self.limit * 2)
             self._steps_since_oom = 0
         return True
+
+    @staticmethod
+    def _known_id(seq: Sequence, count: int) -> int | None:
+        """Where a sequence wants logprobs and its pass of `count` ids ends with logits that predict
+        an id it has already (a resumed sequence's prior ids, fed again), whose logprob it lacks:
+        that id (its logprob is computed as it was when first made: the same pass shape, one id a
+        step). Else None."""
+        k = seq.cached + count - len(seq.prompt)  # the index in prior + out of the id predicted
+        if seq.params.logprobs is None or k < 0 or k != len(seq.logprobs):
+            return None
+        rest = seq.prior + seq.out
+        return rest[k] if k < len(rest) else None
 
     def _forward(self, idx: torch.Tensor, batch: SlotBatch, ready: list[int], rows: int, *,
                  hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:

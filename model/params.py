@@ -13,10 +13,12 @@ from dataclasses import dataclass, replace
 
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+SCORING_KEYS = ("logprobs", "prompt_logprobs")  # what a line asks to be scored (none by default)
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop") + SCORING_KEYS
 # A job's defaults. max_tokens None: the model's default (default_max_tokens); top_k None: no
-# top-k cut; seed None: a random seed.
-DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": []}
+# top-k cut; seed None: a random seed; logprobs and prompt_logprobs None: none computed.
+DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": [],
+            "logprobs": None, "prompt_logprobs": None}
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype takes (model/checkpoint.py)
 
@@ -47,7 +49,10 @@ def _real(value) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _max_tokens(value, where: str = "", *, none: bool = True) -> int | None:
+def _max_tokens(value, where: str = "", *, none: bool = True, scoring: bool = False) -> int | None:
+    """max_tokens >= 1; 0 too where the prompt is scored (prompt_logprobs set): nothing is generated."""
+    if scoring and value == 0 and type(value) is int:
+        return 0
     use = "e.g. 64" + (", or null for the model's default" if none else "")
     return _whole(value, "max_tokens", use, where, none=none)
 
@@ -117,14 +122,15 @@ class SamplingParams:
     seed: int | None = DEFAULTS["seed"]  # None: a random seed
     stop: tuple[str, ...] = tuple(DEFAULTS["stop"])  # stop strings
     # None: no logprobs; N: each new id's logprob and the N likeliest ids' (model/sampler.py's
-    # logprob_of says of which distribution). The engine computes them; the queue does not carry them yet.
-    logprobs: int | None = None
+    # logprob_of says of which distribution).
+    logprobs: int | None = DEFAULTS["logprobs"]
     # None: none; N: each prompt id's logprob given the ids before it (None for the first), and the N
-    # likeliest ids' there (vLLM's prompt_logprobs): what echo and scoring read
-    prompt_logprobs: int | None = None
+    # likeliest ids' there (vLLM's prompt_logprobs): what echo and scoring read. With it, max_tokens
+    # may be 0: the prompt is scored and nothing generated.
+    prompt_logprobs: int | None = DEFAULTS["prompt_logprobs"]
 
     def __post_init__(self):
-        _max_tokens(self.max_tokens, none=False)
+        _max_tokens(self.max_tokens, none=False, scoring=self.prompt_logprobs is not None)
         _temperature(self.temperature)
         _whole(self.top_k, "top_k", "e.g. 200, or None for no top-k cut", none=True)  # 0 is the callers' to map
         _top_p(self.top_p)
@@ -133,17 +139,24 @@ class SamplingParams:
         _logprobs(self.prompt_logprobs, name="prompt_logprobs")
         object.__setattr__(self, "stop", tuple(_stop(self.stop)))  # (a list or one string given: a tuple)
 
+    @property
+    def scores(self) -> bool:
+        """Whether logprobs of any ids are asked for."""
+        return self.logprobs is not None or self.prompt_logprobs is not None
+
     def seeded(self, seed: int | None) -> SamplingParams:
         """The same parameters with another seed."""
         return replace(self, seed=seed)
 
     def as_json(self) -> dict:
-        """Its SAMPLING_KEYS as JSON (stop as a list), as check_sampling gives them: what the store
-        records of a line, what a replay submits, what gencli generate saves."""
-        return {k: list(self.stop) if k == "stop" else getattr(self, k) for k in SAMPLING_KEYS}
+        """Its SAMPLING_KEYS as JSON (stop as a list), as check_sampling gives them, the logprobs keys
+        only where set: what the store records of a line, what a replay submits, what gencli generate
+        saves."""
+        return {k: list(self.stop) if k == "stop" else getattr(self, k) for k in SAMPLING_KEYS
+                if k not in SCORING_KEYS or getattr(self, k) is not None}
 
 
-def check_sampling(p: dict, where: str = "") -> dict:
+def check_sampling(p: dict, where: str = "", *, zero_budget: bool = False) -> dict:
     """Sampling parameters complete (DEFAULTS for the missing keys), checked and normalised.
 
     Raises InvalidParameterError naming the parameter, its bad value and what to use, after
@@ -155,19 +168,23 @@ def check_sampling(p: dict, where: str = "") -> dict:
             f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}"
         )
     full = {**DEFAULTS, **p}
+    prompt_logprobs = _logprobs(full["prompt_logprobs"], where, name="prompt_logprobs")
     return {
-        "max_tokens": _max_tokens(full["max_tokens"], where),
+        "max_tokens": _max_tokens(full["max_tokens"], where, scoring=zero_budget or prompt_logprobs is not None),
         "temperature": _temperature(full["temperature"], where),
         "top_k": _top_k(full["top_k"], where),
         "top_p": _top_p(full["top_p"], where),
         "seed": _seed(full["seed"], where),
         "stop": _stop(full["stop"], where),
+        "logprobs": _logprobs(full["logprobs"], where),
+        "prompt_logprobs": prompt_logprobs,
     }
 
 
 def check_overrides(p: dict, where: str = "") -> dict:
-    """A prompt line's own sampling parameters, checked and normalised: only the keys it gives."""
-    return {k: v for k, v in check_sampling(p, where).items() if k in p}
+    """A prompt line's own sampling parameters, checked and normalised: only the keys it gives
+    (max_tokens 0 is checked with the job's parameters: whether they score the prompt)."""
+    return {k: v for k, v in check_sampling(p, where, zero_budget=True).items() if k in p}
 
 
 def resolve_sampling(params: dict, override: dict | None, block_size: int, *, where: str = "") -> SamplingParams:

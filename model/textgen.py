@@ -23,7 +23,7 @@ from gencli.model.errors import InvalidParameterError
 from gencli.model.params import SamplingParams, fit_prompt
 from gencli.model.textstream import TextStream
 
-Prompt = str | list[dict]  # plain text, or chat messages [{"role", "content"}]
+Prompt = str | list[dict] | dict  # plain text, chat messages [{"role", "content"}], or {"token_ids": [...]}
 
 
 @dataclass
@@ -78,7 +78,8 @@ class TextGenerator:
 
     def encode(self, prompt: Prompt, *, chat: bool) -> list[int]:
         """Prompt ids: messages, or text with chat, go through the chat template."""
-        return encode_prompt(self.tokenizer, self.chat_format, prompt, chat=chat)
+        return encode_prompt(self.tokenizer, self.chat_format, prompt, chat=chat,
+                             vocab_size=self.model.config.vocab_size)
 
     def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
         return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)
@@ -106,11 +107,23 @@ class TextGenerator:
                         stop_ids=self.tokenizer.stop_ids, group=group, priority=priority, index=index,
                         stream=stream, prior=list(stream.ids))
 
+    def rescoring(self, prompt: list[int], params: SamplingParams, ids: list[int], stream: TextStream, *,
+                  index: int = 0, group: Hashable = None, priority: int = 0) -> Sequence:
+        """A sequence that makes nothing (no budget) and computes the logprobs of a finished stream's
+        ids, fed one a step as they were made (so they are the first run's, bit for bit), and its
+        prompt's where params asks: a finished item whose logprobs were not recorded (its worker died).
+        ids: what the engine made, a stop id included."""
+        return Sequence(list(prompt), params, 0, stop_ids=self.tokenizer.stop_ids, group=group, priority=priority,
+                        index=index, stream=stream, prior=list(ids))
+
     def step(self, engine: Engine) -> list[Delta]:
         """One engine step as text: a delta per sequence that took a token."""
         deltas = []
         for seq, token in engine.step():
             s: TextStream = seq.stream
+            if token is None:  # it only scored its ids (no budget): it ends here, its text as it was
+                deltas.append(Delta(seq.index, s.finish("length"), s.finish_reason, None, seq))
+                continue
             text = s.feed(token)
             if s.finished:  # a stop id or a stop string
                 if not seq.finished:

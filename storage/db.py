@@ -139,6 +139,8 @@ class Item(Base):
     device: Mapped[str | None] = mapped_column(String(32))
     dtype: Mapped[str | None] = mapped_column(String(16))
     prompt_text: Mapped[str | None] = mapped_column(Text)  # the prompt as the search index reads it
+    # What the item's sampling asked to be scored (worker/logprobs.py): {"prompt": [...], "tokens": [...]}
+    logprobs: Mapped[dict | None] = mapped_column(JSON)
 
     job: Mapped[JobRow] = relationship(back_populates="items")
 

@@ -186,12 +186,18 @@ def prompt_text(prompt) -> str:
     return ""
 
 
+def _0006_logprobs(conn: Connection) -> None:
+    """Per item, the log-probabilities its sampling asked for (logprobs, prompt_logprobs)."""
+    conn.execute(sa.text("ALTER TABLE items ADD COLUMN logprobs JSON"))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_jobs_and_items", _0001_jobs_and_items),
     ("0002_job_result", _0002_job_result),
     ("0003_leases_checkpoints_deployment", _0003_leases_checkpoints_deployment),
     ("0004_files", _0004_files),
     ("0005_provenance_and_search", _0005_provenance_and_search),
+    ("0006_logprobs", _0006_logprobs),
 ]
 
 _log = sa.Table(

@@ -413,7 +413,7 @@ class Store:
                 .where(Item.job_id == job_id, retryable)
                 .values(status=ItemStatus.PENDING.value, output=None, finish_reason=None, error=None,
                         completion_tokens=None, ids=None, epoch=Item.epoch + 1, sampling=null(), attempt=None,
-                        device=None, dtype=None)
+                        device=None, dtype=None, logprobs=null())
             ).rowcount
 
     # --- worker side -------------------------------------------------------------------
@@ -524,9 +524,9 @@ class Store:
     def save_item(self, job_id: str, owner: str, idx: int, *, epoch: int, status: ItemStatus, output: str | None,
                   finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None,
                   ids: list[int] | None = None, error: str | None = None, attempt: int | None = None,
-                  device: str | None = None, dtype: str | None = None) -> bool:
-        """Record one item's result (and the attempt, device and dtype that made it), only while
-        the lease is ours and the item is still in this epoch."""
+                  device: str | None = None, dtype: str | None = None, logprobs: dict | None = None) -> bool:
+        """Record one item's result (and the attempt, device and dtype that made it, and the
+        logprobs it asked for), only while the lease is ours and the item is still in this epoch."""
         with self.Write.begin() as s:
             if not self._lock_lease(s, job_id, owner):
                 return False
@@ -535,7 +535,8 @@ class Store:
                 .where(Item.job_id == job_id, Item.idx == idx, Item.epoch == epoch)
                 .values(status=status.value, output=output, finish_reason=finish_reason, ids=ids,
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error,
-                        attempt=attempt, device=device, dtype=dtype)
+                        attempt=attempt, device=device, dtype=dtype,
+                        logprobs=null() if logprobs is None else logprobs)
             ).rowcount == 1
 
     def record_attempt(self, job_id: str, owner: str, *, worker: str, provenance: dict) -> int | None:

@@ -11,6 +11,7 @@ from gencli.model.checkpoint import load_model
 from gencli.model.params import SamplingParams
 from gencli.model.textgen import TextGenerator
 from gencli.worker.fold import texts_of
+from gencli.worker.logprobs import record_of
 
 
 class Tailer(threading.Thread):
@@ -82,3 +83,21 @@ def _reference(model_dir: str, files: tuple, prompts: tuple[str, ...], max_token
     tg = TextGenerator(load_model(model_dir))
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
     return tuple(tg.generate([tg.encode(p, chat=False)], sp)[0].text for p in prompts)
+
+
+def scored_reference(model_dir, prompts: list[list[int]], params: SamplingParams) -> list[tuple[dict, str]]:
+    """Each prompt's (logprobs record, text) run alone in-process, as the store records them
+    (worker/logprobs.py): the oracle of the logprobs the queue gives."""
+    return list(_scored(str(model_dir), tuple(tuple(p) for p in prompts), params))
+
+
+@functools.cache
+def _scored(model_dir: str, prompts: tuple[tuple[int, ...], ...], params: SamplingParams) -> tuple:
+    tg = TextGenerator(load_model(model_dir))
+    out = []
+    for p in prompts:
+        batch = tg.stream([list(p)], params)
+        for _ in batch:
+            pass
+        out.append((record_of(batch.seqs[0]), batch.streams[0].text))
+    return tuple(out)

@@ -13,10 +13,11 @@ import openai
 import pytest
 from click.testing import CliRunner
 from services import child_env, free_port, start_api, start_worker
-from tailing import reference, sse_events, wait_for
+from tailing import reference, scored_reference, sse_events, wait_for
 
 from gencli.cli.main import main
 from gencli.model.chat import ChatFormat, encode_prompt
+from gencli.model.params import SamplingParams
 from gencli.model.provenance import model_identity
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.status import JobStatus
@@ -374,8 +375,10 @@ def test_openai_chat_streams_in_openais_shape(oai, api, tiny, client):
 
 
 @pytest.mark.parametrize("kwargs, status, needle", [
-    ({"logprobs": 2}, 422, "logprobs is not supported"),
-    ({"echo": True}, 422, "echo is not supported"),
+    ({"logprobs": 21}, 422, "logprobs"),
+    ({"max_tokens": 0}, 422, "max_tokens 0 makes nothing: set echo to score the prompt"),
+    ({"echo": True, "stream": True}, 422, "echo is not supported with stream"),
+    ({"best_of": 2}, 422, "best_of is not supported"),
     ({"presence_penalty": 0.5}, 422, "presence_penalty is not supported"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop takes up to 4"),
     ({"n": 0}, 422, "n:"),
@@ -391,17 +394,93 @@ def test_openai_refusals(oai, client, kwargs, status, needle):
     assert e.value.status_code == status and needle in e.value.message and "--truncate" not in e.value.message
     assert jobs_recorded(client) == before
     # the neutral values of what gencli lacks are taken
-    assert oai.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0, logprobs=None)
+    assert oai.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0, best_of=1)
+
+
+# --- log-probabilities ------------------------------------------------------------------------------
+
+
+def scored_alone(model_dir: str, prompt_ids: tuple[int, ...], max_tokens: int, top: int, *, chat: bool = False):
+    """A greedy line's logprobs record and text, computed in-process, alone: the oracle."""
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, top_k=None, logprobs=top,
+                        prompt_logprobs=None if chat else top)
+    return scored_reference(model_dir, [list(prompt_ids)], sp)[0]
+
+
+def test_completions_logprobs_echo_and_token_id_prompts_equal_the_model_alone(oai, api, tiny):
+    """logprobs: N and echo (the legacy object), bit for bit what the model computes for the line
+    alone in-process; a token-id prompt is the same line; max_tokens 0 with echo scores the prompt."""
+    tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    prompt = "The kestrel hovers over the field, then"
+    ids = tok.encode(prompt)
+    ref, text = scored_alone(tiny, tuple(ids), 6, 3)
+    entries = ref["prompt"] + ref["tokens"]
+    for given in (prompt, ids):
+        r = oai.completions.create(model="tiny", prompt=given, max_tokens=6, temperature=0, logprobs=3, echo=True)
+        c = r.choices[0]
+        assert c.text == prompt + text
+        lp = c.logprobs
+        assert lp.token_logprobs == [e[1] for e in entries]  # exactly: JSON carries the engine's floats
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.tokens == [tok.decode([e[0]]) for e in entries]
+        assert [list(t.values()) for t in lp.top_logprobs[1:]] == [[v for _, v in e[2]] for e in entries[1:]]
+        assert lp.text_offset == [len(tok.decode([e[0] for e in entries[:k]])) for k in range(len(entries))]
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref["tokens"])
+    # without echo: the generated tokens' alone; with logprobs 0, no alternatives
+    plain = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+    assert plain.choices[0].text == text
+    assert plain.choices[0].logprobs.token_logprobs == [e[1] for e in ref["tokens"]]
+    assert plain.choices[0].logprobs.top_logprobs == [{}] * len(ref["tokens"])
+    # max_tokens 0 with echo: the prompt scored, nothing made (a list of id lists: one choice each)
+    scored = oai.completions.create(model="tiny", prompt=[ids, ids[:4]], max_tokens=0, echo=True, logprobs=1)
+    assert [c.text for c in scored.choices] == [prompt, tok.decode(ids[:4])]
+    assert scored.choices[0].logprobs.token_logprobs == [e[1] for e in ref["prompt"]]
+    assert scored.choices[1].logprobs.token_logprobs == [e[1] for e in ref["prompt"][:4]]
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].finish_reason == "length"
+    # streamed: each chunk carries its tokens' logprobs; together they are the whole line's
+    chunks = list(oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                         stream=True))
+    streamed = [v for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == [e[1] for e in ref["tokens"]]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+
+
+def test_chat_logprobs_are_openais_content_list_streamed_too(oai, tiny):
+    tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    messages = [{"role": "user", "content": "Name a bird of prey"}]
+    ids = encode_prompt(tok, ChatFormat.CHATML, messages, chat=True)
+    ref, text = scored_alone(tiny, tuple(ids), 8, 2, chat=True)
+    reply = [e for e in ref["tokens"] if e[0] not in tok.stop_ids]
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                    top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == text
+    assert [c.logprob for c in content] == [e[1] for e in reply]
+    assert [bytes(c.bytes) for c in content] == [tok.encoding.decode_single_token_bytes(e[0]) for e in reply]
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == [[v for _, v in e[2]] for e in reply]
+    for c in content:  # a token that is not whole UTF-8 alone is named by its bytes
+        raw = bytes(c.bytes)
+        try:
+            assert c.token == raw.decode("utf-8")
+        except UnicodeDecodeError:
+            assert c.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=2, stream=True)
+    streamed = [c.logprob for ch in stream if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]
+    assert streamed == [e[1] for e in reply]
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 
 
 @pytest.mark.parametrize("kind, kwargs, param, message", [
-    ("completions", {"prompt": [1, 2, 3]}, "prompt",
-     "prompt: token-id prompts are not supported yet: give the prompt as text"),
-    ("completions", {"prompt": [[1, 2], [3]]}, "prompt",
-     "prompt: token-id prompts are not supported yet: give the prompt as text"),
+    ("completions", {"prompt": [1, "two", 3]}, "prompt",
+     "prompt: give text, a list of texts, a list of token ids or a list of such lists, not a mix"),
+    ("completions", {"prompt": [[1, 2], []]}, "prompt", "prompt is empty: give some text (or at least one token id)"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("chat", {"max_tokens": 0}, "max_tokens", "max_tokens 0 makes no reply: ask for at least 1"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, IMAGE]}]},
      "messages[0].content[1]", ("messages[0].content[1]: 'image_url' content parts (images, audio, files) are not "
                                 "supported: gencli's models read text only")),
@@ -572,8 +651,9 @@ def test_a_bad_batch_line_is_refused_with_its_number_and_a_cancel_stops_a_batch(
                         ({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions",
                           "body": {"model": "tiny", "messages": [], "max_tokens": 2}}, "line 2: messages"),
                         ({"custom_id": "e", "method": "POST", "url": "/v1/chat/completions",
-                          "body": {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True}},
-                         "line 2: logprobs is not supported")]:
+                          "body": {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                   "top_logprobs": 3}},
+                         "line 2: top_logprobs needs logprobs: true")]:
         f = oai.files.create(file=open(_batch_file(tmp_path, [good, {**good, **bad}]), "rb"), purpose="batch")
         before = jobs_recorded(client)
         with pytest.raises(openai.UnprocessableEntityError) as e:

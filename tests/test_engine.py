@@ -605,3 +605,45 @@ def test_prompt_logprobs_score_every_prompt_id_across_prefill_chunks(make_gpt):
             lp = seq.prompt_logprobs[at]
             assert lp.logprob == pytest.approx(full[at - 1, prompt[at]].item(), abs=1e-4)
             assert [i for i, _ in lp.top] == full[at - 1].topk(2).indices.tolist()
+
+
+def test_a_sequence_with_no_budget_scores_its_prompt_and_ends_without_an_id(gpt):
+    """max_tokens 0 (with prompt_logprobs): the prompt is prefilled and scored, nothing is sampled,
+    and the step says it ended with (sequence, None); its logprobs are those a generating run has."""
+    scoring = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1)
+    engine, seqs, steps = steps_of(gpt, PROMPTS, scoring)
+    assert all(s.out == [] and s.finished for s in seqs)
+    assert steps == [[None] * len(PROMPTS)]  # one step: every prompt prefilled and ended
+    generating = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1)
+    _, gen_seqs, _ = steps_of(gpt, PROMPTS, generating)
+    assert [s.prompt_logprobs for s in seqs] == [s.prompt_logprobs for s in gen_seqs]
+    with pytest.raises(InvalidParameterError, match="max_tokens must be a whole number >= 1"):
+        SamplingParams(max_tokens=0)  # nothing to score: nothing to do
+
+
+def test_a_resumed_sequence_has_the_logprobs_of_an_uninterrupted_run_bit_for_bit(gpt):
+    """A sequence resumed from its ids so far (a worker's takeover) computes the logprobs of those
+    ids as it feeds them again, with the very products of the first run; a finished one resumed
+    with no budget (its last id made, not yet recorded) has them all. Seeded, temperature 1."""
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_k=None, seed=5, logprobs=4)
+    _, whole, _ = steps_of(gpt, PROMPTS, sp)
+    for cut in (0, 1, 4):
+        engine = Engine(gpt, len(PROMPTS))
+        resumed = [Sequence(list(p), sp, sp.max_tokens - cut, skip_draws=cut, prior=w.out[:cut], index=i)
+                   for i, (p, w) in enumerate(zip(PROMPTS, whole))]
+        for s in resumed:
+            engine.add(s)
+        while engine:
+            engine.step()
+        for w, r in zip(whole, resumed):
+            assert r.prior + r.out == w.out
+            assert r.logprobs == w.logprobs  # floats compared exactly
+    engine = Engine(gpt, len(PROMPTS))
+    done = [Sequence(list(p), sp, 0, prior=list(w.out), index=i) for i, (p, w) in enumerate(zip(PROMPTS, whole))]
+    for s in done:
+        engine.add(s)
+    ended = []
+    while engine:
+        ended += engine.step()
+    assert sorted(s.index for s, t in ended if t is None) == list(range(len(PROMPTS)))
+    assert [s.logprobs for s in done] == [w.logprobs for w in whole]

@@ -116,9 +116,13 @@ def test_sampling_params_hold_the_seed_and_the_stop_strings():
     assert sp.stop == ("END",) and sp.seed == 7  # one string is a list of one, kept as a tuple
     assert sp.seeded(8) == SamplingParams(temperature=1.0, seed=8, stop=("END",)) and sp.seed == 7
     assert hash(sp) == hash(SamplingParams(temperature=1.0, seed=7, stop=["END"]))
-    as_json = sp.as_json()  # what the store records and a replay submits: check_sampling's own form
-    assert as_json == check_sampling(as_json) and json.loads(json.dumps(as_json)) == as_json
-    assert SamplingParams(**as_json) == sp
+    # what the store records and a replay submits: check_sampling's own form, less the logprobs keys unset
+    as_json = sp.as_json()
+    assert check_sampling(as_json) == as_json | {"logprobs": None, "prompt_logprobs": None}
+    assert json.loads(json.dumps(as_json)) == as_json and SamplingParams(**as_json) == sp
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=2, logprobs=0)
+    assert scored.as_json()["prompt_logprobs"] == 2 and check_sampling(scored.as_json()) == scored.as_json()
+    assert SamplingParams(**scored.as_json()) == scored
 
 
 def test_defaults_complete_a_fresh_copy():
@@ -215,3 +219,14 @@ def test_every_accepted_dict_runs_a_real_engine_step(make_gpt, given):
         assert out == generate(gpt, [prompt], SamplingParams(max_tokens=n, temperature=0))[0]
     if sp.max_tokens == BLOCK - 4:  # the whole budget: the prompt fills the rest of the context
         assert len(generate(gpt, [prompt], sp)[0]) == BLOCK - 4
+
+
+def test_max_tokens_0_only_where_the_prompt_is_scored():
+    with pytest.raises(InvalidParameterError, match="max_tokens must be a whole number >= 1 or null, got 0"):
+        check_sampling({"max_tokens": 0})
+    assert check_sampling({"max_tokens": 0, "prompt_logprobs": 0})["max_tokens"] == 0
+    # a line's own max_tokens 0 is checked again with its job's parameters, at submit
+    assert check_overrides({"max_tokens": 0}, "line 2: ") == {"max_tokens": 0}
+    for bad in ({"logprobs": 21}, {"prompt_logprobs": -1}, {"logprobs": True}):
+        with pytest.raises(InvalidParameterError, match="from 0 to 20 or null"):
+            check_sampling(bad)

@@ -113,7 +113,7 @@ def test_migrate_applies_once_and_the_schema_matches_the_models(store_url, open_
     assert sa.inspect(engine).get_table_names() == []
 
     names = ["0001_jobs_and_items", "0002_job_result", "0003_leases_checkpoints_deployment", "0004_files",
-             "0005_provenance_and_search"]
+             "0005_provenance_and_search", "0006_logprobs"]
     assert migrate(engine) == names == [name for name, _ in MIGRATIONS]
     with engine.connect() as c:
         assert sorted(c.execute(sa.text("SELECT name FROM gencli_migrations")).scalars()) == names

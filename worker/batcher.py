@@ -40,6 +40,7 @@ from gencli.model.engine import Engine
 from gencli.model.textgen import Delta, TextGenerator
 from gencli.worker import supervise
 from gencli.worker.events import tok as tok_event
+from gencli.worker.logprobs import event_lp
 from gencli.worker.messages import (
     CancelRequested,
     DecodeFailed,
@@ -177,8 +178,12 @@ class Batcher:
                 case _Add(job, runs):
                     try:
                         for r in runs:
-                            r.seq = self.gen.sequence(r.prompt_ids, r.params, resume=r.stream,
-                                                      index=r.idx, group=job, priority=job.priority)
+                            if r.rescore is not None:
+                                r.seq = self.gen.rescoring(r.prompt_ids, r.params, r.rescore, r.stream,
+                                                           index=r.idx, group=job, priority=job.priority)
+                            else:
+                                r.seq = self.gen.sequence(r.prompt_ids, r.params, resume=r.stream,
+                                                          index=r.idx, group=job, priority=job.priority)
                             r.engine = self.engine
                             self.engine.add(r.seq)
                             self.counters["prompt_tokens"] += len(r.prompt_ids)
@@ -191,11 +196,12 @@ class Batcher:
     def _stop(self, job: Decoding, cancelled: bool) -> None:
         events, ended = [], []
         for r in job.runs.values():
-            if r.seq is None or r.stream.finished:
+            if r.seq is None or r.seq.finished:
                 continue
             r.engine.finish(r.seq)
             if cancelled:
-                events.append(_tok(r, None, r.stream.finish("cancelled"), "cancelled"))
+                if r.rescore is None:  # (a rescored item ended before: it keeps its end, its logprobs unmade)
+                    events.append(_tok(r, None, r.stream.finish("cancelled"), "cancelled"))
                 ended.append(r)
         self.outbox.put([_Emitted(job, events, ended), _Halted(job)])
 
@@ -209,7 +215,8 @@ class Batcher:
             job = d.seq.group
             r = job.runs[d.seq.index]
             events, ended = per_job.setdefault(job, ([], []))
-            events.append(_tok(r, d.token, d.text, d.finish_reason))
+            if r.rescore is None:  # (a rescored item's tokens and end were published by its first worker)
+                events.append(_tok(r, d.token, d.text, d.finish_reason, event_lp(d.seq) if d.token is not None else None))
             self.counters["generation_tokens"] += d.token is not None
             if d.finish_reason:
                 ended.append(r)
@@ -241,7 +248,7 @@ class Batcher:
         cpu = self._cpu[1]
         job.run.tell(MemoryRung(1, "cpu"))
         for r in job.runs.values():
-            if r.seq is not None and not r.stream.finished and r.engine is engine:
+            if r.seq is not None and not r.seq.finished and r.engine is engine:
                 r.seq = engine.take_out(r.seq)
                 r.engine = cpu
                 cpu.add(r.seq)
@@ -250,8 +257,8 @@ class Batcher:
 PUBLISHED_EVERY = 0.1  # seconds: how stale a job's checkpoint snapshot may be beyond the lease thread's own pace
 
 
-def _tok(r: ItemRun, token: int | None, text: str, finish: str | None) -> dict:
-    return tok_event(r.idx, r.epoch, token, text, finish)
+def _tok(r: ItemRun, token: int | None, text: str, finish: str | None, lp: list | None = None) -> dict:
+    return tok_event(r.idx, r.epoch, token, text, finish, lp)
 
 
 class Outbox:

@@ -154,6 +154,9 @@ class Client:
         items = [self._item(p, n) for n, p in enumerate(prompts, start=1)]
         if not items:
             raise GencliError("no prompts to submit")
+        for it in items:  # a line's own parameters with the job's (max_tokens 0 needs prompt_logprobs)
+            if it.get("params"):
+                check_sampling({**params, **it["params"]}, it["where"])
         self._check_context(model, items, params, chat=chat, truncate=truncate)
         job = dict(params, chat=chat, truncate=truncate) | ({"meta": meta} if meta else {})
         return self._record(model=model, params=job, items=items, priority=priority,
@@ -316,7 +319,7 @@ class Client:
         fmt = ChatFormat(info["chat_format"])
         for it in items:
             try:
-                ids = encode_prompt(tok, fmt, it["prompt"], chat=chat)
+                ids = encode_prompt(tok, fmt, it["prompt"], chat=chat, vocab_size=info["vocab_size"])
                 sampling = resolve_sampling(params, it.get("params"), info["block_size"])
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:

@@ -5,7 +5,8 @@ job's stream (worker/stream.py). Readers fold them into each item's text with wo
 
   start     {"t": "start", "worker", "device", "attempt"}         a worker claimed the job
   tok       {"t": "tok", "i": item, "e": the item's epoch, "id": token id or null, "text": delta,
-             "finish": reason or null}                               a token (id null: an ending alone)
+             "finish": reason or null, ["lp": [k, logprob, top]]}    a token (id null: an ending alone;
+                                                                     lp: worker/logprobs.py)
   item      {"t": "item", "i", "status": "failed", "error"}       an item failed on its own
   progress  {"t": "progress", "done", "total", "unit", "elapsed"}  dataset prep
   reset     {"t": "reset", "items": [i...], "epochs": {i: epoch}}  gencli retry: these items start over
@@ -24,8 +25,12 @@ def start(worker: str, device: str, attempt: int) -> dict:
     return {"t": "start", "worker": worker, "device": device, "attempt": attempt}
 
 
-def tok(item: int, epoch: int, token: int | None, text: str, finish: str | None) -> dict:
-    return {"t": "tok", "i": item, "e": epoch, "id": token, "text": text, "finish": finish}
+def tok(item: int, epoch: int, token: int | None, text: str, finish: str | None, lp: list | None = None) -> dict:
+    """lp: the token's logprobs, where the item asked for them (worker/logprobs.py's event_lp)."""
+    e = {"t": "tok", "i": item, "e": epoch, "id": token, "text": text, "finish": finish}
+    if lp is not None:
+        e["lp"] = lp
+    return e
 
 
 def item_failed(item: int, error: str) -> dict:

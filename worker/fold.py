@@ -23,6 +23,7 @@ class StreamDelta:
     finish_reason: str | None
     restart: bool = False  # the item's earlier text is void: this delta's text replaces it
     note: str | None = None  # why it restarted: "retried", "resumed from the store", ...
+    lp: tuple[int, list] | None = None  # (token id, the tok event's "lp"), where the item asked for logprobs
 
 
 class StreamFold:
@@ -49,7 +50,8 @@ class StreamFold:
             self.texts[i] = self.texts.get(i, "") + e["text"]
             self.finish[i] = e.get("finish")
             if not self._unsure(i):
-                out.append(StreamDelta(e["seq"], i, e["text"], e.get("finish")))
+                lp = (e["id"], e["lp"]) if "lp" in e else None
+                out.append(StreamDelta(e["seq"], i, e["text"], e.get("finish"), lp=lp))
             return out
         if t == "reset":
             out = []

@@ -90,7 +90,7 @@ def plan(job, *, line: int | None = None) -> Plan:
             continue
         if it.sampling:
             s = it.sampling
-            params = SamplingParams(**{k: s[k] for k in SAMPLING_KEYS})
+            params = SamplingParams(**{k: s[k] for k in SAMPLING_KEYS if k in s})  # (older records lack some)
         else:  # a line of an older gencli: its parameters as given, replayable when greedy or seeded
             params = resolve_sampling(record.params, it.params, 10**9)
             if params.temperature != 0 and params.seed is None:

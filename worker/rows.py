@@ -23,3 +23,5 @@ class ItemRun:
     seq: Sequence | None = None  # the batcher's, once it took the item
     engine: Engine | None = None  # which engine holds seq
     published: list[int] = field(default_factory=list)  # its ids in the log: the job's thread's, from Published
+    # a finished item resumed only to compute its logprobs: the ids its engine made (a stop id included)
+    rescore: list[int] | None = None

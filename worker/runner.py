@@ -30,6 +30,7 @@ from gencli.model.params import SamplingParams, resolve_sampling
 from gencli.storage.db import ItemStatus, JobRow, JobStatus
 from gencli.worker import events, supervise
 from gencli.worker.context import Ending, WorkerContext
+from gencli.worker.logprobs import record_of
 from gencli.worker.messages import DecodeFailed, MemoryRung, Published, PublishFailed, RedisLost, Stopped
 from gencli.worker.rows import ItemRun
 from gencli.worker.running import (
@@ -229,7 +230,7 @@ class GenerationJob:
                                         output=r.stream.text, finish_reason=r.stream.finish_reason,
                                         prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.stream.ids),
                                         ids=r.stream.ids, attempt=self.attempt, device=str(model.lm_head.weight.device),
-                                        dtype=model.dtype_name):
+                                        dtype=model.dtype_name, logprobs=record_of(r.seq)):
             self.ctx.batcher.stop(self, cancelled=False)
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
 
@@ -276,14 +277,16 @@ class GenerationJob:
             else:  # the log lost events: the store's checkpoint is the record
                 for token in checkpoint:
                     stream.feed(token)
-            if not stream.finished and len(stream.ids) >= params.max_tokens:
+            if not stream.finished and stream.ids and len(stream.ids) >= params.max_tokens:
                 stream.finish("length")
             r = ItemRun(item.idx, item.epoch, ids, stream, params, published=list(stream.ids))
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
-            if stream.finished:  # made whole, but the worker died before recording it
+            if stream.finished and not params.scores:  # made whole, but the worker died before recording it
                 finished.append(r)
             else:
+                if stream.finished:  # ...and its logprobs, which the store keeps, are made again
+                    r.rescore = logged_ids if from_log else checkpoint
                 runs.append(r)
         if not self.ctx.store.start_items(self.run.job_id, self.run.owner, starting):
             raise LeaseLost(f"job {self.run.job_id}: lease lost")

@@ -11,9 +11,13 @@ import time
 
 import pytest
 from services import child_env, start_worker
-from tailing import Tailer, reference, wait_for
+from tailing import Tailer, reference, scored_reference, wait_for
 
+from gencli.model.checkpoint import load_model
+from gencli.model.params import SamplingParams
+from gencli.model.textgen import TextGenerator
 from gencli.storage.db import JobStatus
+from gencli.worker.prompts import PromptItem
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
 
@@ -42,6 +46,39 @@ def test_sigkill_mid_job_another_worker_finishes_it_once_with_a_whole_stream(env
         assert tailer.texts(len(PROMPTS)) == stored  # nothing missing
         assert stored == reference(tiny, PROMPTS, 200)  # the resumed run made what one run makes
         assert len(client.store.items(job.id)) == len(PROMPTS)
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+
+
+def test_sigkill_mid_job_the_logprobs_stored_are_those_of_the_line_alone(env, tiny, client):
+    """A worker killed mid-job: the one that takes it over computes the logprobs of the ids made
+    before (fed again as they were made) and of the prompts, so each line's stored logprobs are bit
+    for bit those of the line run alone in-process. Seeded, temperature 1; a line with max_tokens 0
+    only scores its prompt."""
+    model = f"tiny-killlp-{env['id']}"
+    a = start_worker(env, tiny, f"doomed-lp-{env['id']}@test", "--model-name", model, "--batch_size", "2")
+    b = None
+    lines = [PromptItem(p, n + 1, extra={"max_tokens": 0} if n == 3 else None) for n, p in enumerate(PROMPTS[:4])]
+    try:
+        job = client.submit(lines, model=model, max_tokens=160, temperature=1.0, top_k=0, seed=11, logprobs=2,
+                            prompt_logprobs=1)
+        tailer = Tailer(job)
+        tailer.start()
+        wait_for(lambda: len(tailer.deltas) > 100, 60, "tokens from the first worker")
+        a.kill(signal.SIGKILL)
+        b = start_worker(env, tiny, f"rescuer-lp-{env['id']}@test", "--model-name", model, "--batch_size", "2")
+        assert job.wait(90) is JobStatus.SUCCEEDED, job.record().error_message
+        assert job.record().attempts == 2
+        tok = TextGenerator(load_model(tiny))
+        for it in client.store.items(job.id):
+            budget = 0 if it.idx == 3 else 160
+            sp = SamplingParams(max_tokens=budget, temperature=1.0, top_k=None, seed=11, logprobs=2, prompt_logprobs=1)
+            (record, text), = scored_reference(tiny, [tok.encode(it.prompt, chat=False)], sp)
+            assert it.output == text and it.logprobs == record, it.idx
+            assert len(it.logprobs["tokens"]) == len(it.ids) + (it.finish_reason == "stop")  # a stop id has one too
+        assert client.store.items(job.id)[3].logprobs["tokens"] == []
     finally:
         a.stop()
         if b:
