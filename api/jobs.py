@@ -20,7 +20,7 @@ from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.storage.status import JobStatus, iso
 from gencli.storage.store import SearchError
 from gencli.worker.client import Client, Job, RedisUnavailable
-from gencli.worker.prompts import PromptItem, prompt_line
+from gencli.worker.prompts import PromptItem, prompt_line, score_line
 
 router = APIRouter(tags=["jobs"])
 
@@ -50,6 +50,19 @@ class JobRequest(BaseModel):
     stop: str | list[str] | None = None
 
 
+class ScoreRequest(BaseModel):
+    """A scoring job (`gencli score`): each line's log-likelihood and perplexity, nothing generated."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    lines: list[dict] = Field(min_length=1, description='{"text"}, {"prompt", "completion"} (the completion '
+                                                        'scored) or {"messages"} (the assistant turns scored), '
+                                                        'each with an optional "custom_id"')
+    per_token: bool = Field(default=False, description="results give each scored token's [id, logprob] too")
+    top: int = Field(default=0, ge=0, le=20, description="the N likeliest tokens' logprobs kept at each position")
+    priority: int = Field(default=0, ge=0, le=9)
+
+
 def client_of(request: Request) -> Client:
     return request.app.state.client
 
@@ -65,6 +78,9 @@ def job_json(job, items=None) -> dict:
         "oom_retries": job.oom_retries, "result": job.result,
         "error": None if not job.error_class else {"class": job.error_class, "message": job.error_message},
     }
+    score = (job.params.get("meta") or {}).get("score")
+    if score is not None:
+        out["score"] = score
     if items is not None:
         out["items"] = [item_json(it) for it in items]
     return out
@@ -104,6 +120,25 @@ def submit(body: JobRequest, request: Request, idempotency_key: str | None = Hea
     except ContextOverflowError as e:
         raise APIError(422, str(e).replace("pass --truncate", 'send "truncate": true'), param="max_tokens",
                        code="context_length_exceeded") from None
+    out = job_json(job.record())
+    if not client.served_models().get(body.model):
+        out["warning"] = f"no live worker serves model {body.model} yet: the job waits for one"
+    return out
+
+
+@router.post("/v1/scores", status_code=201)
+def submit_score(body: ScoreRequest, request: Request,
+                 idempotency_key: str | None = Header(default=None, max_length=200)):
+    """Queue a scoring job; its id comes back at once (201). Its results (GET /v1/jobs/{id}/results)
+    are one JSON line per line: tokens, logprob, mean_logprob, perplexity."""
+    seen: dict[str, int] = {}
+    items = [score_line(obj, n, f"lines[{n - 1}]: ", seen) for n, obj in enumerate(body.lines, start=1)]
+    client = client_of(request)
+    try:
+        job = client.submit_score(items, model=body.model, top=body.top, per_token=body.per_token,
+                                  priority=body.priority, idempotency_key=idempotency_key)
+    except ContextOverflowError as e:
+        raise APIError(422, str(e), param="lines", code="context_length_exceeded") from None
     out = job_json(job.record())
     if not client.served_models().get(body.model):
         out["warning"] = f"no live worker serves model {body.model} yet: the job waits for one"
@@ -157,7 +192,8 @@ def retry_job(job_id: str, request: Request):
 @router.get("/v1/jobs/{job_id}/results", response_class=Response,
             responses={200: {"content": {"application/jsonl": {}}}})
 def results(job_id: str, request: Request, provenance: bool = Query(default=True)):
-    """A finished job's outputs, one JSON line per prompt: custom_id, prompt, output, finish_reason, usage,
+    """A finished job's outputs, one JSON line per prompt (a scoring job's: per line custom_id, line,
+    status, tokens, logprob, mean_logprob, perplexity): custom_id, prompt, output, finish_reason, usage,
     "sample" (1, 2, ...) for a job submitted with several samples per prompt, and what made the
     output ("provenance": model and tokenizer hashes, dtype, device, software, seed; `provenance=false`
     leaves it out)."""
@@ -165,6 +201,9 @@ def results(job_id: str, request: Request, provenance: bool = Query(default=True
     if not job.status.done:
         raise APIError(409, f"job {job.id} is {job.status.value}: its results come when it ends "
                             f"(GET /v1/jobs/{job.id}/stream follows it)", code="not_finished")
+    if job.scoring is not None:  # a scoring job: its lines' scores
+        lines = [json.dumps(r, ensure_ascii=False) for r in job.scores()]
+        return Response("".join(line + "\n" for line in lines), media_type="application/jsonl")
     keep = ("custom_id", "sample", "prompt", "output", "finish_reason", "status", "error", "usage", "provenance")
     lines = [json.dumps({k: r[k] for k in keep if k in r}, ensure_ascii=False)
              for r in job.result(provenance=provenance)]

@@ -23,6 +23,8 @@ COMMANDS = {
     "results": ("gencli.cli.queue:results",
                 "A job's outputs: jsonl lines {custom_id, prompt, output, finish_reason, usage, "
                 "provenance}, or text."),
+    "score": ("gencli.cli.score:score",
+              "Queue a scoring job: each line's log-likelihood and perplexity; print its id at once."),
     "replay": ("gencli.cli.replay:replay",
                "Run a job's lines again from their records and compare each output byte for byte."),
     "cancel": ("gencli.cli.queue:cancel",

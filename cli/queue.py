@@ -138,16 +138,24 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     labels = [label(it.custom_id, it.line, it.idx % samples + 1 if samples > 1 else None) for it in items]
-    printer = OrderedPrinter(labels if len(items) > 1 else None) if items else None
+    scoring = job.scoring is not None  # no text: a bar of the lines scored, then the totals
+    printer = OrderedPrinter(labels if len(items) > 1 else None) if items and not scoring else None
     from tqdm import tqdm
 
-    bar = None
+    bar = tqdm(total=len(items), unit=" lines", file=sys.stderr, desc=f"score {record.model}",
+               dynamic_ncols=True) if scoring else None
+    scored: set[int] = set()
     status = None
     gaps = False
     try:
         for d in _watched(job, after):
             if isinstance(d, StreamDelta):
                 if d.item not in pos:
+                    continue
+                if scoring:
+                    if d.finish_reason and d.item not in scored:
+                        scored.add(d.item)
+                        bar.update(1)
                     continue
                 if d.restart:
                     printer.restart(pos[d.item], d.text, d.finish_reason is not None, d.note)
@@ -157,7 +165,8 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
             kind = d["t"]
             if kind == "item" and d["i"] in pos:
                 click.secho(f"[{_label(items[pos[d['i']]])}: {d['error']}]", err=True, fg="red")
-                printer.feed(pos[d["i"]], "", True)
+                if printer is not None:
+                    printer.feed(pos[d["i"]], "", True)
             elif kind == "from_store":
                 click.secho(f"[{d['why']}]", err=True, fg="yellow")
             elif kind == "gap" and not gaps:
@@ -187,6 +196,10 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
     status = record.status if record.status in ("succeeded", "failed", "cancelled") else status
     if record.kind == "prep" and record.result:
         click.echo(prep_summary(record.result))
+    if scoring and status == "succeeded":
+        from gencli.cli.score import summary_line
+
+        click.echo(summary_line(job.score_summary()))
     msg = f"[job {job.id} {status}" + (f": {record.error_message}" if record.error_message else "") + "]"
     click.secho(msg, err=True, fg="green" if status == "succeeded" else "red")
     return {"succeeded": 0, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED)
@@ -330,6 +343,10 @@ def show(job_id, provenance):
     click.echo(f"params {json.dumps(j.params)}")
     if j.kind == "prep" and j.result:
         click.echo(prep_summary(j.result))
+    if job.scoring is not None and j.status == "succeeded":
+        from gencli.cli.score import summary_line
+
+        click.echo(f"scores {summary_line(job.score_summary())}")
     if j.error_class:
         click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
         if j.error_where:
@@ -398,6 +415,23 @@ def results(job_id, fmt, no_provenance):
     if record.kind == "prep":  # a dataset: its counts (the token files are in result.out)
         if record.result:
             click.echo(json.dumps(record.result, ensure_ascii=False) if fmt == "jsonl" else prep_summary(record.result))
+        return
+    if job.scoring is not None:  # one line of scores per line, then (as text) the totals
+        from gencli.cli.score import summary_line
+
+        rows = job.scores()
+        for r in rows:
+            if fmt == "jsonl":
+                click.echo(json.dumps(r, ensure_ascii=False))
+            elif "tokens" in r:
+                click.echo(f"{label(r['custom_id'], r['line'])}: {r['tokens']} tokens, logprob {r['logprob']:.4f}, "
+                           f"perplexity {r['perplexity']:.4f}" if r["tokens"] else
+                           f"{label(r['custom_id'], r['line'])}: no tokens scored")
+            else:
+                click.echo(f"{label(r['custom_id'], r['line'])}: {r['status']}" + (f": {r['error']}" if r["error"]
+                                                                                    else ""))
+        if fmt == "text":
+            click.echo(summary_line(job.score_summary(rows)))
         return
     rows = job.result(provenance=fmt == "jsonl" and not no_provenance)
     for r in rows:

@@ -81,6 +81,14 @@ class TextGenerator:
         return encode_prompt(self.tokenizer, self.chat_format, prompt, chat=chat,
                              vocab_size=self.model.config.vocab_size)
 
+    def scored_spans(self, prompt: Prompt) -> list[list[int]] | None:
+        """A scoring job's line ({"score": spec}): the ranges of its ids scored; else None."""
+        if isinstance(prompt, dict) and "score" in prompt:
+            from gencli.model.scoring import score_ids
+
+            return score_ids(self.tokenizer, self.chat_format, prompt["score"])[1]
+        return None
+
     def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
         return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)
 

@@ -35,9 +35,9 @@ from gencli.model.errors import GencliError
 from gencli.model.gpt import GPT
 from gencli.model.loss import IGNORE
 from gencli.model.tokenizer import Tokenizer, load_encoding
+from gencli.prep.splits import DTYPES, memmap_ids, read_meta
 
 STATE_FILE = "train_state.pt"
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 CHUNK = 1 << 24  # tokens counted per pass over a memmap
 
 
@@ -167,26 +167,6 @@ class Data:
     val: Split
 
 
-def read_meta(data_dir: Path) -> dict:
-    if not data_dir.is_dir():
-        raise TrainError(f"no data directory at {data_dir}: run `gencli prep` first and pass its --out")
-    path = data_dir / "meta.json"
-    if not path.is_file():
-        raise TrainError(f"{data_dir} has no meta.json: is it a `gencli prep` output?")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise TrainError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise TrainError(f"{path} must hold a JSON object")
-    for key in ("tokenizer", "chat_format", "dtype"):
-        if not isinstance(meta.get(key), str) or not meta[key]:
-            raise TrainError(f"{path} has no {key!r} (a string)")
-    if meta["dtype"] not in DTYPES:
-        raise TrainError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
-    return meta
-
-
 def open_data(data_dir: str | os.PathLike, *, masks: bool) -> Data:
     """Open a prep output: meta.json checked, the bins as memmaps (masks only when asked for)."""
     data_dir = Path(data_dir).expanduser()
@@ -201,28 +181,16 @@ def open_data(data_dir: str | os.PathLike, *, masks: bool) -> Data:
 
 def _open_split(data_dir: Path, name: str, dtype, masks: bool) -> Split:
     path = data_dir / f"{name}.bin"
-    ids = _memmap(path, dtype)
+    ids = memmap_ids(path, dtype)
     mask = None
     if masks:
         mpath = data_dir / f"{name}.mask.bin"
         if not mpath.is_file():
             raise TrainError(f"assistant-only training needs {mpath}: run prep with masks, or train without it")
-        mask = _memmap(mpath, np.uint8)
+        mask = memmap_ids(mpath, np.uint8)
         if len(mask) != len(ids):
             raise TrainError(f"{mpath} holds {len(mask)} entries but {path} holds {len(ids)} tokens")
     return Split(name, ids, mask)
-
-
-def _memmap(path: Path, dtype) -> np.ndarray:
-    if not path.is_file():
-        raise TrainError(f"missing {path}")
-    size = path.stat().st_size
-    itemsize = np.dtype(dtype).itemsize
-    if size % itemsize:
-        raise TrainError(f"{path} is {size} bytes, not a whole number of {np.dtype(dtype).name} ids")
-    if size == 0:
-        raise TrainError(f"{path} is empty")
-    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def token_counts(split: Split, n: int, *, masked: bool) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -444,6 +445,42 @@ def test_completions_logprobs_echo_and_token_id_prompts_equal_the_model_alone(oa
                 for v in ch.choices[0].logprobs.token_logprobs]
     assert streamed == [e[1] for e in ref["tokens"]]
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+
+
+def test_scoring_through_post_v1_scores_and_the_batch_api_equals_the_model_alone(api, oai, tiny, tmp_path, client):
+    """POST /v1/scores queues a scoring job whose results are each line's scores; a Batch API file
+    of completions with echo and max_tokens 0 scores its prompts: both bit for bit the model alone."""
+    tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    lines = [{"text": "The heron waits in the reeds."}, {"prompt": "Owls hunt", "completion": " at night",
+                                                         "custom_id": "owls"}]
+    r = httpx.post(api.url + "/v1/scores", json={"model": "tiny", "lines": lines, "per_token": True})
+    assert r.status_code == 201 and r.json()["score"] == {"per_token": True, "top": 0}
+    job = client.job(r.json()["id"])
+    assert job.wait(60) is JobStatus.SUCCEEDED
+    rows = [json.loads(x) for x in httpx.get(api.url + f"/v1/jobs/{job.id}/results").text.splitlines()]
+    text_ids = [tok.eot_id] + tok.encode(lines[0]["text"])
+    (ref, _), = scored_reference(tiny, [text_ids], SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0))
+    assert rows[0]["token_logprobs"] == [[e[0], e[1]] for e in ref["prompt"][1:]]
+    assert rows[0]["logprob"] == math.fsum(e[1] for e in ref["prompt"][1:])
+    assert rows[1]["custom_id"] == "owls" and rows[1]["tokens"] == len(tok.encode(" at night"))
+    bad = httpx.post(api.url + "/v1/scores", json={"model": "tiny", "lines": [{"text": "ok"}, {"messages": [
+        {"role": "user", "content": "hi"}]}]})
+    assert bad.status_code == 422 and error_of(bad)["message"].startswith("lines[1]: a conversation to score needs")
+
+    prompts = ["The kestrel hovers.", "Herons wade."]
+    batch = [{"custom_id": f"s{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny", "prompt": p, "max_tokens": 0, "echo": True, "logprobs": 0}}
+             for i, p in enumerate(prompts)]
+    f = oai.files.create(file=open(_batch_file(tmp_path, batch), "rb"), purpose="batch")
+    b = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    done = wait_for(lambda: (x := oai.batches.retrieve(b.id)).status in ("completed", "failed") and x, 60,
+                    "the batch")
+    out = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    for line, p in zip(out, prompts):
+        ids = tok.encode(p)
+        (ref, _), = scored_reference(tiny, [ids], SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0))
+        choice = line["response"]["body"]["choices"][0]
+        assert choice["text"] == p and choice["logprobs"]["token_logprobs"] == [e[1] for e in ref["prompt"]]
 
 
 def test_chat_logprobs_are_openais_content_list_streamed_too(oai, tiny):

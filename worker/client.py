@@ -25,9 +25,10 @@ from functools import lru_cache
 import redis
 
 from gencli.model.chat import ChatFormat, encode_prompt
-from gencli.model.errors import GencliError
+from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.model.params import check_overrides, check_sampling, fit_prompt, resolve_sampling
 from gencli.model.provenance import determinism
+from gencli.model.scoring import is_scored
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.db import Item, JobStatus
 from gencli.storage.settings import Settings, get_settings
@@ -213,6 +214,41 @@ class Client:
         check_json(p, f"prompts[{n - 1}]", from_bytes=True)
         return {"prompt": p, "line": n}
 
+    def submit_score(self, lines: list[PromptItem], *, model: str, top: int = 0, per_token: bool = False,
+                     priority: int = 0, idempotency_key: str | None = None, meta: dict | None = None) -> Job:
+        """Queue a scoring job: each line's prompt a spec of model/scoring.py ({"text"}, {"prompt",
+        "completion"}, {"messages"} or a window of ids), scored (prompt logprobs, top N alternatives
+        each), nothing generated. A generation job to the queue and the workers (its rows share their
+        batches), told apart by its meta's "score"; its results are Job.scores()."""
+        from gencli.model.scoring import kind_of
+
+        items = []
+        for ln in lines:
+            where = ln.where if ln.where is not None else f"line {ln.line}: "
+            try:
+                kind_of(ln.prompt)
+            except GencliError as e:
+                raise type(e)(f"{where}{e}") from None
+            items.append(PromptItem({"score": ln.prompt}, ln.line, ln.custom_id, None, ln.where))
+        score = {"per_token": per_token, "top": top} | (meta or {})
+        return self.submit(items, model=model, priority=priority, idempotency_key=idempotency_key,
+                           meta={"score": score}, max_tokens=0, temperature=0.0, prompt_logprobs=top)
+
+    def data_windows(self, model: str, data_dir: str, split: str) -> list[PromptItem]:
+        """A prepped dataset's split as lines to score (model/scoring.py's windows of the model's
+        context), checked to be tokenized as the model's workers tokenize."""
+        from gencli.model.scoring import windows
+        from gencli.prep.splits import split_ids
+
+        mt = self.tokenizer_of(model)
+        meta, ids = split_ids(data_dir, split)
+        if meta.get("encoding", meta["tokenizer"]) != mt.tokenizer.spec_name or \
+                meta["chat_format"] != mt.chat_format.value:
+            raise GencliError(f"{data_dir} was prepped with tokenizer {meta['tokenizer']} in the {meta['chat_format']} "
+                              f"format; model {model} reads {mt.tokenizer.spec_name} in {mt.chat_format.value}: "
+                              "prep it again for this model")
+        return [PromptItem(w, n) for n, w in enumerate(windows(ids, mt.block_size), start=1)]
+
     def submit_prep(self, spec, *, force: bool = False, priority: int = 0, idempotency_key: str | None = None) -> Job:
         """Record and enqueue one dataset-prep job (a prep.spec.PrepSpec) on the `prep` queue."""
         from gencli.prep.spec import PrepSpec
@@ -321,6 +357,10 @@ class Client:
             try:
                 ids = encode_prompt(tok, fmt, it["prompt"], chat=chat, vocab_size=info["vocab_size"])
                 sampling = resolve_sampling(params, it.get("params"), info["block_size"])
+                if is_scored(it["prompt"]) and len(ids) > info["block_size"]:
+                    raise ContextOverflowError(
+                        f"its {len(ids)} tokens exceed the model's context of {info['block_size']}: shorten it (gencli "
+                        "score --data scores a prepped dataset in windows of the context)")
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 where = it["where"] if it.get("where") is not None else f"line {it['line']}: "
@@ -480,6 +520,37 @@ class Job:
             | ({"provenance": made[it.idx]} if provenance else {})
             for it in items
         ]
+
+    @property
+    def scoring(self) -> dict | None:
+        """A scoring job's settings (per_token, top, and where its lines came from), else None."""
+        return (self.record().params.get("meta") or {}).get("score")
+
+    def scores(self, timeout: float | None = None, *, per_token: bool | None = None) -> list[dict]:
+        """Wait for a scoring job; one dict per line: custom_id, line, status, error, and for a line
+        scored: tokens, logprob (summed), mean_logprob, perplexity (and token_logprobs, [id,
+        logprob] each, with per_token; default: as the job was submitted)."""
+        from gencli.model.scoring import scores
+
+        settings = self.scoring
+        if settings is None:
+            raise GencliError(f"job {self.id} is not a scoring job: see gencli results {self.id}")
+        self.wait(timeout)
+        per_token = settings.get("per_token", False) if per_token is None else per_token
+        out = []
+        for it in self.items():
+            row = {"custom_id": it.custom_id, "line": it.line, "status": it.status, "error": it.error}
+            if it.status == "succeeded" and it.logprobs:
+                row |= scores(it.logprobs, it.logprobs["scored"], per_token=per_token)
+            out.append(row)
+        return out
+
+    def score_summary(self, rows: list[dict] | None = None) -> dict:
+        """A scoring job's totals over its scored lines (model/scoring.py's summary)."""
+        from gencli.model.scoring import summary
+
+        rows = self.scores(per_token=False) if rows is None else rows
+        return summary([r for r in rows if "tokens" in r]) | {"failed": sum(r["status"] == "failed" for r in rows)}
 
     def provenance(self, items: list[Item] | None = None) -> dict:
         """What made the job's outputs, from the store: {"attempts": [each claim's record: model

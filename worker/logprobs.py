@@ -6,7 +6,8 @@ the item's sampling asked for). Floats travel as JSON numbers, which Python writ
 exactly, so a stored logprob is the engine's bit for bit.
 
 An item's record (the store's `items.logprobs`), when its sampling asked for any:
-  {"prompt": [entry per prompt id] or absent, "tokens": [entry per generated id, a stop id included]}
+  {"prompt": [entry per prompt id] or absent, "tokens": [entry per generated id, a stop id included],
+   "scored": [[start, end], ...] of the prompt's ids, for a scoring job's line (model/scoring.py)}
 A tok event's "lp" is `[k, logprob, top]`: the entry of the item's k-th generated id (the event's id).
 """
 
@@ -22,11 +23,12 @@ def entry(token: int, lp: TokenLogprob | None) -> list:
     return [token, lp.logprob, [[i, v] for i, v in lp.top]]
 
 
-def record_of(seq: Sequence | None) -> dict | None:
-    """What an item's sequence scored, as the store records it (None: nothing was asked)."""
+def record_of(seq: Sequence | None, spans: list[list[int]] | None = None) -> dict | None:
+    """What an item's sequence scored, as the store records it (None: nothing was asked); spans: a
+    scoring job's line's ranges of prompt ids that count (model/scoring.py), kept as "scored"."""
     if seq is None or not seq.params.scores:
         return None
-    out: dict = {}
+    out: dict = {} if spans is None else {"scored": spans}
     if seq.params.prompt_logprobs is not None:
         out["prompt"] = [entry(t, lp) for t, lp in zip(seq.prompt, seq.prompt_logprobs)]
     if seq.params.logprobs is not None:

@@ -132,3 +132,31 @@ def prompt_line(obj, n: int, where: str, first_line: dict[str, int]) -> PromptIt
     if custom_id is not None:
         first_line[custom_id] = n
     return PromptItem(prompt, n, custom_id, obj or None)
+
+
+def score_line(obj, n: int, where: str, first_line: dict[str, int]) -> PromptItem:
+    """One line to score (a .jsonl line of `gencli score`, an element of POST /v1/scores' `lines`):
+    {"text"}, {"prompt", "completion"} or {"messages"} (model/scoring.py), with an optional
+    "custom_id" not used before (first_line: custom_id -> its line, updated)."""
+    from gencli.model.scoring import kind_of
+
+    if not isinstance(obj, dict):
+        raise GencliError(f'{where}each line must be a JSON object: {{"text"}}, {{"prompt", "completion"}} or '
+                          '{"messages"}')
+    obj = dict(obj)
+    custom_id = obj.pop("custom_id", None)
+    if custom_id is not None and not isinstance(custom_id, str):
+        raise GencliError(f"{where}custom_id must be a string")
+    if custom_id in first_line:
+        raise GencliError(f"{where}custom_id {custom_id!r} is used again (first on line {first_line[custom_id]}): "
+                          "give each line its own")
+    if custom_id is not None:
+        first_line[custom_id] = n
+    try:
+        if kind_of(obj) == "token_ids":
+            raise GencliError('a line to score is {"text"}, {"prompt", "completion"} or {"messages"}')
+        if "messages" in obj:
+            check_messages(obj["messages"])
+    except GencliError as e:
+        raise GencliError(f"{where}{e}") from None
+    return PromptItem(obj, n, custom_id, where=where)

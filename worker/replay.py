@@ -39,10 +39,14 @@ class Line:
     at: int | None = None  # the first token (0-based) that differs
     replayed: str = ""
     replayed_ids: list[int] | None = None
+    logprobs: dict | None = None  # what the job recorded of its logprobs (a scoring job's line: its scores)
 
-    def compare(self, ids: list[int], text: str, finish_reason: str | None) -> None:
+    def compare(self, ids: list[int], text: str, finish_reason: str | None, logprobs: dict | None = None) -> None:
+        """logprobs: the replay's record of them, compared float for float where the job kept any."""
         self.replayed_ids, self.replayed = list(ids), text
-        if ids == self.ids and text == self.output and (self.finish_reason in ("cancelled", finish_reason)):
+        same_logprobs = self.logprobs is None or self.finish_reason == "cancelled" or logprobs == self.logprobs
+        if ids == self.ids and text == self.output and (self.finish_reason in ("cancelled", finish_reason)) \
+                and same_logprobs:
             self.result = "equal"
             return
         self.result = "differs"
@@ -104,7 +108,7 @@ def plan(job, *, line: int | None = None) -> Plan:
                 skipped.append((it, "cancelled before its first token"))
                 continue
         lines.append(Line(it.idx, it.line, it.custom_id, it.prompt, params, list(it.ids), it.output,
-                          it.finish_reason))
+                          it.finish_reason, logprobs=it.logprobs))
         used.add(p.get("attempt"))
     if not lines:
         why = "; ".join(f"line {it.line}: {w}" for it, w in skipped) or "no lines"
@@ -131,6 +135,7 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
     from gencli.model.device import resolve_device
     from gencli.model.provenance import model_identity, tokenizer_record
     from gencli.model.textgen import TextGenerator
+    from gencli.worker.logprobs import record_of
 
     path = model_path or p.model_path
     try:
@@ -160,9 +165,12 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
         ids = gen.fit(gen.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
         prompts.append(ids)
         params.append(as_far_as_it_went(ln))
-    streams = gen.generate(prompts, params, slots=min(slots, len(p.lines)))
-    for ln, s in zip(p.lines, streams, strict=True):
-        ln.compare(s.ids, s.text, s.finish_reason)
+    batch = gen.stream(prompts, params, slots=min(slots, len(p.lines)))
+    for _ in batch:
+        pass
+    for ln, seq in zip(p.lines, batch.seqs, strict=True):
+        ln.compare(seq.stream.ids, seq.stream.text, seq.stream.finish_reason,
+                   record_of(seq, gen.scored_spans(ln.prompt)))
     return str(loaded.device), loaded.dtype
 
 
@@ -183,7 +191,7 @@ def run_queued(job, p: Plan, *, timeout: float | None = None):
         why = done.error_message or f"see gencli show {replay.id}"
         raise ReplayError(f"replay job {replay.id} {status.value}: {why}")
     for ln, it in zip(p.lines, replay.items(), strict=True):
-        ln.compare(it.ids or [], it.output or "", it.finish_reason)
+        ln.compare(it.ids or [], it.output or "", it.finish_reason, it.logprobs)
     got = replay.items()[0]
     return replay, got.device or done.final_device or "-", got.dtype or "-"
 

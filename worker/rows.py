@@ -25,3 +25,4 @@ class ItemRun:
     published: list[int] = field(default_factory=list)  # its ids in the log: the job's thread's, from Published
     # a finished item resumed only to compute its logprobs: the ids its engine made (a stop id included)
     rescore: list[int] | None = None
+    spans: list[list[int]] | None = None  # a scoring job's line: the [start, end) of its ids scored

@@ -230,7 +230,7 @@ class GenerationJob:
                                         output=r.stream.text, finish_reason=r.stream.finish_reason,
                                         prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.stream.ids),
                                         ids=r.stream.ids, attempt=self.attempt, device=str(model.lm_head.weight.device),
-                                        dtype=model.dtype_name, logprobs=record_of(r.seq)):
+                                        dtype=model.dtype_name, logprobs=record_of(r.seq, r.spans)):
             self.ctx.batcher.stop(self, cancelled=False)
             raise LeaseLost(f"job {self.run.job_id}: lease lost")
 
@@ -279,7 +279,8 @@ class GenerationJob:
                     stream.feed(token)
             if not stream.finished and stream.ids and len(stream.ids) >= params.max_tokens:
                 stream.finish("length")
-            r = ItemRun(item.idx, item.epoch, ids, stream, params, published=list(stream.ids))
+            r = ItemRun(item.idx, item.epoch, ids, stream, params, published=list(stream.ids),
+                        spans=gen.scored_spans(item.prompt))
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
             if stream.finished and not params.scores:  # made whole, but the worker died before recording it
