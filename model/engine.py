@@ -38,7 +38,7 @@ from gencli.model.cache import SlotBatch, SlotCache
 from gencli.model.errors import InvalidParameterError
 from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams, fit_prompt
-from gencli.model.sampler import Sampler, TokenLogprob, logprob_of, seeded_generator
+from gencli.model.sampler import Sampler, TokenLogprob, logprob_of, logprobs_of, seeded_generator
 from gencli.model.scheduler import Scheduler
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
@@ -49,7 +49,10 @@ INJECT_OOM_ENV = "GENCLI_INJECT_OOM"
 INJECT_STALL_ENV = "GENCLI_INJECT_STALL"
 PREFILL_TOKENS = 512  # prompt tokens prefilled in one step, over all admitted sequences
 GROW_AFTER = 64  # steps without running out of memory before the row limit is doubled again
-SCORE_POSITIONS = 64  # prompt positions whose logits are computed at once for prompt logprobs
+# prompt positions whose logits are computed at once for prompt logprobs: a whole prefill chunk (the LM
+# head's product runs 30% faster over 512 rows than over 64 on a 2-core CPU; 200 MB of float32 logits
+# for a 100k vocabulary)
+SCORE_POSITIONS = 512
 
 
 def _inject_oom(value: str | None) -> int | None:
@@ -361,12 +364,13 @@ class Engine:
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first id has nothing before it
         for j0 in range(0, hidden.size(0), SCORE_POSITIONS):
-            chunk = hidden[j0 : j0 + SCORE_POSITIONS]
-            logits = self.model.logits_of(chunk)
-            for k in range(chunk.size(0)):
-                at = start + j0 + k + 1  # the prompt position these logits predict
-                if at == len(seq.prompt_logprobs) and at < len(seq.prompt):
-                    seq.prompt_logprobs.append(logprob_of(logits[k], seq.prompt[at], top))
+            first = start + j0 + 1  # the prompt position the chunk's first logits predict
+            rows = range(max(0, len(seq.prompt_logprobs) - first), min(SCORE_POSITIONS, hidden.size(0) - j0,
+                                                                       len(seq.prompt) - first))
+            if not rows:
+                continue
+            logits = self.model.logits_of(hidden[j0 : j0 + SCORE_POSITIONS])[rows.start : rows.stop]
+            seq.prompt_logprobs += logprobs_of(logits, seq.prompt[first + rows.start : first + rows.stop], top)
 
     def _at_least_min_rows(self, rows: list) -> list:
         """rows, the first repeated up to min_rows: a float32 product over one row takes another kernel

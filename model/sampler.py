@@ -107,6 +107,20 @@ def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(float(lp[token]), pairs)
 
 
+def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """logprob_of for each of n positions at once (logits (n, V), tokens one per position): the
+    log-softmax of each row over the whole vocabulary, in one pass over the n rows (a prompt's
+    positions, scored a chunk at a time). Each row's values come from that row alone; the engine
+    always hands a position in the same chunk, so they do not depend on a sequence's company."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1))[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(v) for v in picked]
+    best = torch.topk(lp, min(top, lp.size(-1)), dim=-1)
+    ids, values = best.indices.tolist(), best.values.tolist()
+    return [TokenLogprob(v, tuple(zip(i, b, strict=True))) for v, i, b in zip(picked, ids, values, strict=True)]
+
+
 NUCLEUS_FIRST = 256  # candidates the nucleus is first looked for among
 
 
