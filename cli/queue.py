@@ -197,8 +197,6 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
     if record.kind == "prep" and record.result:
         click.echo(prep_summary(record.result))
     if scoring and status == "succeeded":
-        from gencli.cli.score import summary_line
-
         click.echo(summary_line(job.score_summary()))
     msg = f"[job {job.id} {status}" + (f": {record.error_message}" if record.error_message else "") + "]"
     click.secho(msg, err=True, fg="green" if status == "succeeded" else "red")
@@ -215,6 +213,14 @@ def prep_summary(result: dict) -> str:
         return summary(result, result["out"])
     except KeyError:  # a result of an older gencli: its counts as they are
         return f"{result['out']}: {json.dumps(result.get('counts', {}))}"
+
+
+def summary_line(s: dict) -> str:
+    """A scoring job's totals on one line."""
+    if not s["tokens"]:
+        return f"{s['lines']} lines scored, no tokens"
+    return (f"{s['lines']} lines, {s['tokens']} tokens: logprob {s['logprob']:.4f}, mean {s['mean_logprob']:.4f} "
+            f"nats/token, perplexity {s['perplexity']:.4f}" + (f" ({s['failed']} failed)" if s.get("failed") else ""))
 
 
 def _wait_for_worker(client: Client, queue: str, seconds: float) -> bool:
@@ -344,8 +350,6 @@ def show(job_id, provenance):
     if j.kind == "prep" and j.result:
         click.echo(prep_summary(j.result))
     if job.scoring is not None and j.status == "succeeded":
-        from gencli.cli.score import summary_line
-
         click.echo(f"scores {summary_line(job.score_summary())}")
     if j.error_class:
         click.secho(f"error {j.error_class}: {j.error_message}", fg="red")
@@ -417,8 +421,6 @@ def results(job_id, fmt, no_provenance):
             click.echo(json.dumps(record.result, ensure_ascii=False) if fmt == "jsonl" else prep_summary(record.result))
         return
     if job.scoring is not None:  # one line of scores per line, then (as text) the totals
-        from gencli.cli.score import summary_line
-
         rows = job.scores()
         for r in rows:
             if fmt == "jsonl":

@@ -85,11 +85,3 @@ def score(ctx, file, model, data_dir, split, per_token, top, priority, idempoten
                     err=True, fg="yellow")
     if follow:
         ctx.exit(_tail(client, job.id, line=None, after=0, cancel_on_interrupt=False))
-
-
-def summary_line(s: dict) -> str:
-    """A scoring job's totals on one line."""
-    if not s["tokens"]:
-        return f"{s['lines']} lines scored, no tokens"
-    return (f"{s['lines']} lines, {s['tokens']} tokens: logprob {s['logprob']:.4f}, mean {s['mean_logprob']:.4f} "
-            f"nats/token, perplexity {s['perplexity']:.4f}" + (f" ({s['failed']} failed)" if s.get("failed") else ""))

@@ -111,32 +111,6 @@ def require_text(prompt: str, where: str = "") -> str:
     return prompt
 
 
-def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict] | dict, *, chat: bool,
-                  vocab_size: int | None = None) -> list[int]:
-    """A prompt's ids: messages, or text with chat, through the template; plain text as text; a
-    prompt given as ids ({"token_ids": [...]}, the HTTP API's) as they are, once checked against the
-    tokenizer and the model's vocab_size (where known); a line of a scoring job ({"score": spec}) as
-    model/scoring.py reads it."""
-    if isinstance(prompt, dict) and "score" in prompt:
-        from gencli.model.scoring import score_ids  # (it builds on this module)
-
-        ids = score_ids(tok, fmt, prompt["score"])[0]
-        tok.check_ids(ids, vocab_size if vocab_size is not None else 2**63)
-        return ids
-    if isinstance(prompt, dict):
-        ids = prompt.get("token_ids")
-        if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
-            raise InvalidParameterError("a prompt given as token ids needs at least one id, each a whole number")
-        tok.check_ids(ids, vocab_size if vocab_size is not None else 2**63)
-        return list(ids)
-    if isinstance(prompt, list):
-        return render(tok, fmt, prompt)
-    require_text(prompt)
-    if chat:
-        return render(tok, fmt, [{"role": "user", "content": prompt}])
-    return tok.encode(prompt)
-
-
 def stop_strings(fmt: ChatFormat) -> tuple[str, ...]:
     """Text that ends a reply in this format: the start of a next turn (ChatML ends on special ids
     instead, Tokenizer.stop_ids)."""

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gencli.model.chat import ChatFormat, encode_prompt, stop_strings
+from gencli.model.chat import ChatFormat, stop_strings
 from gencli.model.checkpoint import LoadedModel
 from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import InvalidParameterError
 from gencli.model.params import SamplingParams, fit_prompt
+from gencli.model.prompt import encode_prompt
+from gencli.model.scoring import is_scored, score_ids
 from gencli.model.textstream import TextStream
 
 Prompt = str | list[dict] | dict  # plain text, chat messages [{"role", "content"}], or {"token_ids": [...]}
@@ -83,9 +85,7 @@ class TextGenerator:
 
     def scored_spans(self, prompt: Prompt) -> list[list[int]] | None:
         """A scoring job's line ({"score": spec}): the ranges of its ids scored; else None."""
-        if isinstance(prompt, dict) and "score" in prompt:
-            from gencli.model.scoring import score_ids
-
+        if is_scored(prompt):
             return score_ids(self.tokenizer, self.chat_format, prompt["score"])[1]
         return None
 

@@ -34,8 +34,8 @@ from gencli.model.device import resolve_device
 from gencli.model.errors import GencliError
 from gencli.model.gpt import GPT
 from gencli.model.loss import IGNORE
+from gencli.model.splits import DTYPES, memmap_ids, read_meta
 from gencli.model.tokenizer import Tokenizer, load_encoding
-from gencli.prep.splits import DTYPES, memmap_ids, read_meta
 
 STATE_FILE = "train_state.pt"
 CHUNK = 1 << 24  # tokens counted per pass over a memmap

@@ -47,7 +47,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # Measured with --durations on the 2-core machine, longest first; the rest take seconds.
 LONGEST_FIRST = ("test_exact.py", "test_takeover.py", "test_docker.py", "test_redis_restart.py", "test_redis_loss.py",
                  "test_queue.py", "test_crash.py", "test_queue_cli.py", "test_batching.py", "test_workers.py",
-                 "test_api.py", "test_replay.py", "test_api_fuzz.py", "test_store_races.py", "test_demo.py",
+                 "test_api.py", "test_score.py", "test_lmeval.py", "test_replay.py", "test_api_fuzz.py", "test_store_races.py", "test_demo.py",
                  "test_deployments.py", "test_invariance.py", "test_cli.py")
 
 

@@ -17,8 +17,9 @@ from services import child_env, free_port, start_api, start_worker
 from tailing import reference, scored_reference, sse_events, wait_for
 
 from gencli.cli.main import main
-from gencli.model.chat import ChatFormat, encode_prompt
+from gencli.model.chat import ChatFormat
 from gencli.model.params import SamplingParams
+from gencli.model.prompt import encode_prompt
 from gencli.model.provenance import model_identity
 from gencli.model.tokenizer import Tokenizer, load_encoding
 from gencli.storage.status import JobStatus

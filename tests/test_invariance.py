@@ -74,10 +74,10 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def _rows(seed: int) -> list[tuple[list[int], SamplingParams, int | None]]:
+def _rows(seed: int, count: int = 18) -> list[tuple[list[int], SamplingParams, int | None]]:
     rng = random.Random(seed)
     rows = []
-    for i in range(18):
+    for i in range(count):
         n = LENGTHS[i % len(LENGTHS)] if i < len(LENGTHS) else rng.randrange(1, 200)
         prompt = [rng.randrange(VOCAB) for _ in range(n)]
         t = rng.choice([1.0, 1.0, 0.0, 0.7])
@@ -128,8 +128,8 @@ def _first_difference(alone: list[torch.Tensor], company: list[torch.Tensor]) ->
     return None
 
 
-def _check(model: GPT, *, slots: int, seed: int, monkeypatch=None, oom: int | None = None) -> None:
-    rows = _rows(seed)
+def _check(model: GPT, *, slots: int, seed: int, monkeypatch=None, oom: int | None = None, count: int = 18) -> None:
+    rows = _rows(seed, count)
     alone_ids, alone_logits, alone_logprobs = _alone(model, rows)
     if oom is not None:
         monkeypatch.setenv("GENCLI_INJECT_OOM", str(oom))
@@ -161,3 +161,11 @@ def test_rows_preempted_by_out_of_memory_still_compute_what_they_compute_alone(m
 @pytest.mark.parametrize("weights", ["untrained", "trained"])
 def test_int8_rows_compute_bit_for_bit_what_they_compute_alone(models, weights, threads):
     _check(models(weights).prepare_for_inference(int8=True), slots=5, seed=20 + threads)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_sixty_four_rows_at_once_compute_their_logits_and_logprobs_alone(models, int8):
+    """64 rows of mixed lengths (prefill chunks crossed), sampled, greedy and scored, on 64 slots."""
+    if int8 and not int8_supported():
+        pytest.skip("this torch has no fbgemm (int8 needs x86-64)")
+    _check(models("untrained").prepare_for_inference(int8=int8), slots=64, seed=64 + int8, count=64)

@@ -24,9 +24,10 @@ from functools import lru_cache
 
 import redis
 
-from gencli.model.chat import ChatFormat, encode_prompt
+from gencli.model.chat import ChatFormat
 from gencli.model.errors import ContextOverflowError, GencliError
 from gencli.model.params import check_overrides, check_sampling, fit_prompt, resolve_sampling
+from gencli.model.prompt import encode_prompt
 from gencli.model.provenance import determinism
 from gencli.model.scoring import is_scored
 from gencli.model.tokenizer import Tokenizer, load_encoding
@@ -238,7 +239,7 @@ class Client:
         """A prepped dataset's split as lines to score (model/scoring.py's windows of the model's
         context), checked to be tokenized as the model's workers tokenize."""
         from gencli.model.scoring import windows
-        from gencli.prep.splits import split_ids
+        from gencli.model.splits import split_ids
 
         mt = self.tokenizer_of(model)
         meta, ids = split_ids(data_dir, split)

@@ -1,6 +1,6 @@
 """Reading a `gencli prep` output: meta.json and the flat token files of its splits, as memmaps.
 
-The trainer (model/train.py) and scoring jobs (`gencli score --data DIR --split val`) read them
+The trainer (train.py) and scoring jobs (`gencli score --data DIR --split val`) read them
 alike; nothing here needs torch.
 """
 
