@@ -25,7 +25,7 @@ from gencli.storage.store import Claim, Store
 from gencli.worker import events, supervise
 from gencli.worker.batcher import Batcher
 from gencli.worker.keys import Keys
-from gencli.worker.running import LeaseClock, LeaseLost, RunningJob
+from gencli.worker.running import LeaseClock, LeaseLost, PublishRefused, RunningJob, error_fields
 from gencli.worker.stream import Publisher
 from gencli.worker.supervise import OUTAGES
 
@@ -166,12 +166,17 @@ class WorkerContext:
         if attempt is None:
             log.warning("job %s: lease lost before it started", job_id)
             return Outcome.LEASE_LOST
-        start = run.pub.claim(events.start(self.worker_name, kind.device, run.attempt), attempt=attempt)
         try:
-            ending = kind.run(run, job, attempt, start)
-        except LeaseLost:
-            log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
-            return Outcome.LEASE_LOST
+            start = run.pub.claim(events.start(self.worker_name, kind.device, run.attempt), attempt=attempt)
+        except redis.ResponseError as e:  # Redis refuses writes (full to its maxmemory): the job fails, as it
+            refused = PublishRefused(f"Redis refused the job's events: {e}")  # does when a later publish is
+            ending = Ending(JobStatus.FAILED, error_fields(refused))          # refused, not left running
+        else:
+            try:
+                ending = kind.run(run, job, attempt, start)
+            except LeaseLost:
+                log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
+                return Outcome.LEASE_LOST
         result = {} if ending.result is None else {"result": ending.result}
         if not store.finish(job_id, run.owner, ending.status, run_seconds=run.elapsed(), **result,
                             **ending.fields, **ending.error):

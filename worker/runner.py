@@ -37,6 +37,7 @@ from gencli.worker.running import (
     HardTimeLimitExceeded,
     JobCancelled,
     LeaseLost,
+    PublishRefused,
     RunningJob,
     TimeLimitExceeded,
     error_fields,
@@ -54,10 +55,6 @@ class ModelChanged(Exception):
 def sampling_record(params: SamplingParams, drawn: bool) -> dict:
     """What an item samples with, as the store records it (model/params.py's keys, resolved)."""
     return params.as_json() | {"seed_drawn": drawn}
-
-
-class PublishRefused(Exception):
-    """Redis answered a publish with an error (full to its maxmemory, say): the job fails."""
 
 
 def run_generation_job(ctx: WorkerContext, job_id: str) -> str:

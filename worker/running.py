@@ -163,6 +163,10 @@ class RunningJob:
             pass  # the store's flag reaches us through the lease thread
 
 
+class PublishRefused(Exception):
+    """Redis answered a publish with an error (full to its maxmemory, say): the job fails."""
+
+
 def error_fields(e: BaseException, stats: dict | None = None) -> dict:
     """How a failure is stored: class, message, and where (file:line, device, batch size)."""
     tb = traceback.extract_tb(e.__traceback__)
