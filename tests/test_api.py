@@ -484,6 +484,25 @@ def test_scoring_through_post_v1_scores_and_the_batch_api_equals_the_model_alone
         assert choice["text"] == p and choice["logprobs"]["token_logprobs"] == [e[1] for e in ref["prompt"]]
 
 
+def test_llm_records_the_logprobs_of_a_completion_model_served_by_gencli(api, tiny, tmp_path, monkeypatch):
+    """Simon Willison's `llm`, as a user sets it up for an OpenAI-compatible completion model
+    (extra-openai-models.yaml), asked for `-o logprobs 2`: what it records per streamed chunk are
+    the line's top logprobs, bit for bit those of the line alone in-process."""
+    llm = pytest.importorskip("llm")
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: gencli-tiny\n  model_name: tiny\n  api_base: {api.url}/v1\n  completion: true\n")
+    tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
+    prompt = "The kestrel hovers over the field, then"
+    ref, text = scored_alone(tiny, tuple(tok.encode(prompt)), 6, 2)
+    response = llm.get_model("gencli-tiny").prompt(prompt, logprobs=2, max_tokens=6, temperature=0)
+    assert response.text() == text
+    recorded = [top for chunk in response.response_json["logprobs"] for top in chunk["top_logprobs"]]
+    assert [list(t.values()) for t in recorded] == [[v for _, v in e[2]] for e in ref["tokens"]]
+    assert "".join(chunk["text"] for chunk in response.response_json["logprobs"]) == text
+
+
 def test_chat_logprobs_are_openais_content_list_streamed_too(oai, tiny):
     tok = Tokenizer(load_encoding("cl100k_base"), chatml=True)
     messages = [{"role": "user", "content": "Name a bird of prey"}]
