@@ -286,25 +286,27 @@ def list_jobs(status_, model, kind, limit, query, since, after, as_json):
                             since=since)
     matches = client.matching_items([j.id for j in jobs], query) if query is not None else {}
     running = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.kind == "generate"]
-    live = client.store.live_tokens([j.id for j in running])  # running jobs: their progress so far
+    live = client.store.live_progress([j.id for j in running])  # running jobs: their progress so far
     now = client.store_time() if running else None
     if not as_json:
-        click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>5} {'tokens':>7} "
+        click.echo(f"{'job':<32}  {'status':<9} {'model':<16} {'worker/device':<28} {'items':>9} {'tokens':>7} "
                    f"{'tok/s':>7}")
     for j in jobs:
-        tokens, tps = j.completion_tokens, j.tokens_per_s
+        tokens, tps, items = j.completion_tokens, j.tokens_per_s, str(j.n_items)
         if j.id in live:
-            tokens = live[j.id]
+            tokens, ended = live[j.id]
+            items = f"{ended}/{j.n_items}"  # lines ended so far
             elapsed = (now - j.started_at).total_seconds() if j.started_at else 0
             tps = tokens / elapsed if elapsed > 0 else None
         elif j.kind == "prep" and j.result and not j.result.get("skipped"):
             tokens = sum(c.get("tokens", 0) for c in j.result.get("counts", {}).values())
         if as_json:
-            click.echo(json.dumps(_job_line(j, tokens, tps, matches.get(j.id)), ensure_ascii=False))
+            click.echo(json.dumps(_job_line(j, tokens, tps, matches.get(j.id))
+                                  | ({"items_done": live[j.id][1]} if j.id in live else {}), ensure_ascii=False))
             continue
         where = f"{j.worker or '-'}/{j.final_device or j.device or '-'}"
         shown = f"{tps:.1f}" if tps else "-"
-        click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {j.n_items:>5} {tokens:>7} {shown:>7}")
+        click.echo(f"{j.id:<32}  {j.status:<9} {j.model:<16} {where:<28} {items:>9} {tokens:>7} {shown:>7}")
         if matches.get(j.id):
             it = matches[j.id][0]
             click.echo(f"  {_label(it)}: {_snippet(it.prompt_text, 45)} -> {_snippet(it.output, 45)}")

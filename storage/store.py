@@ -351,18 +351,20 @@ class Store:
             )
             return {(kind, model): n for kind, model, n in rows}
 
-    def live_tokens(self, job_ids: list[str]) -> dict[str, int]:
-        """Tokens made so far by each of these (running) jobs: their ended items' counts and the
-        others' checkpointed ids."""
+    def live_progress(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Each of these (running) jobs' progress: (tokens made so far: its ended items' counts and
+        the others' checkpointed ids, items ended)."""
         if not job_ids:
             return {}
-        out = dict.fromkeys(job_ids, 0)
+        tokens, ended = dict.fromkeys(job_ids, 0), dict.fromkeys(job_ids, 0)
         with self.Session() as s:
             rows = s.execute(select(Item.job_id, Item.status, Item.completion_tokens, Item.ids)
                              .where(Item.job_id.in_(job_ids)))
             for job_id, status, done, ids in rows:
-                out[job_id] += (done or 0) if status != ItemStatus.PENDING.value else len(ids or [])
-        return out
+                pending = status == ItemStatus.PENDING.value
+                tokens[job_id] += len(ids or []) if pending else (done or 0)
+                ended[job_id] += not pending
+        return {j: (tokens[j], ended[j]) for j in job_ids}
 
     def status_counts(self) -> dict[str, int]:
         """How many jobs are in each status."""

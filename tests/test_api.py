@@ -560,8 +560,8 @@ def test_openai_refusals_of_what_gencli_lacks_name_the_field(oai, client, kind, 
 
 def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(env, api, tiny, client, tmp_path):
     # the hang-up comes while the job runs, however slow or fast this machine: the worker's first
-    # forward pass waits while the stall file exists, the client hangs up once the stream has begun
-    # (its first chunk, the role's), and the stall ends only once the hang-up is recorded
+    # forward pass waits while the stall file exists, the client hangs up once its job is running
+    # (claimed, stalled before its first token), and the stall ends only once the hang-up is recorded
     model = f"tiny-hangup-{env['id']}"
     stall = tmp_path / "stall"
     w = start_worker(env, tiny, f"hangup-{env['id']}@test", "--model-name", model,
@@ -575,10 +575,7 @@ def test_a_client_that_goes_away_cancels_its_request_unless_it_asked_to_keep_it(
             stall.touch()
             with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
                 ids[keep] = r.headers["x-gencli-job"]
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        break  # the stream has begun: hang up
-            wait_for(lambda: client.job(ids[keep]).status is JobStatus.RUNNING, 20, "the job to run")
+                wait_for(lambda: client.job(ids[keep]).status is JobStatus.RUNNING, 30, "the job to run")
             if not keep:
                 wait_for(lambda: client.job(ids[False]).record().cancel_requested, 20, "the abandoned request's cancel")
             stall.unlink()

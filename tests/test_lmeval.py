@@ -24,7 +24,9 @@ from gencli.model.textgen import TextGenerator
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval", reason="lm-eval is a dev dependency: pip install -e '.[dev]'")
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env")]
+# the harness sees only the HTTP API: one store is enough (the queue's tests cover both)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("queue_env"),
+              pytest.mark.parametrize("env", ["sqlite"], indirect=True)]
 
 TASKS = Path(__file__).parent / "data" / "lmeval"
 MODEL = "gpt2-birds"

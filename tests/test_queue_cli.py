@@ -310,7 +310,7 @@ def test_submit_num_samples_runs_each_prompt_n_times_with_seed_plus_k(client, wo
 def test_list_shows_a_running_jobs_tokens_so_far(client, worker):
     job = client.submit([f"a long story {i}" for i in range(24)], model="tiny", max_tokens=240, temperature=0)
     try:
-        wait_for(lambda: client.store.live_tokens([job.id])[job.id] > 0 and job.status is JobStatus.RUNNING, 60,
+        wait_for(lambda: client.store.live_progress([job.id])[job.id][0] > 0 and job.status is JobStatus.RUNNING, 60,
                  "checkpointed tokens")
         r = cli("list")
         row = next(x for x in r.output.splitlines() if x.startswith(job.id))

@@ -201,6 +201,8 @@ def test_a_scoring_job_cancelled_then_retried_scores_every_line_once(env, tiny, 
         lines = [PromptItem({"text": f"line {n} " * 20}, n + 1) for n in range(6)]
         job = client.submit_score(lines, model=model)
         wait_for(lambda: job.status is JobStatus.RUNNING, 30, "the job to start")
+        row = next(x for x in run("list").output.splitlines() if x.startswith(job.id))
+        assert row.split()[-3] == "0/6", row  # a running job's lines ended so far
         job.cancel()
         threading.Timer(0.5, stall.unlink).start()
         assert job.wait(60) is JobStatus.CANCELLED
