@@ -47,15 +47,17 @@ def _replay_ok(job_id: str, lines: int, *args: str, workers=()) -> str:
 
 def test_jobs_through_oom_a_takeover_and_a_cancelled_retry_replay_byte_for_byte(env, tiny, client):
     model = f"tiny-replay-{env['id']}"
-    # Out of memory at 5 rows or more: the two jobs' 11 rows go down the ladder at once.
+    # Out of memory at 5 rows or more: the two jobs' 11 rows go down the ladder at once. Both are
+    # queued before the worker starts, so it takes them together (submitted to a running worker, the
+    # first could end before the second arrived, on a busy machine: then nothing of it is taken over).
+    drawn = client.submit(["drawn one:", "drawn two:", "drawn three:"], model=model, max_tokens=96,
+                          temperature=1.0, top_k=1000)
+    probes = [PROBE] + [f"company {n}:" for n in range(7)]
+    seeded = client.submit(probes, model=model, max_tokens=96, temperature=0.9, top_k=500, seed=7)
     a = start_worker(env, tiny, f"oomy-{env['id']}@test", "--model-name", model, "--batch_size", "8",
                      extra_env={"GENCLI_INJECT_OOM": "5"})
     b = None
     try:
-        drawn = client.submit(["drawn one:", "drawn two:", "drawn three:"], model=model, max_tokens=96,
-                              temperature=1.0, top_k=1000)
-        probes = [PROBE] + [f"company {n}:" for n in range(7)]
-        seeded = client.submit(probes, model=model, max_tokens=96, temperature=0.9, top_k=500, seed=7)
         r = env["redis"].client()
         wait_for(lambda: all(len(read_log(r, env["keys"], j.id)) > 30 for j in (drawn, seeded)), 60, "both decoding")
         a.kill(signal.SIGKILL)
