@@ -411,7 +411,7 @@ def _chunks(job: Job, response_kind: ResponseKind, body: Sampling, created: int,
             new.append(made[i][have + len(new)])
         given[i] = have + len(new)
         if response_kind.chat:
-            return {"content": [logprobs.chat_entry(tok, e) for e in new if e[0] not in tok.stop_ids]}
+            return logprobs.chat(tok, {"tokens": new})
         obj = legacy.setdefault(i, logprobs.Legacy(tok))
         for e in new:
             obj.add(e)

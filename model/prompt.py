@@ -10,14 +10,24 @@ from gencli.model.tokenizer import Tokenizer
 
 def encode_prompt(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict] | dict, *, chat: bool,
                   vocab_size: int | None = None) -> list[int]:
-    """A prompt's ids: messages, or text with chat, through the template; plain text as text; a
-    prompt given as ids ({"token_ids": [...]}, the HTTP API's) as they are, once checked against the
-    tokenizer and the model's vocab_size (where known); a line of a scoring job ({"score": spec}) as
-    model/scoring.py reads it."""
+    """A prompt's ids (encode_line's, without the spans)."""
+    return encode_line(tok, fmt, prompt, chat=chat, vocab_size=vocab_size)[0]
+
+
+def encode_line(tok: Tokenizer, fmt: ChatFormat, prompt: str | list[dict] | dict, *, chat: bool,
+                vocab_size: int | None = None) -> tuple[list[int], list[list[int]] | None]:
+    """A prompt's ids, and for a line of a scoring job ({"score": spec}, as model/scoring.py reads
+    it) the ranges of them scored (None for any other prompt). Messages, or text with chat, go
+    through the template; plain text is text; ids ({"token_ids": [...]}, the HTTP API's, or a
+    scoring window's) are checked against the tokenizer and the model's vocab_size (where known)."""
     if is_scored(prompt):
-        ids = score_ids(tok, fmt, prompt["score"])[0]
+        ids, spans = score_ids(tok, fmt, prompt["score"])
         tok.check_ids(ids, vocab_size if vocab_size is not None else 2**63)
-        return ids
+        return ids, spans
+    return _encode(tok, fmt, prompt, chat=chat, vocab_size=vocab_size), None
+
+
+def _encode(tok: Tokenizer, fmt: ChatFormat, prompt, *, chat: bool, vocab_size: int | None) -> list[int]:
     if isinstance(prompt, dict):
         ids = prompt.get("token_ids")
         if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):

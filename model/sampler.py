@@ -101,16 +101,13 @@ def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     ids generation never yields (so a prompt's special ids, scored, are finite); vLLM's default
     (its raw_logprobs mode). The same whichever way the id was picked. One position at a time:
     nothing of another row's length or company enters its reductions."""
-    lp = F.log_softmax(logits.float().unsqueeze(0), dim=-1)[0]
-    best = torch.topk(lp, min(top, lp.numel())) if top else None
-    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
-    return TokenLogprob(float(lp[token]), pairs)
+    return logprobs_of(logits.unsqueeze(0), [token], top)[0]
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
     """logprob_of for each of n positions at once (logits (n, V), tokens one per position): the
     log-softmax of each row over the whole vocabulary, in one pass over the n rows (a prompt's
-    positions, scored a chunk at a time). Each row's values come from that row alone; the engine
+    positions, scored a chunk at a time; a new id's alone). Each row's values come from that row alone; the engine
     always hands a position in the same chunk, so they do not depend on a sequence's company."""
     lp = F.log_softmax(logits.float(), dim=-1)
     picked = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1))[:, 0].tolist()

@@ -23,8 +23,6 @@ from gencli.model.chat import ChatFormat, encode_segments, segments
 from gencli.model.errors import InvalidParameterError
 from gencli.model.tokenizer import Tokenizer
 
-KINDS = ("text", "prompt/completion", "messages", "token_ids")
-
 
 def kind_of(spec) -> str:
     """Which kind of line spec is; InvalidParameterError (saying what a line may be) if none."""
@@ -56,9 +54,8 @@ def score_ids(tok: Tokenizer, fmt: ChatFormat, spec: dict) -> tuple[list[int], l
             raise InvalidParameterError("an empty completion has nothing to score")
         if not spec["prompt"]:
             return score_ids(tok, fmt, {"text": spec["completion"]})
-        context = tok.encode(spec["prompt"])
-        return context + tok.encode(spec["completion"]), [[len(context), len(context) + len(tok.encode(
-            spec["completion"]))]]
+        context, completion = tok.encode(spec["prompt"]), tok.encode(spec["completion"])
+        return context + completion, [[len(context), len(context) + len(completion)]]
     if kind == "messages":
         ids, mask = encode_segments(tok, segments(fmt, spec["messages"], add_generation_prompt=False))
         spans: list[list[int]] = []
@@ -72,10 +69,9 @@ def score_ids(tok: Tokenizer, fmt: ChatFormat, spec: dict) -> tuple[list[int], l
             raise InvalidParameterError("a conversation to score needs an assistant message: its replies are what "
                                         "is scored")
         return ids, spans
-    ids, first = list(spec["token_ids"]), spec["from"]
+    ids, first = list(spec["token_ids"]), spec["from"]  # (checked against the vocabulary by encode_line)
     if not ids or not 1 <= first <= len(ids):
         raise InvalidParameterError("a window of ids scores from a position in 1..its length")
-    tok.check_ids(ids, 2**63)
     return ids, [[first, len(ids)]]
 
 

@@ -21,11 +21,10 @@ from gencli.model.checkpoint import LoadedModel
 from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import InvalidParameterError
 from gencli.model.params import SamplingParams, fit_prompt
-from gencli.model.prompt import encode_prompt
-from gencli.model.scoring import is_scored, score_ids
+from gencli.model.prompt import encode_line
 from gencli.model.textstream import TextStream
 
-Prompt = str | list[dict] | dict  # plain text, chat messages [{"role", "content"}], or {"token_ids": [...]}
+Prompt = str | list[dict] | dict  # text, chat messages [{"role", "content"}], {"token_ids": [...]} or {"score": spec}
 
 
 @dataclass
@@ -80,14 +79,12 @@ class TextGenerator:
 
     def encode(self, prompt: Prompt, *, chat: bool) -> list[int]:
         """Prompt ids: messages, or text with chat, go through the chat template."""
-        return encode_prompt(self.tokenizer, self.chat_format, prompt, chat=chat,
-                             vocab_size=self.model.config.vocab_size)
+        return self.encode_line(prompt, chat=chat)[0]
 
-    def scored_spans(self, prompt: Prompt) -> list[list[int]] | None:
-        """A scoring job's line ({"score": spec}): the ranges of its ids scored; else None."""
-        if is_scored(prompt):
-            return score_ids(self.tokenizer, self.chat_format, prompt["score"])[1]
-        return None
+    def encode_line(self, prompt: Prompt, *, chat: bool) -> tuple[list[int], list[list[int]] | None]:
+        """encode's ids, and for a scoring job's line ({"score": spec}) the ranges of them scored."""
+        return encode_line(self.tokenizer, self.chat_format, prompt, chat=chat,
+                           vocab_size=self.model.config.vocab_size)
 
     def fit(self, ids: list[int], max_tokens: int, *, truncate: bool) -> list[int]:
         return fit_prompt(ids, max_tokens, self.block_size, truncate=truncate)

@@ -160,17 +160,17 @@ def run_here(job, p: Plan, *, device: str | None = None, model_path: str | None 
     gen = TextGenerator(loaded)
     record = job.record()
     chat, truncate = bool(record.params.get("chat")), bool(record.params.get("truncate"))
-    prompts, params = [], []
+    prompts, params, spans = [], [], []
     for ln in p.lines:
-        ids = gen.fit(gen.encode(ln.prompt, chat=chat), ln.params.max_tokens, truncate=truncate)
-        prompts.append(ids)
+        ids, scored = gen.encode_line(ln.prompt, chat=chat)
+        prompts.append(gen.fit(ids, ln.params.max_tokens, truncate=truncate))
         params.append(as_far_as_it_went(ln))
+        spans.append(scored)
     batch = gen.stream(prompts, params, slots=min(slots, len(p.lines)))
     for _ in batch:
         pass
-    for ln, seq in zip(p.lines, batch.seqs, strict=True):
-        ln.compare(seq.stream.ids, seq.stream.text, seq.stream.finish_reason,
-                   record_of(seq, gen.scored_spans(ln.prompt)))
+    for ln, seq, scored in zip(p.lines, batch.seqs, spans, strict=True):
+        ln.compare(seq.stream.ids, seq.stream.text, seq.stream.finish_reason, record_of(seq, scored))
     return str(loaded.device), loaded.dtype
 
 

@@ -250,7 +250,8 @@ class GenerationJob:
                 continue
             try:
                 params = resolve_sampling(job.params, item.params, gen.block_size)
-                ids = gen.fit(gen.encode(item.prompt, chat=chat), params.max_tokens, truncate=truncate)
+                ids, spans = gen.encode_line(item.prompt, chat=chat)
+                ids = gen.fit(ids, params.max_tokens, truncate=truncate)
             except GencliError as e:
                 self._save_failed(item.idx, item.epoch, str(e))
                 continue
@@ -277,7 +278,7 @@ class GenerationJob:
             if not stream.finished and stream.ids and len(stream.ids) >= params.max_tokens:
                 stream.finish("length")
             r = ItemRun(item.idx, item.epoch, ids, stream, params, published=list(stream.ids),
-                        spans=gen.scored_spans(item.prompt))
+                        spans=spans)
             if not from_log:  # what readers saw of it may be more than the checkpoint: rebase them
                 resynced.append(r)
             if stream.finished and not params.scores:  # made whole, but the worker died before recording it
