@@ -8,8 +8,11 @@ stream) is the job's text. A client that disconnects before the end cancels the 
 (GET /v1/jobs/{id}/stream) and results stay readable.
 
 Defaults are OpenAI's, not gencli's: temperature 1, top_p 1, no top-k cut, and max_tokens 16 for
-completions (the model's default for chat). Parameters gencli does not implement (best_of,
-penalties, logit_bias, tools, ...) are refused with 422 unless at their neutral value.
+completions (the model's default for chat). Penalties, logit_bias, and vLLM's repetition_penalty,
+min_tokens, min_p, stop_token_ids and ignore_eos are gencli's sampling keys (model/params.py);
+response_format (json_object, json_schema) and vLLM's structured_outputs (json, regex, choice,
+grammar) hold the reply to a structure (model/structured.py). Parameters gencli does not implement
+(best_of, suffix, tools) are refused with 422 unless at their neutral value.
 
 Log-probabilities (api/logprobs.py has their shapes) are the model's own distribution, before
 temperature, top_k and top_p, whichever way a token was picked: vLLM's default (raw logprobs), what
@@ -75,6 +78,17 @@ class Sampling(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(default=None, description='{"type": "text" | "json_object" | '
+                                                   '"json_schema", "json_schema": {"name", "schema", "strict"}}')
+    # vLLM's extra body fields
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    min_p: float | None = None
+    stop_token_ids: list[Any] | None = None
+    ignore_eos: bool | None = None
+    structured_outputs: dict[str, Any] | None = Field(default=None, description='vLLM\'s: one of {"json": SCHEMA}, '
+                                                      '{"regex": R}, {"choice": [...]}, {"grammar": LARK}, '
+                                                      '{"json_object": true}')
 
 
 class CompletionRequest(Sampling):
@@ -108,16 +122,43 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
 
 NEUTRAL = {  # field -> the values that ask for nothing gencli lacks
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
-    "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
 }
+# request field -> gencli's sampling key, where given (model/params.py checks the values)
+PASSED = ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_tokens", "min_p",
+          "stop_token_ids", "ignore_eos")
+
+
+def structured_of(body: CompletionRequest | ChatRequest) -> dict | None:
+    """gencli's `structured` from OpenAI's response_format or vLLM's structured_outputs (not both)."""
+    fmt, vllm = body.response_format, body.structured_outputs
+    if fmt is not None and vllm is not None and fmt.get("type") != "text":
+        raise APIError(422, "give response_format or structured_outputs, not both", param="response_format")
+    if vllm is not None:
+        if vllm.get("json_object") is True and len(vllm) == 1:
+            return {"json": {"type": "object"}}
+        return vllm  # checked by gencli's own rules (model/structured.py), named in its errors
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text" and len(fmt) == 1:
+        return None
+    if kind == "json_object" and len(fmt) == 1:
+        return {"json": {"type": "object"}}
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(fmt["json_schema"], dict):
+        spec = fmt["json_schema"]
+        schema = spec.get("schema", {})
+        if set(spec) - {"name", "schema", "strict", "description"} or not isinstance(schema, dict):
+            raise APIError(422, "response_format.json_schema takes name, schema (an object), strict and description",
+                           param="response_format")
+        return {"json": schema}
+    raise APIError(422, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                        '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', param="response_format")
 
 
 def _seeds(seed: int | None, count: int) -> list[int]:
@@ -199,7 +240,9 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
         top, prompt_top = body.logprobs, (body.logprobs or 0) if body.echo else None
     sampling = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
                 "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,  # 0: no cut
-                "stop": stop or [], "logprobs": top, "prompt_logprobs": prompt_top}
+                "stop": stop or [], "logprobs": top, "prompt_logprobs": prompt_top,
+                "structured": structured_of(body)}
+    sampling |= {k: getattr(body, k) for k in PASSED if getattr(body, k) is not None}
     given = prompts_of(body)
     if line is not None:
         where = None  # "line N: " of the batch's input file

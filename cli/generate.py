@@ -19,7 +19,7 @@ import torch
 
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
-from gencli.cli.options import model_options, sampling_options
+from gencli.cli.options import extra_sampling, model_options, sampling_options, shaping_options
 from gencli.cli.output import ResultWriter
 from gencli.model.checkpoint import load_model
 from gencli.model.device import describe, resolve_device
@@ -134,6 +134,7 @@ def _oom_message(device: torch.device) -> str:
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
+@shaping_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
 @click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
 @click.option("--each-line", "--each_line", "each_line", is_flag=True, help="One prompt per line of the file.")
@@ -178,8 +179,9 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
             err=True,
         )
     flags = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-             "stop": list(stop)}
-    runner = LocalGeneration(gen, resolve_sampling(flags, None, gen.block_size), writer=writer, verbose=verbose,
+             "stop": list(stop)} | extra_sampling(ctx)
+    vocab = gen.model.config.vocab_size
+    runner = LocalGeneration(gen, resolve_sampling(flags, None, gen.block_size, vocab_size=vocab), writer=writer, verbose=verbose,
                              model_name=str(model_path))
     if interactive:
         try:  # the shortest conversation must fit with max_tokens: found now, not at the first message
@@ -191,7 +193,7 @@ def generate(ctx, prompt, model_path, tokenizer, chat_format, device, dtype, max
     for item in items:  # a .jsonl line's own parameters, checked as submit checks them
         where = f"{prompt_file}:{item.line}: " if item.extra else ""
         line = check_overrides(item.extra, where) if item.extra else None
-        sp = resolve_sampling(flags, line, gen.block_size, where=where)
+        sp = resolve_sampling(flags, line, gen.block_size, where=where, vocab_size=vocab)
         ids = _encode(gen, item, chat=chat, max_tokens=sp.max_tokens, truncate=truncate)
         for k in range(num_samples):
             seqs.append(Sample(item, k, ids, sp.seeded(None if sp.seed is None else sp.seed + k)))

@@ -83,6 +83,90 @@ sampling_options = _apply(
 )
 
 
+EXTRA = "gencli.sampling"  # ctx.meta key: the extra sampling keys given on the command line
+
+
+def _keep(key: str, convert=None):
+    """A callback that keeps an option's value as the sampling key `key` (where given)."""
+    def callback(ctx, param, value):
+        if value is None or value == () or value is False:
+            return value
+        given = ctx.meta.setdefault(EXTRA, {})
+        value = convert(value) if convert else value
+        if key == "structured" and "structured" in given:
+            raise click.UsageError("give one of --json-schema, --regex, --choice and --grammar")
+        given[key] = value
+        return value
+    return callback
+
+
+def _logit_bias(values: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for v in values:
+        tid, _, bias = v.partition("=")
+        try:
+            out[tid.strip()] = float(bias)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: use ID=BIAS, e.g. 1734=-100") from None
+    return out
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _schema(path: str) -> dict:
+    import json
+
+    try:
+        schema = json.loads(_read(path, "the JSON schema"))
+    except ValueError as e:
+        raise click.BadParameter(f"{path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{path}: a JSON schema is an object")
+    return {"json": schema}
+
+
+def extra_sampling(ctx: click.Context) -> dict:
+    """The extra sampling keys given on the command line (penalties, logit_bias, ..., structured)."""
+    return dict(ctx.meta.get(EXTRA, {}))
+
+
+shaping_options = _apply(
+    [
+        click.option("--presence-penalty", "--presence_penalty", type=float, expose_value=False,
+                     callback=_keep("presence_penalty"), help="-2 to 2: lower the logit of every id already made."),
+        click.option("--frequency-penalty", "--frequency_penalty", type=float, expose_value=False,
+                     callback=_keep("frequency_penalty"), help="-2 to 2: lower it by the times each id was made."),
+        click.option("--repetition-penalty", "--repetition_penalty", type=float, expose_value=False,
+                     callback=_keep("repetition_penalty"), help="> 0: divide the logits of prompt and output ids."),
+        click.option("--logit-bias", "--logit_bias", multiple=True, expose_value=False,
+                     callback=_keep("logit_bias", _logit_bias), help="ID=BIAS (-100 to 100), repeatable."),
+        click.option("--min-tokens", "--min_tokens", type=int, expose_value=False, callback=_keep("min_tokens"),
+                     help="New ids made before an end id or a stop string may end a sample."),
+        click.option("--min-p", "--min_p", type=float, expose_value=False, callback=_keep("min_p"),
+                     help="Cut ids less likely than min_p times the likeliest."),
+        click.option("--stop-token-id", "--stop_token_id", type=int, multiple=True, expose_value=False,
+                     callback=_keep("stop_token_ids", list), help="An id that ends a sample (repeatable)."),
+        click.option("--ignore-eos", "--ignore_eos", is_flag=True, expose_value=False, callback=_keep("ignore_eos"),
+                     help="Run to max_tokens: the end-of-text id neither ends a sample nor is picked."),
+        click.option("--json-schema", "--json_schema", metavar="FILE", expose_value=False,
+                     callback=_keep("structured", _schema), help="Hold each sample to this JSON schema."),
+        click.option("--regex", expose_value=False, callback=_keep("structured", lambda r: {"regex": r}),
+                     help="Hold each sample to this regular expression."),
+        click.option("--choice", multiple=True, expose_value=False,
+                     callback=_keep("structured", lambda c: {"choice": list(c)}),
+                     help="Each sample is one of these strings (repeatable)."),
+        click.option("--grammar", metavar="FILE", expose_value=False,
+                     callback=_keep("structured", lambda f: {"grammar": _read(f, "the grammar")}),
+                     help="Hold each sample to this Lark grammar."),
+    ]
+)
+
+
 def _stops(value: tuple[str, ...]) -> tuple[str, ...]:
     if any(s == "" for s in value):
         raise click.BadParameter("a stop string cannot be empty (it would end every line at once)")

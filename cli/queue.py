@@ -13,7 +13,7 @@ import click
 
 from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
-from gencli.cli.options import SINCE, sampling_options
+from gencli.cli.options import SINCE, extra_sampling, sampling_options, shaping_options
 from gencli.model.errors import GencliError
 from gencli.storage.status import JobStatus, iso
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
@@ -45,6 +45,7 @@ def label(custom_id: str | None, line: int, sample: int | None = None) -> str:
 @click.option("--model", "model", envvar="GENCLI_MODEL_NAME", required=True,
               help="The served model's name (a worker's --model-name; by default its checkpoint's dir name), or that path.")
 @sampling_options
+@shaping_options
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable).")
 @click.option("--prompt_file", "--prompt-file", "prompt_file", help="UTF-8 prompt file, - for stdin, .jsonl lines.")
 @click.option("--each-line", "--each_line", "each_line", is_flag=True, help="One prompt per line of the file.")
@@ -80,7 +81,7 @@ def submit(ctx, model, max_tokens, temperature, top_k, top_p, seed, stop, trunca
                           f"{_served_note(client)}")
     job = client.submit(items, model=model, chat=chat, truncate=truncate, priority=priority,
                         idempotency_key=idempotency_key, max_tokens=max_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop),
+                        top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), **extra_sampling(ctx),
                         meta={"num_samples": num_samples} if num_samples > 1 else None)
     click.echo(job.id)
     if wait_for_worker is None and not client.live_workers(queue_for(model)):

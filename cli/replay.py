@@ -67,9 +67,11 @@ def replay(job_id, line, device, model_path, queued, timeout, as_json):
     if p.device != ran_on or p.dtype != dtype:
         promise += f"; the job ran on {p.device} in {p.dtype}"
     now = software()
-    changed = [f"{k} {p.software[k]}" for k in ("gencli", "torch") if p.software.get(k) not in (None, now[k])]
+    made = p.software | ({"sampler": 1} if p.software and "sampler" not in p.software else {})  # (records before it)
+    changed = [f"{k} {made[k]}" for k in ("gencli", "torch", "sampler") if made.get(k) not in (None, now[k])]
     if changed and equal != len(p.lines):  # other arithmetic: equality holds within one version of each
-        promise += f"; the job ran on {' and '.join(changed)}, this is gencli {now['gencli']}, torch {now['torch']}"
+        promise += (f"; the job ran on {' and '.join(changed)}, this is gencli {now['gencli']}, torch {now['torch']}, "
+                    f"sampler {now['sampler']}")
     summary = f"replayed {len(p.lines)} line(s) of job {job.id} on {where}: {equal} equal, " \
               f"{len(p.lines) - equal} differ{', ' + str(len(p.skipped)) + ' skipped' if p.skipped else ''}{promise}"
     if as_json:

@@ -40,6 +40,7 @@ from gencli.model.gpt import GPT
 from gencli.model.params import SamplingParams, fit_prompt
 from gencli.model.sampler import Sampler, TokenLogprob, logprob_of, logprobs_of, seeded_generator
 from gencli.model.scheduler import Scheduler
+from gencli.model.structured import Constraint, Grammars
 
 # Fault injection (documented in the README): GENCLI_INJECT_OOM=N makes every forward pass
 # over N or more rows raise torch.OutOfMemoryError, as a GPU short of memory would.
@@ -84,6 +85,7 @@ class Sequence:
     budget: int | None = None  # None: params.max_tokens
     skip_draws: int = 0  # draws its generator made before (a resumed sequence's sampled ids)
     stop_ids: frozenset[int] = frozenset()
+    banned: frozenset[int] = frozenset()  # ids it never takes (ignore_eos: the tokenizer's end ids)
     group: Hashable = None
     priority: int = 0
     index: int = 0
@@ -99,6 +101,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per id of out, where params.logprobs is set
     # where params.prompt_logprobs is set: one per prompt id once prefilled, None for the first
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    constraint: Constraint | None = None  # where params.structured is set: its grammar's state
 
     def __post_init__(self):
         if self.budget is None:
@@ -150,7 +153,7 @@ Observer = Callable[[Sequence, torch.Tensor], None]  # (sequence, the logits (V,
 class Engine:
     def __init__(self, model: GPT, slots: int, *, max_len: int | None = None, allowed_ids: torch.Tensor | None = None,
                  prefill_tokens: int = PREFILL_TOKENS, max_per_group: int | None = None, invariant: bool = True,
-                 observe: Observer | None = None):
+                 observe: Observer | None = None, grammars: Grammars | None = None):
         """observe: called with each sequence and the raw logits each of its ids is sampled from, before
         sampling (the batch-invariance tests and bench.exact compare them bit for bit with a run alone)."""
         if slots < 1:
@@ -164,6 +167,7 @@ class Engine:
         self.invariant = invariant
         self.min_rows = 2 if invariant and not model.quantized else 1  # see _at_least_min_rows
         self.observe = observe
+        self.grammars = grammars  # the tokenizer's grammar matchers, for structured rows (textgen gives them)
         # fault injection, read once where the faults happen (the README's "Fault injection"; tests
         # set these attributes). Read here, not in storage/settings.py: the model layer imports nothing
         # of the queue's, and `gencli generate` honours them as a worker does.
@@ -194,6 +198,11 @@ class Engine:
         fit_prompt(seq.prompt + seq.prior, seq.budget, self.max_len, truncate=False)
         if seq.generator is None:
             seq.generator = seeded_generator(seq.params.seed, seq.skip_draws)
+        if seq.params.structured is not None and seq.constraint is None:
+            if self.grammars is None:
+                raise InvalidParameterError("structured output needs the tokenizer's grammars: run it through "
+                                            "TextGenerator")
+            seq.constraint = self.grammars.constraint(seq.params.structured)
         seq.status, seq.slot, seq.cached = Status.WAITING, None, 0
         self.scheduler.add(seq)
 
@@ -210,9 +219,10 @@ class Engine:
         """Remove an unfinished sequence to carry on elsewhere (another engine): the same sequence
         there, its ids so far fed again one a step (same generator, budget reduced)."""
         self.finish(seq)
-        return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, group=seq.group,
-                        priority=seq.priority, index=seq.index, stream=seq.stream, prior=seq.prior + seq.out,
-                        generator=seq.generator, logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
+        return Sequence(seq.prompt, seq.params, seq.budget - len(seq.out), stop_ids=seq.stop_ids, banned=seq.banned,
+                        group=seq.group, priority=seq.priority, index=seq.index, stream=seq.stream,
+                        prior=seq.prior + seq.out, generator=seq.generator, logprobs=seq.logprobs,
+                        prompt_logprobs=seq.prompt_logprobs, constraint=seq.constraint)
 
     def _release(self, seq: Sequence) -> None:
         """Free a running sequence's slot; its caller says what it is now (finished, or waiting again)."""
@@ -315,7 +325,7 @@ class Engine:
                 self.observe(seqs[b], logits[at[b]])
         if ready:
             rl = logits if len(ready) == len(at) else logits[[at[b] for b in ready]]
-            picked = self.sampler.sample(rl, [seqs[b].params for b in ready], [seqs[b].generator for b in ready])
+            picked = self.sampler.sample(rl, [seqs[b] for b in ready])
             for b, token in zip(ready, picked):
                 s = seqs[b]
                 if s.params.logprobs is not None:

@@ -8,17 +8,29 @@ This module is the one home of the sampling keys, their defaults and their rules
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, replace
 
 from gencli.model.errors import ContextOverflowError, InvalidParameterError
 
 SCORING_KEYS = ("logprobs", "prompt_logprobs")  # what a line asks to be scored (none by default)
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop") + SCORING_KEYS
+# OpenAI's and vLLM's other sampling parameters, and structured output (model/structured.py): each
+# neutral by default, and recorded (as_json) only where a line sets it.
+EXTRA_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "min_p",
+              "stop_token_ids", "ignore_eos", "structured")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop") + SCORING_KEYS + EXTRA_KEYS
 # A job's defaults. max_tokens None: the model's default (default_max_tokens); top_k None: no
-# top-k cut; seed None: a random seed; logprobs and prompt_logprobs None: none computed.
+# top-k cut; seed None: a random seed; logprobs and prompt_logprobs None: none computed; the rest
+# change nothing (penalties 0, repetition_penalty 1, no bias, min_tokens 0, min_p 0, no extra stop
+# ids, the end-of-text id ends a reply, no structure).
 DEFAULTS = {"max_tokens": None, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": None, "stop": [],
-            "logprobs": None, "prompt_logprobs": None}
+            "logprobs": None, "prompt_logprobs": None,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+            "min_tokens": 0, "min_p": 0.0, "stop_token_ids": [], "ignore_eos": False, "structured": None}
+OPTIONAL_KEYS = SCORING_KEYS + EXTRA_KEYS  # as_json leaves them out at their default
+MAX_LOGIT_BIAS = 300  # ids a logit_bias may name, as OpenAI's API allows
+MAX_STOP_IDS = 64
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype takes (model/checkpoint.py)
 
@@ -94,6 +106,89 @@ def _stop(value, where: str = "") -> list[str]:
     return list(stop)
 
 
+def _penalty(value, name: str, where: str = "") -> float:
+    v = _real(value)
+    if v is None or not -2 <= v <= 2:
+        raise _bad(where, name, value, "a number from -2 to 2", "e.g. 0.5 (0: none; as OpenAI's)")
+    return v
+
+
+def _repetition_penalty(value, where: str = "") -> float:
+    v = _real(value)
+    if v is None or not 0 < v <= 10:
+        raise _bad(where, "repetition_penalty", value, "a number in (0, 10]", "e.g. 1.1 (1: none; as vLLM's)")
+    return v
+
+
+def _token_id(value) -> int | None:
+    """A token id: an int >= 0, or its decimal digits (a JSON object's key)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        return int(value)
+    if type(value) is int and 0 <= value < 2**40:
+        return value
+    return None
+
+
+def _logit_bias(value, where: str = "") -> dict[str, float]:
+    """{token id: bias from -100 to 100} (ids as JSON keys: strings of digits), sorted by id."""
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise _bad(where, "logit_bias", value, f"an object of up to {MAX_LOGIT_BIAS} token ids to biases",
+                   'e.g. {"1734": -100}')
+    out = {}
+    for k, v in value.items():
+        tid, b = _token_id(k), _real(v)
+        if tid is None:
+            raise _bad(where, "logit_bias", value, "keyed by token ids (whole numbers >= 0)", 'e.g. {"1734": -100}')
+        if b is None or not -100 <= b <= 100:
+            raise _bad(where, "logit_bias", value, "biases from -100 to 100", "-100 to ban a token, 100 to force it")
+        out[tid] = b
+    return {str(k): out[k] for k in sorted(out)}
+
+
+def _min_tokens(value, where: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, "min_tokens", value, "a whole number >= 0", "e.g. 8 (0: none)")
+    return value
+
+
+def _min_p(value, where: str = "") -> float:
+    v = _real(value)
+    if v is None or not 0 <= v <= 1:
+        raise _bad(where, "min_p", value, "a number from 0 to 1", "e.g. 0.05 (0: none)")
+    return v
+
+
+def _stop_token_ids(value, where: str = "") -> list[int]:
+    ids = value if isinstance(value, (list, tuple)) else None
+    if ids is None or len(ids) > MAX_STOP_IDS or any(type(i) is not int or i < 0 for i in ids):
+        raise _bad(where, "stop_token_ids", value, f"a list of up to {MAX_STOP_IDS} token ids (whole numbers >= 0)",
+                   "e.g. [198]")
+    return sorted(set(ids))
+
+
+def _ignore_eos(value, where: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise _bad(where, "ignore_eos", value, "true or false", "true to run to max_tokens past the end-of-text id")
+    return value
+
+
+def _structured(value, where: str = "") -> dict | None:
+    from gencli.model.structured import check_structured  # (llguidance: imported where structure is asked for)
+
+    return None if value is None else check_structured(value, where)
+
+
+def _combination(p: dict, where: str = "") -> None:
+    """What the keys cannot do together, refused by name."""
+    if p["max_tokens"] is not None and p["min_tokens"] > p["max_tokens"]:
+        raise InvalidParameterError(f"{where}min_tokens {p['min_tokens']} exceeds max_tokens {p['max_tokens']}: "
+                                    "lower min_tokens")
+    if p["structured"] is not None and (p["min_tokens"] or p["ignore_eos"]):
+        which = "min_tokens" if p["min_tokens"] else "ignore_eos"
+        raise InvalidParameterError(f"{where}{which} cannot be combined with structured output (the grammar decides "
+                                    f"where the reply ends): leave {which} out")
+
+
 DEFAULT_MAX_TOKENS = 256  # new tokens when none are asked for, within half the model's context
 MAX_LOGPROBS = 20  # the most top logprobs a token may come with, as OpenAI's API allows
 
@@ -128,6 +223,15 @@ class SamplingParams:
     # likeliest ids' there (vLLM's prompt_logprobs): what echo and scoring read. With it, max_tokens
     # may be 0: the prompt is scored and nothing generated.
     prompt_logprobs: int | None = DEFAULTS["prompt_logprobs"]
+    presence_penalty: float = DEFAULTS["presence_penalty"]  # minus this from an id's logit once it was made
+    frequency_penalty: float = DEFAULTS["frequency_penalty"]  # minus this times the times it was made
+    repetition_penalty: float = DEFAULTS["repetition_penalty"]  # an id in prompt or output: logit / it (x it if < 0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, added to its logit), by id
+    min_tokens: int = DEFAULTS["min_tokens"]  # its end ids and stop strings wait for this many new ids
+    min_p: float = DEFAULTS["min_p"]  # ids less likely than min_p times the likeliest are cut
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end it (kept in its ids, not in its text)
+    ignore_eos: bool = DEFAULTS["ignore_eos"]  # the model's end ids neither end it nor are picked
+    structured: tuple[str, str] | None = None  # (kind, its spec as canonical JSON): model/structured.py
 
     def __post_init__(self):
         _max_tokens(self.max_tokens, none=False, scoring=self.prompt_logprobs is not None)
@@ -138,6 +242,26 @@ class SamplingParams:
         _logprobs(self.logprobs)
         _logprobs(self.prompt_logprobs, name="prompt_logprobs")
         object.__setattr__(self, "stop", tuple(_stop(self.stop)))  # (a list or one string given: a tuple)
+        _penalty(self.presence_penalty, "presence_penalty")
+        _penalty(self.frequency_penalty, "frequency_penalty")
+        _repetition_penalty(self.repetition_penalty)
+        bias = self.logit_bias if isinstance(self.logit_bias, dict) else dict(self.logit_bias)
+        object.__setattr__(self, "logit_bias", tuple((int(k), float(v)) for k, v in _logit_bias(bias).items()))
+        if _min_tokens(self.min_tokens) > self.max_tokens:
+            raise InvalidParameterError(f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}: lower "
+                                        "min_tokens")
+        _min_p(self.min_p)
+        object.__setattr__(self, "stop_token_ids", tuple(_stop_token_ids(list(self.stop_token_ids))))
+        _ignore_eos(self.ignore_eos)
+        if isinstance(self.structured, dict):  # as check_sampling gives it: checked there
+            from gencli.model.structured import canonical
+
+            object.__setattr__(self, "structured", canonical(self.structured))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits depend on the ids before (penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def scores(self) -> bool:
@@ -152,8 +276,18 @@ class SamplingParams:
         """Its SAMPLING_KEYS as JSON (stop as a list), as check_sampling gives them, the logprobs keys
         only where set: what the store records of a line, what a replay submits, what gencli generate
         saves."""
-        return {k: list(self.stop) if k == "stop" else getattr(self, k) for k in SAMPLING_KEYS
-                if k not in SCORING_KEYS or getattr(self, k) is not None}
+        out = {k: self._json(k) for k in SAMPLING_KEYS}
+        return {k: v for k, v in out.items() if k not in OPTIONAL_KEYS or v != DEFAULTS[k]}
+
+    def _json(self, key: str):
+        v = getattr(self, key)
+        if key == "logit_bias":
+            return {str(i): b for i, b in v}
+        if key == "structured":
+            from gencli.model.structured import as_spec
+
+            return None if v is None else as_spec(v)
+        return list(v) if isinstance(v, tuple) else v
 
 
 def check_sampling(p: dict, where: str = "", *, zero_budget: bool = False) -> dict:
@@ -164,12 +298,13 @@ def check_sampling(p: dict, where: str = "", *, zero_budget: bool = False) -> di
     """
     unknown = set(p) - set(SAMPLING_KEYS)
     if unknown:
-        raise InvalidParameterError(
-            f"{where}unknown parameter(s) {', '.join(sorted(unknown))}: use {', '.join(SAMPLING_KEYS)}"
-        )
+        names = sorted(unknown)
+        close = difflib.get_close_matches(names[0], SAMPLING_KEYS, n=1)
+        hint = f"use {close[0]}" if close else "use one of the keys the README's \"Sampling parameters\" lists"
+        raise InvalidParameterError(f"{where}unknown parameter(s) {', '.join(names)}: {hint}")
     full = {**DEFAULTS, **p}
     prompt_logprobs = _logprobs(full["prompt_logprobs"], where, name="prompt_logprobs")
-    return {
+    out = {
         "max_tokens": _max_tokens(full["max_tokens"], where, scoring=zero_budget or prompt_logprobs is not None),
         "temperature": _temperature(full["temperature"], where),
         "top_k": _top_k(full["top_k"], where),
@@ -178,7 +313,18 @@ def check_sampling(p: dict, where: str = "", *, zero_budget: bool = False) -> di
         "stop": _stop(full["stop"], where),
         "logprobs": _logprobs(full["logprobs"], where),
         "prompt_logprobs": prompt_logprobs,
+        "presence_penalty": _penalty(full["presence_penalty"], "presence_penalty", where),
+        "frequency_penalty": _penalty(full["frequency_penalty"], "frequency_penalty", where),
+        "repetition_penalty": _repetition_penalty(full["repetition_penalty"], where),
+        "logit_bias": _logit_bias(full["logit_bias"], where),
+        "min_tokens": _min_tokens(full["min_tokens"], where),
+        "min_p": _min_p(full["min_p"], where),
+        "stop_token_ids": _stop_token_ids(full["stop_token_ids"], where),
+        "ignore_eos": _ignore_eos(full["ignore_eos"], where),
+        "structured": _structured(full["structured"], where),
     }
+    _combination(out, where)
+    return out
 
 
 def check_overrides(p: dict, where: str = "") -> dict:
@@ -187,12 +333,18 @@ def check_overrides(p: dict, where: str = "") -> dict:
     return {k: v for k, v in check_sampling(p, where, zero_budget=True).items() if k in p}
 
 
-def resolve_sampling(params: dict, override: dict | None, block_size: int, *, where: str = "") -> SamplingParams:
+def resolve_sampling(params: dict, override: dict | None, block_size: int, *, where: str = "",
+                     vocab_size: int | None = None) -> SamplingParams:
     """One prompt's sampling parameters: the job's sampling keys, its line's overrides, and for
     max_tokens left unset the model's default; checked by check_sampling."""
     job = {k: v for k, v in params.items() if k in SAMPLING_KEYS}  # a job's params hold chat, truncate too
     p = check_sampling({**job, **(override or {})}, where)
     max_tokens = default_max_tokens(block_size) if p["max_tokens"] is None else p["max_tokens"]
+    if vocab_size is not None:  # the ids a line names, in the model's vocabulary
+        for key, ids in (("logit_bias", [int(k) for k in p["logit_bias"]]), ("stop_token_ids", p["stop_token_ids"])):
+            if ids and max(ids) >= vocab_size:
+                raise InvalidParameterError(f"{where}{key}: token id {max(ids)} is not in the model's vocabulary of "
+                                            f"{vocab_size} ids: use ids below {vocab_size}")
     return SamplingParams(**{**p, "max_tokens": max_tokens})
 
 

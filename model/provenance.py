@@ -134,7 +134,10 @@ def software() -> dict:
         gencli = metadata.version("gencli")
     except metadata.PackageNotFoundError:
         gencli = "unknown"
-    return {"gencli": gencli, "torch": torch.__version__, "python": platform.python_version()}
+    from gencli.model.sampler import SAMPLER_VERSION
+
+    return {"gencli": gencli, "torch": torch.__version__, "python": platform.python_version(),
+            "sampler": SAMPLER_VERSION}
 
 
 def determinism(device: str, dtype: str) -> dict:

@@ -22,6 +22,7 @@ from gencli.model.engine import Engine, Sequence
 from gencli.model.errors import InvalidParameterError
 from gencli.model.params import SamplingParams, fit_prompt
 from gencli.model.prompt import encode_line
+from gencli.model.structured import Grammars
 from gencli.model.textstream import TextStream
 
 Prompt = str | list[dict] | dict  # text, chat messages [{"role", "content"}], {"token_ids": [...]} or {"score": spec}
@@ -72,6 +73,14 @@ class TextGenerator:
         allowed = torch.zeros(vocab, dtype=torch.bool)
         allowed[self.tokenizer.decodable_ids(vocab)] = True
         self.allowed = allowed.to(loaded.device)
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The tokenizer's grammar matchers (built at the first structured row: about 0.3 s)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer.encoding, self.model.config.vocab_size, self.tokenizer.stop_ids)
+        return self._grammars
 
     @property
     def block_size(self) -> int:
@@ -93,7 +102,17 @@ class TextGenerator:
                prefill_tokens: int | None = None, invariant: bool = True) -> Engine:
         kw = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens}
         return Engine(self.model, slots, max_len=max_len, allowed_ids=self.allowed, max_per_group=max_per_group,
-                      invariant=invariant, **kw)
+                      invariant=invariant, grammars=_Lazy(self), **kw)
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The ids that end a sequence of these params: the tokenizer's end ids (unless ignore_eos) and
+        its stop_token_ids."""
+        own = frozenset(params.stop_token_ids)
+        return own if params.ignore_eos else self.tokenizer.stop_ids | own
+
+    def banned(self, params: SamplingParams) -> frozenset[int]:
+        """The ids a sequence of these params never takes: under ignore_eos, the tokenizer's end ids."""
+        return self.tokenizer.stop_ids - frozenset(params.stop_token_ids) if params.ignore_eos else frozenset()
 
     def sequence(self, prompt: list[int], params: SamplingParams, *, resume: TextStream | None = None,
                  index: int = 0, group: Hashable = None, priority: int = 0) -> Sequence:
@@ -104,13 +123,13 @@ class TextGenerator:
         budget and its random generator advanced past the draws already made: it yields what an
         uninterrupted run would have (token for token when greedy).
         """
-        stream = resume or self.new_stream(params.stop)
+        stream = resume or self.new_stream(params)
         if stream.finished:
             raise InvalidParameterError("cannot resume a finished sequence")
         done = len(stream.ids)
         return Sequence(list(prompt), params, params.max_tokens - done, skip_draws=done,
-                        stop_ids=self.tokenizer.stop_ids, group=group, priority=priority, index=index,
-                        stream=stream, prior=list(stream.ids))
+                        stop_ids=self.stop_ids(params), banned=self.banned(params), group=group, priority=priority,
+                        index=index, stream=stream, prior=list(stream.ids))
 
     def rescoring(self, prompt: list[int], params: SamplingParams, ids: list[int], stream: TextStream, *,
                   index: int = 0, group: Hashable = None, priority: int = 0) -> Sequence:
@@ -118,7 +137,7 @@ class TextGenerator:
         ids, fed one a step as they were made (so they are the first run's, bit for bit), and its
         prompt's where params asks: a finished item whose logprobs were not recorded (its worker died).
         ids: what the engine made, a stop id included."""
-        return Sequence(list(prompt), params, 0, stop_ids=self.tokenizer.stop_ids, group=group, priority=priority,
+        return Sequence(list(prompt), params, 0, stop_ids=self.stop_ids(params), group=group, priority=priority,
                         index=index, stream=stream, prior=list(ids))
 
     def step(self, engine: Engine) -> list[Delta]:
@@ -165,10 +184,11 @@ class TextGenerator:
             engine.add(s)
         return TextBatch(self, engine, seqs)
 
-    def new_stream(self, stop: tuple[str, ...] = ()) -> TextStream:
-        return TextStream(
-            self.tokenizer, stop=tuple(stop) + stop_strings(self.chat_format), stop_ids=self.tokenizer.stop_ids
-        )
+    def new_stream(self, params: SamplingParams | None = None) -> TextStream:
+        """A sequence's text: its stop strings and the chat format's, its end ids, min_tokens."""
+        params = params or SamplingParams()
+        return TextStream(self.tokenizer, stop=params.stop + stop_strings(self.chat_format),
+                          stop_ids=self.stop_ids(params), min_tokens=params.min_tokens)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, **kw) -> list[TextStream]:
         """Batch wrapper: run to the end, return each sequence's finished stream."""
@@ -176,6 +196,16 @@ class TextGenerator:
         for _ in tg:
             pass
         return tg.streams
+
+
+class _Lazy:
+    """A TextGenerator's grammars for its engines, built when a structured row first asks."""
+
+    def __init__(self, gen: TextGenerator):
+        self._gen = gen
+
+    def constraint(self, key):
+        return self._gen.grammars.constraint(key)
 
 
 __all__ = ["ChatFormat", "Delta", "Prompt", "TextBatch", "TextGenerator"]

@@ -13,8 +13,12 @@ from gencli.model.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tok: Tokenizer, *, stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset()):
+    def __init__(self, tok: Tokenizer, *, stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset(),
+                 min_tokens: int = 0):
+        """min_tokens: stop strings are looked for once this many ids are made (vLLM's min_tokens; the
+        sampler keeps the end ids from being picked before)."""
         self._tok = tok
+        self._min_tokens = min_tokens
         self._stop = tuple(s for s in stop if s)
         self._stop_ids = stop_ids
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -35,6 +39,10 @@ class TextStream:
             return self.finish("stop")
         self.ids.append(token_id)
         self._held += self._decoder.decode(self._tok.encoding.decode_single_token_bytes(token_id))
+        if len(self.ids) < self._min_tokens:  # no stop string yet: all of it is safe to show
+            out, self._held = self._held, ""
+            self.text += out
+            return out
         cut = self._stop_at()
         if cut is not None:
             out, self._held = self._held[:cut], ""

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from click.testing import CliRunner
@@ -381,7 +382,11 @@ def test_openai_chat_streams_in_openais_shape(oai, api, tiny, client):
     ({"max_tokens": 0}, 422, "max_tokens 0 makes nothing: set echo to score the prompt"),
     ({"echo": True, "stream": True}, 422, "echo is not supported with stream"),
     ({"best_of": 2}, 422, "best_of is not supported"),
-    ({"presence_penalty": 0.5}, 422, "presence_penalty is not supported"),
+    ({"presence_penalty": 2.5}, 422, "presence_penalty must be a number from -2 to 2, got 2.5"),
+    ({"extra_body": {"structured_outputs": {"json": {"not": {}}}}}, 422,
+     'structured.json cannot be enforced: Unimplemented keys: ["not"]'),
+    ({"extra_body": {"response_format": {"type": "xml"}}}, 422, "response_format must be"),
+    ({"logit_bias": {"999999": 5}}, 422, "logit_bias: token id 999999 is not in the model's vocabulary"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop takes up to 4"),
     ({"n": 0}, 422, "n:"),
     ({"max_tokens": 500}, 422, "max_tokens 500 leaves no room"),
@@ -530,6 +535,32 @@ def test_chat_logprobs_are_openais_content_list_streamed_too(oai, tiny):
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+def test_openai_structured_output_and_the_sampling_api(oai, api, tiny, client):
+    """response_format and vLLM's fields, from the openai client: schema-valid JSON from a random model
+    (the constraint alone), choices held to their strings, and the sampling keys taken end to end."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+              "required": ["name", "n"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "A record, please."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": schema, "strict": True}}
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=60, seed=3, n=4, response_format=fmt)
+    done = [c for c in r.choices if c.finish_reason == "stop"]
+    assert done, "no reply finished within 60 tokens"
+    for c in done:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    obj = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=40, seed=5,
+                                      response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    pick = oai.completions.create(model="tiny", prompt="Answer:", max_tokens=8, seed=1, n=3,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert {c.text for c in pick.choices} <= {"yes", "no"} and all(c.finish_reason == "stop" for c in pick.choices)
+    # ignore_eos runs to max_tokens; min_tokens, penalties, min_p and logit_bias are taken
+    long = oai.completions.create(model="tiny", prompt="Hi", max_tokens=12, seed=2, temperature=1.0,
+                                  extra_body={"ignore_eos": True, "min_p": 0.01, "repetition_penalty": 1.2},
+                                  presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"15": -100})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 12
 
 
 @pytest.mark.parametrize("kind, kwargs, param, message", [

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
@@ -350,3 +351,30 @@ def test_default_max_tokens_fits_a_small_context(model_dir, tmp_path):
     assert rec["params"] == {"max_tokens": 128, "temperature": 0.0, "top_k": 200, "top_p": 1.0, "stop": []}
     assert rec["seed"] is None
     assert rec["usage"]["completion_tokens"] <= 128
+
+
+def test_structured_output_and_sampling_options_from_the_command_line(model_dir, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out = tmp_path / "out"
+    r = gen(model_dir, "Hello", "--json-schema", str(tmp_path / "s.json"), "--max_tokens", "30", "--temperature",
+            "1", "--seed", "4", "--num_samples", "3", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    saved = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(saved) == 3 and saved[0]["params"]["structured"] == {"json": schema}
+    for x in saved:
+        if x["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(x["output"]), schema)
+    r = gen(model_dir, "Hello", "--choice", "yes", "--choice", "no", "--seed", "1", "--temperature", "1")
+    assert r.exit_code == 0 and r.stdout.strip() in ("yes", "no"), r.output
+    r = gen(model_dir, "Hello", "--max_tokens", "5", "--temperature", "0", "--ignore-eos", "--min-p", "0.1",
+            "--presence-penalty", "0.5", "--logit-bias", "15=-100", "--stop-token-id", "198")
+    assert r.exit_code == 0, r.output
+    for args, message in [(["--regex", "(?=a)"], "structured.regex cannot be enforced"),
+                          (["--choice", "a", "--regex", "b"], "give one of --json-schema, --regex, --choice"),
+                          (["--logit-bias", "x"], "use ID=BIAS"),
+                          (["--min-p", "2"], "min_p must be a number from 0 to 1"),
+                          (["--logit-bias", "999999=1"], "logit_bias: token id 999999 is not in the model's")]:
+        r = gen(model_dir, "Hello", *args)
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)

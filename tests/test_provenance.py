@@ -88,7 +88,7 @@ def test_the_runtime_record_names_model_tokenizer_dtype_device_and_software(mode
     assert rec["model"]["kind"] == "gencli" and len(rec["model"]["sha256"]) == 64
     assert (rec["dtype"], rec["device"], rec["gpu"], rec["chat_format"]) == ("float32", "cpu", None, "chatml")
     assert rec["batch_invariant"] is True
-    assert set(rec["software"]) == {"gencli", "torch", "python"}
+    assert set(rec["software"]) == {"gencli", "torch", "python", "sampler"} and rec["software"]["sampler"] == 2
     json.dumps(rec)  # what the store keeps
     assert determinism("cuda:0", "bfloat16")["batch_invariant"] is False
     assert "may depend on the batch" in determinism("cuda:0", "bfloat16")["note"]

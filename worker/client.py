@@ -357,7 +357,7 @@ class Client:
         for it in items:
             try:
                 ids = encode_prompt(tok, fmt, it["prompt"], chat=chat, vocab_size=info["vocab_size"])
-                sampling = resolve_sampling(params, it.get("params"), info["block_size"])
+                sampling = resolve_sampling(params, it.get("params"), info["block_size"], vocab_size=info["vocab_size"])
                 if is_scored(it["prompt"]) and len(ids) > info["block_size"]:
                     raise ContextOverflowError(
                         f"its {len(ids)} tokens exceed the model's context of {info['block_size']}: shorten it (gencli "

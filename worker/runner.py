@@ -249,7 +249,8 @@ class GenerationJob:
             if item.status != ItemStatus.PENDING.value:
                 continue
             try:
-                params = resolve_sampling(job.params, item.params, gen.block_size)
+                params = resolve_sampling(job.params, item.params, gen.block_size,
+                                          vocab_size=gen.model.config.vocab_size)
                 ids, spans = gen.encode_line(item.prompt, chat=chat)
                 ids = gen.fit(ids, params.max_tokens, truncate=truncate)
             except GencliError as e:
@@ -261,7 +262,7 @@ class GenerationJob:
                 drawn = params.seed is None
                 params = params.seeded(secrets.randbelow(2**63)) if drawn else params
                 starting.append((item.idx, item.epoch, sampling_record(params, drawn)))
-            stream = gen.new_stream(params.stop)
+            stream = gen.new_stream(params)
             checkpoint = list(item.ids or [])
             logged = [(t, f) for epoch, t, f in (streamed or {}).get(item.idx, []) if epoch == item.epoch]
             logged_ids = [t for t, _ in logged if t is not None]
