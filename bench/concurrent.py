@@ -38,7 +38,6 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -228,22 +227,9 @@ def rows_table(model, max_tokens: int, reps: int, rows=ROWS):
     return table
 
 
-@dataclass
-class _Row:
-    """A row as the sampler reads it (model/sampler.py's Row): fresh, nothing made yet."""
-
-    params: object
-    generator: object
-    prompt: list = field(default_factory=list)
-    prior: list = field(default_factory=list)
-    out: list = field(default_factory=list)
-    stop_ids: frozenset = frozenset()
-    banned: frozenset = frozenset()
-    constraint: object = None
-
-
 def host_overhead(env, vocab: int, tokenizer, reps: int = 5):
     """Microseconds per step, per part, at HOST_ROWS rows (one row per job when publishing)."""
+    from gencli.model.engine import Sequence
     from gencli.model.params import SamplingParams
     from gencli.model.sampler import Sampler, seeded_generator
     from gencli.model.textstream import TextStream
@@ -255,7 +241,7 @@ def host_overhead(env, vocab: int, tokenizer, reps: int = 5):
         logits = torch.randn(n, vocab)
         params = [SamplingParams(max_tokens=64, temperature=0.0 if r % 2 else 0.8, top_k=None if r % 3 else 50,
                                  top_p=0.95 if r % 4 == 0 else 1.0) for r in range(n)]
-        rows = [_Row(p, seeded_generator(r)) for r, p in enumerate(params)]
+        rows = [Sequence([0], p, generator=seeded_generator(r)) for r, p in enumerate(params)]
         ids = sampler.sample(logits, rows)
         streams = [TextStream(tokenizer) for _ in range(n)]
         pubs = [Publisher(env.r, env.keys, f"host-{n}-{r}", owner="bench", ttl=60) for r in range(n)]
@@ -272,7 +258,7 @@ def host_overhead(env, vocab: int, tokenizer, reps: int = 5):
             return median(ts) * 1e6
 
         sample_us = timed(lambda: sampler.sample(logits, rows))
-        greedy = [_Row(SamplingParams(max_tokens=64, temperature=0.0), row.generator) for row in rows]
+        greedy = [Sequence([0], SamplingParams(max_tokens=64, temperature=0.0), generator=row.generator) for row in rows]
         greedy_us = timed(lambda: sampler.sample(logits, greedy))
         text_us = timed(lambda: [s.feed(t) for s, t in zip(streams, ids)])
         publish_us = timed(lambda: publish_many(env.r, [(p, [{"t": "tok", "i": 0, "e": 0, "id": t, "text": "x",

@@ -4,31 +4,21 @@ penalties' formulas by hand; each row's pick depends on its own logits, params a
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from gencli.model.chat import ChatFormat
+from gencli.model.engine import Sequence
 from gencli.model.params import SamplingParams
 from gencli.model.sampler import BLOCK, Sampler, _kth, argmax, seeded_generator
 from gencli.model.textgen import TextGenerator
 from tests.conftest import vocab_for
 
 
-@dataclass
-class Row:
-    params: SamplingParams
-    generator: torch.Generator = None
-    prompt: list = field(default_factory=list)
-    prior: list = field(default_factory=list)
-    out: list = field(default_factory=list)
-    stop_ids: frozenset = frozenset()
-    banned: frozenset = frozenset()
-    constraint: object = None
-
-    def __post_init__(self):
-        self.generator = self.generator or seeded_generator(self.params.seed)
+def Row(params: SamplingParams, *, prompt=(), **kw) -> Sequence:  # noqa: N802 - a row, as the engine hands it
+    """A fresh engine sequence, its generator seeded from its params: what the sampler reads."""
+    return Sequence(list(prompt), params, generator=seeded_generator(params.seed), **kw)
 
 
 @pytest.mark.parametrize("V", [7, BLOCK, 3 * BLOCK + 5, 100352])
@@ -107,7 +97,7 @@ def test_penalties_bias_and_cuts_change_the_logits_as_their_formulas_say():
     sampler = Sampler(V, None, "cpu")
     ends = Row(SamplingParams(temperature=0.0, min_tokens=4), prior=[5, 5, 5], stop_ids=frozenset({0}))
     assert sampler.sample(logits, [ends]) == [1]  # 3 made < 4: the end id 0 waits
-    ends.out = [6]
+    ends.out.append(6)
     assert sampler.sample(logits, [ends]) == [0]
     assert sampler.sample(logits, [Row(SamplingParams(temperature=0.0), banned=frozenset({0, 1}))]) == [2]
     # min_p 0.5 keeps the ids at least half as likely as the likeliest: 0, 1, 2 (e^-0.2 > 0.5 > e^-1.5)
