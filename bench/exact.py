@@ -36,9 +36,12 @@ Prompts are 1 to 900 tokens (across the key buckets and the 512-token prefill ch
 1 to 48, temperature 0, 0.7 or 1, top_k off or 40, top_p 1 or 0.9, seeds given or drawn by the
 worker (and recorded), stop strings now and then. A client that meets a Redis outage (503, or a
 stream cut with an error) retries or re-reads as a user would; those are counted, not failures.
-Faults (unless --no-faults), as bench.faults injects them, at shares of the jobs succeeded: a
-worker SIGKILLed and started again (20%), one SIGSTOPped for twice its lease (40%), Redis killed
-and started again empty (60%).
+Faults (unless --no-faults), as bench.faults injects them, at shares of the jobs succeeded: Redis
+killed and started again empty (15%, while the clients still submit: a backlog waits for the
+workers when it returns), a worker SIGKILLed and started again (35%), one SIGSTOPped for twice its
+lease (55%). A job still not ended at the deadline is described (the store's record, its "sent"
+mark, its queue, whether a consumer holds its message, what the workers said of it) and the
+workers' logs are kept in a file the report names.
 
 The checks, once every job has ended (or the deadline passed):
 - each line's stored ids and text equal the oracle's: the line run alone in this process (an
@@ -78,7 +81,7 @@ from bench.faults import Faults, Worker, check_log, deployment, log_notes, statu
 MODEL = "exact"
 SLOTS = 8
 WORKERS = 2
-PLAN = (("kill", 0.20), ("stop", 0.40), ("redis", 0.60))
+PLAN = (("redis", 0.15), ("kill", 0.35), ("stop", 0.55))
 KINDS = {"completion": 24, "chat": 24, "disconnect": 8, "jobs": 14, "client": 18, "cli": 4, "batch": 8}
 LENGTHS = (1, 2, 5, 12, 40, 63, 64, 65, 127, 129, 300, 511, 512, 513, 700, 900)  # prompt tokens
 CLIENT_PATIENCE = 90.0  # seconds a client keeps retrying through an outage
@@ -149,6 +152,7 @@ class Task:
     complete: bool = True  # the client saw each item whole (else a prefix: a hang-up, a cut stream)
     client_retries: int = 0
     errors: list[str] = field(default_factory=list)
+    trail: list[tuple[int, str]] = field(default_factory=list)  # (item, its delta briefly): said when a view is wrong
 
 
 def make_tasks(cfg: Config, words: list[str]) -> list[Task]:
@@ -383,6 +387,8 @@ class Clients:
         try:
             for d in job.stream():
                 task.seen[d.item] = d.text if d.restart else task.seen.get(d.item, "") + d.text
+                task.trail.append((d.item, f"{d.seq}{' restart' if d.restart else ''}{' (' + d.note + ')' if d.note else ''}"
+                                           f" {d.text[:12]!r}"))
                 seen += 1
                 if task.cancel_after is not None and seen == task.cancel_after:
                     job.cancel()
@@ -572,8 +578,50 @@ def client_views(client, tasks: list[Task], texts: dict[tuple[str, int], str]) -
                     rec, it = job.record(), items.get(i)
                     first.append(f"job {t.job_id} ({t.kind}, {rec.status}, {rec.attempts} attempt(s)) item {i} "
                                  f"({it.status if it else '-'}, {it.finish_reason if it else '-'}): saw {text[:60]!r}, "
-                                 f"stored {stored[:60]!r}, alone {whole[:60]!r}")
+                                 f"stored {stored[:60]!r}, alone {whole[:60]!r}"
+                                 + (f"; its deltas: {', '.join(x for item, x in t.trail if item == i)[-1500:]}"
+                                    if t.trail else ""))
     return {"mismatched": mismatched, "first": first}
+
+
+def message_args(raw: bytes) -> str:
+    """The arguments of a message kombu holds in its unacked hash ([message, exchange, routing key];
+    the body base64), as text."""
+    import base64
+
+    message = json.loads(raw)[0]
+    return base64.b64decode(message["body"]).decode(errors="replace")
+
+
+def keep_worker_logs(text: str) -> str:
+    """The workers' logs, copied into a file that outlives the run's directory: its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="gencli-exact-worker-logs-", suffix=".txt")
+    with open(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def hung_details(client, r: redis.Redis, hung: list[str], worker_logs: str) -> list[str]:
+    """What the store, Redis and the workers' logs say of each hung job (at most 5): enough to tell
+    a message lost from one held somewhere, or a job stuck running."""
+    from gencli.worker.app import queue_for
+
+    out = []
+    for job_id in hung[:5]:
+        rec = client.store.get_job(job_id)
+        try:
+            sent = r.ttl(client.keys.sent(job_id))
+            queued = sum(r.llen(k) for k in client.keys.queue_lists(queue_for(rec.model)))
+            unacked = sum(job_id in message_args(v) for v in r.hvals(client.keys.prefix + "unacked"))
+        except redis.RedisError as e:
+            sent = queued = unacked = f"Redis: {e}"
+        said = [ln.strip()[-160:] for ln in worker_logs.splitlines() if job_id in ln][-4:]
+        out.append(f"job {job_id}: {rec.status}, {rec.attempts} attempt(s), queued_at {rec.queued_at}, started_at "
+                   f"{rec.started_at}, worker {rec.worker}; sent mark ttl {sent}; {queued} message(s) on its queue, "
+                   f"in unacked {unacked}; the workers said: {said}")
+    return out
 
 
 def ended_once(client, r: redis.Redis, tasks: list[Task], hung: list[str], worker_logs: str) -> dict:
@@ -671,7 +719,8 @@ def run(cfg: Config, result: dict) -> None:
         if faults is not None:
             faults.finish(grace=60)
         injected = faults.injected() if faults else []
-        missing = [k for k, _ in PLAN if k not in {f.kind for f in injected}] if faults else []
+        missing = faults.missing() if faults else []
+        hung_first = hung_details(client, r, hung, "".join(w.log_text() for w in workers))  # before they stop
         api.stop()
         stop_workers(workers)
         worker_logs = "".join(w.log_text() for w in workers)
@@ -691,7 +740,7 @@ def run(cfg: Config, result: dict) -> None:
             "stream_mismatches": views["mismatched"], "stream_first": views["first"],
             "lost": len(once["lost"]), "lost_ids": once["lost"][:10],
             "duplicated": len(once["duplicated"]), "duplicated_ids": once["duplicated"][:10],
-            "hung": len(hung), "hung_ids": hung[:10],
+            "hung": len(hung), "hung_ids": hung[:10], "hung_first": hung_first,
             "replayed_jobs": replayed["jobs"], "replay_equal": replayed["equal"], "replay_differ": replayed["differ"],
             "replay_first": replayed["first"],
             "client_retries": sum(t.client_retries for t in tasks), "cut_streams": sum(not t.complete for t in tasks),
@@ -704,6 +753,8 @@ def run(cfg: Config, result: dict) -> None:
         problems += [f"{len(clients.failures)} task(s) could not be sent"] if clients.failures else []
         if problems:
             result["error"] = "; ".join(problems)
+        if problems or any(result[k] for k in COUNTS):
+            result["worker_logs_kept"] = keep_worker_logs(worker_logs)
 
 
 COUNTS = ("differing", "stream_mismatches", "lost", "duplicated", "hung", "replay_differ")
@@ -726,10 +777,12 @@ def report(res: dict) -> None:
               f" (hang-ups, cut streams, not followed), {res['cancelled_by_clients']} cancels", file=out)
         for f in res["faults"]:
             print(f"  fault: {f}", file=out)
-        for key in ("differing_first", "stream_first", "replay_first", "unsent_first"):
+        for key in ("differing_first", "stream_first", "replay_first", "unsent_first", "hung_first"):
             for line in res.get(key, []):
                 print(f"    {line}", file=out)
         wl = res["worker_logs"]
+        if res.get("worker_logs_kept"):
+            print(f"  the workers' logs are kept in {res['worker_logs_kept']}", file=out)
         print(f"  worker logs: {wl['requeued']} requeued, {wl['sent_again']} sent again, {wl['lease_lost']} lease lost,"
               f" {wl['warnings']} warnings, {wl['errors']} errors", file=out)
     if res.get("error"):

@@ -136,12 +136,14 @@ def queued_ids(store) -> list[str]:
 
 
 def any_left_queue(store, ids: list[str]) -> bool:
+    """Whether any of these jobs is no longer queued: claimed, ended, or gone (a submit whose
+    message could not be sent, Redis being down, removes the job it had recorded)."""
     from sqlalchemy import func, select
 
     from gencli.storage.db import JobRow, JobStatus
 
     with store.Session() as s:
-        return bool(s.scalar(select(func.count()).where(JobRow.id.in_(ids), JobRow.status != JobStatus.QUEUED.value)))
+        return s.scalar(select(func.count()).where(JobRow.id.in_(ids), JobRow.status == JobStatus.QUEUED.value)) < len(ids)
 
 
 def run_span_seconds(store) -> float:
@@ -299,6 +301,7 @@ class Faults:
         self.victims: set[str] = set()
         self.faults: list[Fault] = []
         self.errors: list[str] = []
+        self.stage: dict[str, str] = {}  # what each fault's thread is doing now: said when it never ends
         self.threads = [threading.Thread(target=self._one, args=(kind, share), daemon=True, name=f"fault-{kind}")
                         for kind, share in plan]
 
@@ -317,6 +320,11 @@ class Faults:
         for t in self.threads:
             t.join(30)
 
+    def missing(self) -> list[str]:
+        """The faults of the plan not injected (or not seen to end), each with where it stopped."""
+        done = {f.kind for f in self.faults}
+        return [f"{kind} ({self.stage.get(kind, 'not started')})" for kind, _ in self.plan if kind not in done]
+
     def injected(self) -> list[Fault]:
         order = [kind for kind, _ in self.plan]
         return sorted(self.faults, key=lambda f: order.index(f.kind))
@@ -324,7 +332,9 @@ class Faults:
     def _one(self, kind: str, share: float) -> None:
         try:
             due = math.ceil(share * self.total)
+            self.stage[kind] = f"waiting for {due} jobs to succeed"
             self._wait(lambda: self._succeeded() >= due, until_ended=True)
+            self.stage[kind] = "picking its victim"
             fault = getattr(self, f"fault_{kind}")()
             with self.lock:
                 self.faults.append(fault)
@@ -403,6 +413,7 @@ class Faults:
         else:
             raise RuntimeError(f"{MAX_TRIES} kills all landed between two jobs")
         fault.tries, fault.worker, fault.victim, fault.victim_attempt = tries, w.name, victim.id, victim.attempts
+        self.stage["kill"] = f"following victim {victim.id} of {w.name}"
         self._follow(VictimWatch(self.store, fault, t0), marks={"restarted_ready_s": lambda: w.is_ready(self.r)})
         if "restarted_ready_s" not in fault.extra:
             w.wait_ready(self.r, abort=self.abort)
@@ -425,6 +436,7 @@ class Faults:
         else:
             raise RuntimeError(f"{MAX_TRIES} stops all landed between two jobs")
         fault.tries, fault.worker, fault.victim, fault.victim_attempt = tries, w.name, victim.id, victim.attempts
+        self.stage["stop"] = f"following victim {victim.id} of {w.name}"
         watch = VictimWatch(self.store, fault, t0)
         try:
             self._follow(watch, until=t0 + STOP_SECONDS)
@@ -452,7 +464,9 @@ class Faults:
         self._wait(pick, poll=0.005, until_ended=True)
         victim, waiting = found[0], queued_ids(self.store)
         t0 = time.monotonic()
+        self.stage["redis"] = f"restarting Redis, victim {victim.id}"
         self.redis_server.restart(REDIS_DOWN_SECONDS)
+        self.stage["redis"] = f"following victim {victim.id} after the restart"
         fault.extra["down_s"] = time.monotonic() - t0
         fault.victim, fault.victim_attempt = victim.id, victim.attempts
         fault.extra["running_on"] = short(victim.worker)
@@ -460,6 +474,7 @@ class Faults:
         resumed = (lambda: any_left_queue(self.store, waiting)) if waiting else (lambda: True)
         self._follow(VictimWatch(self.store, fault, t0), marks={"queue_resumed_s": resumed})
         if "queue_resumed_s" not in fault.extra:
+            self.stage["redis"] = f"waiting for one of the {len(waiting)} jobs queued at the restart to leave the queue"
             self._wait(resumed, poll=POLL)
             fault.extra["queue_resumed_s"] = time.monotonic() - t0
         return fault
@@ -674,7 +689,7 @@ def run(cfg: Config, result: dict) -> None:
         faults.finish(grace=120)
         span_s = run_span_seconds(client.store)
         injected = faults.injected()
-        missing = [kind for kind, _ in PLAN if kind not in {f.kind for f in injected}]
+        missing = faults.missing()
 
         stop_workers(workers)  # their logs complete, the CPU free for the reference
         worker_logs = "".join(w.log_text() for w in workers)

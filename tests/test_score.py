@@ -204,7 +204,7 @@ def test_a_scoring_job_cancelled_then_retried_scores_every_line_once(env, tiny, 
         row = next(x for x in run("list").output.splitlines() if x.startswith(job.id))
         assert row.split()[-3] == "0/6", row  # a running job's lines ended so far
         job.cancel()
-        threading.Timer(0.5, stall.unlink).start()
+        threading.Timer(1.0, stall.unlink).start()  # the worker sees the cancel within WATCH_EVERY
         assert job.wait(60) is JobStatus.CANCELLED
         assert job.retry() >= 1
         assert job.wait(60) is JobStatus.SUCCEEDED

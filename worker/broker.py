@@ -25,11 +25,16 @@ queues as before.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+from dataclasses import dataclass
 
 import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+
+from gencli.worker.keys import Keys
 
 log = logging.getLogger("gencli.worker")
 
@@ -84,3 +89,45 @@ def install() -> None:
     for scheme in ("redis", "rediss"):
         if TRANSPORT_ALIASES.get(scheme) in ("kombu.transport.redis:Transport", ours):
             TRANSPORT_ALIASES[scheme] = ours
+
+
+@dataclass(frozen=True)
+class Held:
+    """A job's message that a consumer took and has not acked (late acks: until the job ends)."""
+
+    tag: str  # kombu's delivery tag
+    since: float  # when it was delivered, Unix seconds (the consumer's clock)
+
+
+def held_messages(r: redis.Redis, keys: Keys) -> dict[str, Held]:
+    """The jobs whose message a consumer holds, from kombu's unacked hash and its index. A message
+    that is not a gencli task (or that kombu's layout no longer matches) is left out."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(keys.unacked)
+    pipe.zrange(keys.unacked_index, 0, -1, withscores=True)
+    messages, index = pipe.execute()
+    since = {tag.decode(): score for tag, score in index}
+    held = {}
+    for tag, raw in messages.items():
+        tag = tag.decode()
+        try:
+            message = json.loads(raw)[0]
+            body = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]  # Celery's message protocol 2: [args, kwargs, embed]
+            job_id = args[0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(job_id, str):
+            held[job_id] = Held(tag, since.get(tag, 0.0))
+    return held
+
+
+def drop_held(r: redis.Redis, keys: Keys, tag: str) -> None:
+    """Forget a held message whose consumer is gone (kombu would put it back on its queue once the
+    visibility timeout passed; its job has been sent again instead). A late ack of it is a no-op."""
+    pipe = r.pipeline(transaction=True)
+    pipe.hdel(keys.unacked, tag)
+    pipe.zrem(keys.unacked_index, tag)
+    pipe.execute()

@@ -74,3 +74,13 @@ class Keys:
     def queue_lists(self, queue: str) -> list[str]:
         """The Redis lists that hold a queue's messages, one per priority (kombu's layout)."""
         return [self.prefix + queue] + [f"{self.prefix}{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of the messages consumers took and have not acked: delivery tag -> message."""
+        return f"{self.prefix}unacked"
+
+    @property
+    def unacked_index(self) -> str:
+        """kombu's sorted set of those delivery tags, scored by when each was delivered (Unix time)."""
+        return f"{self.prefix}unacked_index"

@@ -31,7 +31,7 @@ from gencli.storage.db import ItemStatus, JobRow, JobStatus
 from gencli.worker import events, supervise
 from gencli.worker.context import Ending, WorkerContext
 from gencli.worker.logprobs import record_of
-from gencli.worker.messages import DecodeFailed, MemoryRung, Published, PublishFailed, RedisLost, Stopped
+from gencli.worker.messages import DecodeFailed, Idle, MemoryRung, Published, PublishFailed, RedisLost, Stopped
 from gencli.worker.rows import ItemRun
 from gencli.worker.running import (
     HardTimeLimitExceeded,
@@ -171,6 +171,8 @@ class GenerationJob:
                         if stopping is None:
                             batcher.stop(self, cancelled=False)
                         stopping = stopping or PublishRefused(f"Redis refused the job's events: {error}")
+                    case Idle():  # nothing published for a while: a cancel must not wait for the step
+                        run.look_for_cancel(WATCH_EVERY)
                     case MemoryRung(batch_size, device):
                         self.stats["oom_retries"] += 1
                         self.stats["final_batch_size"] = batch_size

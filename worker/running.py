@@ -152,13 +152,23 @@ class RunningJob:
             raise HardTimeLimitExceeded()
         if self.cancel_seen:
             raise JobCancelled()
+        if polling:
+            self.look_for_cancel(every)
+        if self.cancel_seen:
+            raise JobCancelled()
+
+    def look_for_cancel(self, every: float) -> None:
+        """Read the job's Redis cancel key, at most once per `every` seconds, into cancel_seen. A
+        generation job's thread does this only when it has heard nothing for a while (a long step,
+        a stalled device): the outbox reads the flags only when a step publishes, the lease thread
+        the store's only once per lease/3."""
         now = time.monotonic()
-        if not polling or now - self._last_check < every:
+        if now - self._last_check < every:
             return
         self._last_check = now
         try:
             if self.redis.exists(self.keys.cancel(self.job_id)):
-                raise JobCancelled()
+                self.cancel_seen = True
         except redis.RedisError:
             pass  # the store's flag reaches us through the lease thread
 

@@ -33,7 +33,7 @@ from gencli.model.provenance import model_identity, runtime_record
 from gencli.storage.db import JobStatus
 from gencli.storage.settings import Settings
 from gencli.storage.store import Store, StoreBusy, open_store
-from gencli.worker import events, supervise
+from gencli.worker import broker, events, supervise
 from gencli.worker.app import (
     GENERATE_TASK,
     PREP_QUEUE,
@@ -267,10 +267,16 @@ def _hard_limit(ctx: WorkerContext, runs: list) -> None:
 
 
 def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
-    """Send again the queued jobs whose message is gone: the store has them queued, Redis has no
-    "sent" mark (it restarted empty). One worker at a time; the grace period counts from when the
-    job was last queued. A job claimed while this looks is not sent again (the store is asked
-    once more); a duplicate message would be harmless anyway, as a claim takes a job once."""
+    """Send again the queued jobs whose message is gone, one worker at a time. A job the store has
+    had queued for the grace period (counted from when it was last queued) is sent again when
+    - Redis has no "sent" mark for it (Redis restarted empty, and the message went with it);
+    - a consumer took its message more than the grace period ago and never claimed the job (the
+      worker was killed between taking and claiming: kombu would put the message back only after
+      the visibility timeout, hours);
+    - its queue is empty and no consumer holds its message (taken by a process that died before
+      kombu recorded it as held).
+    A job claimed while this looks is not sent again (the store is asked once more); a duplicate
+    message would be harmless anyway, as a claim takes a job once."""
     s = ctx.settings
     grace = max(10.0, s.lease_seconds)  # a submit marks its job before it sends it
     lock = ctx.keys.resend_lock
@@ -280,15 +286,36 @@ def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
         jobs = ctx.store.queued_for(grace)
         if not jobs:
             return
+        queues = {job.id: PREP_QUEUE if job.kind == "prep" else queue_for(job.model) for job in jobs}
+        names = sorted(set(queues.values()))
         pipe = r.pipeline(transaction=False)
         for job in jobs:
             pipe.exists(ctx.keys.sent(job.id))
-        unmarked = [job for job, sent in zip(jobs, pipe.execute(), strict=True) if not sent]
-        still = {job.id for job in ctx.store.queued_for(grace)} if unmarked else set()
-        for job in unmarked:
+        for name in names:
+            for key in ctx.keys.queue_lists(name):
+                pipe.llen(key)
+        answers = pipe.execute()
+        marked, lengths = answers[: len(jobs)], answers[len(jobs):]
+        per = len(ctx.keys.queue_lists(names[0]))
+        waiting = {name: sum(lengths[i * per:(i + 1) * per]) for i, name in enumerate(names)}
+        held = broker.held_messages(r, ctx.keys)
+        stale = time.time() - grace
+        lost = []
+        for job, sent in zip(jobs, marked, strict=True):
+            h = held.get(job.id)
+            if not sent:
+                lost.append((job, None, "its message is gone (Redis restarted?)"))
+            elif h is not None and h.since < stale:
+                lost.append((job, h, f"a consumer took its message {time.time() - h.since:.0f} s ago and never "
+                                     "claimed it (was its worker killed?)"))
+            elif h is None and not waiting[queues[job.id]]:
+                lost.append((job, None, "its queue is empty and no consumer holds its message"))
+        still = {job.id for job in ctx.store.queued_for(grace)} if lost else set()
+        for job, h, why in lost:
             if job.id in still:
-                log.warning("job %s: queued in the store but its message is gone (Redis restarted?); sent again",
-                            job.id)
+                log.warning("job %s: queued in the store but %s; sent again", job.id, why)
+                if h is not None:
+                    broker.drop_held(r, ctx.keys, h.tag)
                 priority = TAKEOVER_PRIORITY if job.started_at else job.priority
                 send_job(app, r, ctx.keys, job.id, kind=job.kind, model=job.model, priority=priority)
     finally:

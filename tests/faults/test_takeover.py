@@ -230,3 +230,61 @@ def test_a_job_that_outlives_the_brokers_visibility_timeout_still_runs_once(env,
         a.stop()
         if b:
             b.stop()
+
+
+# A consumer that takes one message of QUEUE (kombu records it as held, unacked) and dies before
+# it can claim the job, as a worker SIGKILLed between the two does.
+TAKE_AND_DIE = """
+import os, signal, sys
+from kombu import Consumer, Queue
+from gencli.storage.settings import get_settings
+from gencli.worker.client import Client
+
+client = Client(get_settings(), start_redis=False)
+with client.app.connection_for_read() as conn:
+    def took(body, message):
+        print("took", body[0][0], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    with Consumer(conn.default_channel, [Queue(sys.argv[1], routing_key=sys.argv[1])], callbacks=[took]):
+        conn.drain_events(timeout=30)
+"""
+
+
+def test_a_job_whose_message_was_taken_by_a_consumer_that_died_is_sent_again(env, tiny, client):
+    """Two jobs whose messages are gone while the store has them queued and Redis kept their
+    "sent" marks: one held (unacked) by a consumer that died before claiming it, which kombu would
+    give back only after its visibility timeout (hours); one popped off its queue by a process
+    that died before kombu recorded it as held. A worker sends both again once they have been
+    queued for the grace period; each runs once."""
+    import subprocess
+    import sys
+
+    from services import child_env
+
+    from gencli.worker import broker
+    from gencli.worker.app import queue_for
+
+    model = f"tiny-taken-{env['id']}"
+    r = env["redis"].client()
+    held = client.submit(PROMPTS[:2], model=model, max_tokens=20, temperature=0)
+    took = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, queue_for(model)], env=child_env(env["vars"]),
+                          capture_output=True, text=True, timeout=60)
+    assert took.returncode == -signal.SIGKILL and f"took {held.id}" in took.stdout, took.stderr[-2000:]
+    assert set(broker.held_messages(r, env["keys"])) == {held.id}
+    popped = client.submit(PROMPTS[2:], model=model, max_tokens=20, temperature=0)
+    assert sum(r.llen(k) for k in env["keys"].queue_lists(queue_for(model))) == 1
+    for key in env["keys"].queue_lists(queue_for(model)):
+        r.delete(key)  # what a BRPOP of a process that died at once leaves
+    assert r.exists(env["keys"].sent(held.id)) and r.exists(env["keys"].sent(popped.id))
+    w = start_worker(env, tiny, f"heir-taken-{env['id']}@test", "--model-name", model)
+    try:
+        assert held.wait(60) is JobStatus.SUCCEEDED and popped.wait(60) is JobStatus.SUCCEEDED
+        log = w.log.read_text()
+        assert f"job {held.id}: queued in the store but a consumer took its message" in log
+        assert f"job {popped.id}: queued in the store but its queue is empty and no consumer holds" in log
+        for job, prompts in ((held, PROMPTS[:2]), (popped, PROMPTS[2:])):
+            assert job.record().attempts == 1
+            assert [x["output"] for x in job.result()] == reference(tiny, prompts, 20)
+        assert held.id not in broker.held_messages(r, env["keys"])  # the dead consumer's copy is gone
+    finally:
+        w.stop()
