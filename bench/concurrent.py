@@ -26,7 +26,9 @@ and SQLite store. Measured side by side in this one run:
    engine did before continuous batching (one contiguous cache, no masks; bench.decode's setting:
    32-token prompts), and the one-row kernel at 1 row;
 6. the host work of one step at 8, 64 and 256 rows: sampling (a mix of parameters, and greedy
-   alone), text decoding, and publishing every row's event (one row per job) in one round trip.
+   alone), text decoding, and publishing every row's event (one row per job) in one round trip;
+7. a decode step at 64 rows, temperature 0.8, every row free against every row held to a JSON
+   schema (target: the grammar masks at most 10% of the step).
 """
 
 from __future__ import annotations
@@ -229,6 +231,7 @@ def rows_table(model, max_tokens: int, reps: int, rows=ROWS):
 
 def host_overhead(env, vocab: int, tokenizer, reps: int = 5):
     """Microseconds per step, per part, at HOST_ROWS rows (one row per job when publishing)."""
+    from bench import sampler_v1
     from gencli.model.engine import Sequence
     from gencli.model.params import SamplingParams
     from gencli.model.sampler import Sampler, seeded_generator
@@ -258,16 +261,75 @@ def host_overhead(env, vocab: int, tokenizer, reps: int = 5):
             return median(ts) * 1e6
 
         sample_us = timed(lambda: sampler.sample(logits, rows))
+        gens = [row.generator for row in rows]
+        before_us = timed(lambda: sampler_v1.sample(logits, params, gens))
         greedy = [Sequence([0], SamplingParams(max_tokens=64, temperature=0.0), generator=row.generator) for row in rows]
         greedy_us = timed(lambda: sampler.sample(logits, greedy))
         text_us = timed(lambda: [s.feed(t) for s, t in zip(streams, ids)])
         publish_us = timed(lambda: publish_many(env.r, [(p, [{"t": "tok", "i": 0, "e": 0, "id": t, "text": "x",
                                                               "finish": None}]) for p, t in zip(pubs, ids)]))
-        out.append({"rows": n, "sample_us": sample_us, "greedy_us": greedy_us, "text_us": text_us,
+        out.append({"rows": n, "sample_us": sample_us, "before_us": before_us, "greedy_us": greedy_us, "text_us": text_us,
                     "publish_us": publish_us})
-        log(f"  {n:3d} rows: sampling {sample_us / 1e3:.2f} ms (greedy {greedy_us / 1e3:.2f}), text "
+        log(f"  {n:3d} rows: sampling {sample_us / 1e3:.2f} ms (before {before_us / 1e3:.2f}, greedy {greedy_us / 1e3:.2f}), text "
             f"{text_us / 1e3:.2f} ms, publish {publish_us / 1e3:.2f} ms")
     return out
+
+
+TARGET_MIX_VS_GREEDY = 2.0  # the mixed sampler's cost at most this multiple of greedy's
+MASK_ROWS = 64
+TARGET_MASK_SHARE = 0.10  # grammar masks at most this share of a decode step at MASK_ROWS rows
+MASK_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 40}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    "score": {"type": "number", "minimum": 0}, "kind": {"enum": ["a", "b", "c"]}}, "required": ["name", "tags", "score"]}
+
+
+def mask_share(gen, rows: int = MASK_ROWS, steps: int = 8, reps: int = 2) -> dict:
+    """A decode step of `rows` rows at temperature 0.8 in this process's engine, every row free and
+    every row held to MASK_SCHEMA (llguidance's masks, computed and applied in the step), seconds
+    each (median over steps, best of reps); and the masks' own work per step (every row's grammar fed
+    its last id, its mask computed and applied to the logits as the sampler does), timed apart (the two steps differ by less than
+    their noise at 64 rows): its share of the structured step is the figure held to the target."""
+    from gencli.model.params import SamplingParams
+    from gencli.model.structured import allowed_of, canonical, check_structured
+
+    spec = check_structured({"json": MASK_SCHEMA})
+    ids = gen.encode("Reply with one JSON record:", chat=False)
+
+    def run(structured: bool) -> float:
+        eng = gen.engine(rows)
+        for r in range(rows):
+            p = SamplingParams(max_tokens=steps + 4, temperature=0.8, seed=r, structured=spec if structured else None)
+            eng.add(gen.sequence(ids, p, index=r))
+        gen.step(eng)  # the prefill, and the first token
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            gen.step(eng)
+            ts.append(time.perf_counter() - t)
+        return median(ts)
+
+    free, held = [], []
+    for _ in range(reps):
+        free.append(run(False))
+        held.append(run(True))
+    cons = [gen.grammars.constraint(canonical(spec)) for _ in range(rows)]
+    buf = torch.empty(rows, cons[0].words, dtype=torch.int32)
+    logits = torch.randn(rows, gen.model.config.vocab_size)
+    made: list[list[int]] = [[] for _ in cons]
+    ts = []
+    for _ in range(steps):
+        logits.normal_()
+        t = time.perf_counter()
+        for r, c in enumerate(cons):
+            c.catch_up(made[r])  # the id the row took last step
+            c.fill(buf[r])
+        logits.masked_fill_(~allowed_of(buf, logits.size(1)), float("-inf"))
+        ts.append(time.perf_counter() - t)
+        for r, i in enumerate(logits.argmax(1).tolist()):  # (the sampler's pick: not the masks' work)
+            made[r].append(i)
+    step_free, step_held, masks = min(free), min(held), median(ts)
+    return {"rows": rows, "step_free_s": step_free, "step_structured_s": step_held, "masks_s": masks,
+            "share": masks / step_held}
 
 
 def main() -> int:
@@ -366,6 +428,8 @@ def main() -> int:
         rows = rows_table(gen.model, a.max_tokens, a.reps, ROWS if not a.quick else (1, 8))
         log("6. host work per step ...")
         host = host_overhead(env, gen.model.config.vocab_size, gen.tokenizer)
+        log(f"7. grammar masks in a decode step at {MASK_ROWS} rows ...")
+        masks = mask_share(gen, MASK_ROWS if not a.quick else 8, steps=8 if not a.quick else 3, reps=a.reps)
 
         ttft_limit = TARGET_TTFT_STEPS * tt["step_s"] + prefill_s
         ratio = singles_rate / one_rate
@@ -382,6 +446,7 @@ def main() -> int:
             "equal_to_alone": checks,
             "rows": rows,
             "host_per_step": host,
+            "grammar_masks": masks,
             "targets": {
                 "singles_vs_one_job": {"value": ratio, "op": ">=", "target": TARGET_SINGLES_RATIO,
                                        "pass": ratio >= TARGET_SINGLES_RATIO},
@@ -390,6 +455,11 @@ def main() -> int:
                 "outputs_equal_alone": {"pass": all(checks.values())},
                 "rows_vs_static": {"value": min(r["ratio"] for r in rows), "op": ">=", "target": TARGET_ROWS_RATIO,
                                    "pass": min(r["ratio"] for r in rows) >= TARGET_ROWS_RATIO},
+                "sampler_mix_vs_greedy": {"value": max(h["sample_us"] / h["greedy_us"] for h in host), "op": "<=",
+                                          "target": TARGET_MIX_VS_GREEDY,
+                                          "pass": max(h["sample_us"] / h["greedy_us"] for h in host) <= TARGET_MIX_VS_GREEDY},
+                "grammar_mask_share": {"value": masks["share"], "op": "<=", "target": TARGET_MASK_SHARE,
+                                       "pass": masks["share"] <= TARGET_MASK_SHARE},
             },
         })
     finally:
@@ -434,11 +504,18 @@ def report(res: dict) -> None:
               f"{r['ratio']:.2f}x  (same greedy tokens for {r['same_tokens_as_static']:.0%} of rows{extra})")
     print(f"   target >= {TARGET_ROWS_RATIO}x at every row count: {ok[t['rows_vs_static']['pass']]}")
     print("6. host work per step (ms): sampling a mix (half greedy, a third top_k 50, a quarter top_p 0.95, over")
-    print("   N(0,1) logits, as flat as a random model's: top_p by rejection, no sort) / greedy only /")
-    print("   text decoding / publishing every row's event, one row per job, in one round trip")
+    print("   N(0,1) logits, as flat as a random model's: top_p by rejection, no sort) / the same mix through the")
+    print("   sampler before (bench/sampler_v1.py: sorts, a round trip per row) / greedy only / text decoding /")
+    print("   publishing every row's event, one row per job, in one round trip")
     for h in res["host_per_step"]:
-        print(f"   {h['rows']:3d} rows  {h['sample_us'] / 1e3:7.2f} / {h['greedy_us'] / 1e3:6.2f} / "
-              f"{h['text_us'] / 1e3:5.2f} / {h['publish_us'] / 1e3:6.2f}")
+        print(f"   {h['rows']:3d} rows  {h['sample_us'] / 1e3:7.2f} / {h['before_us'] / 1e3:7.2f} / "
+              f"{h['greedy_us'] / 1e3:6.2f} / {h['text_us'] / 1e3:5.2f} / {h['publish_us'] / 1e3:6.2f}   "
+              f"mix/greedy {h['sample_us'] / h['greedy_us']:.1f}x (target <= {TARGET_MIX_VS_GREEDY:g}x)")
+    m = res["grammar_masks"]
+    print(f"7. a decode step of {m['rows']} rows at temperature 0.8: {m['step_free_s'] * 1e3:.1f} ms free, "
+          f"{m['step_structured_s'] * 1e3:.1f} ms with every row held to a JSON schema; the masks, computed and "
+          f"applied, {m['masks_s'] * 1e3:.1f} ms: {m['share']:.1%} of the step  target <= {TARGET_MASK_SHARE:.0%}  "
+          f"{ok[t['grammar_mask_share']['pass']]}")
     print(flush=True)
 
 
