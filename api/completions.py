@@ -135,14 +135,17 @@ PASSED = ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_pen
 
 
 def structured_of(body: CompletionRequest | ChatRequest) -> dict | None:
-    """gencli's `structured` from OpenAI's response_format or vLLM's structured_outputs (not both)."""
+    """gencli's `structured` from OpenAI's response_format or vLLM's structured_outputs (not both),
+    checked here so that an error names the field the request used."""
+    from gencli.model.structured import check_structured  # (llguidance: where structure is asked for)
+
     fmt, vllm = body.response_format, body.structured_outputs
     if fmt is not None and vllm is not None and fmt.get("type") != "text":
         raise APIError(422, "give response_format or structured_outputs, not both", param="response_format")
     if vllm is not None:
         if vllm.get("json_object") is True and len(vllm) == 1:
             return {"json": {"type": "object"}}
-        return vllm  # checked by gencli's own rules (model/structured.py), named in its errors
+        return check_structured(vllm, field="structured_outputs")  # gencli's own rules, named as sent
     if fmt is None:
         return None
     kind = fmt.get("type")
@@ -156,7 +159,7 @@ def structured_of(body: CompletionRequest | ChatRequest) -> dict | None:
         if set(spec) - {"name", "schema", "strict", "description"} or not isinstance(schema, dict):
             raise APIError(422, "response_format.json_schema takes name, schema (an object), strict and description",
                            param="response_format")
-        return {"json": schema}
+        return check_structured({"json": schema}, field="response_format", name="response_format.json_schema.schema")
     raise APIError(422, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
                         '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', param="response_format")
 
@@ -248,7 +251,7 @@ def request_items(body: CompletionRequest | ChatRequest, *, line: int | None = N
         where = None  # "line N: " of the batch's input file
     else:  # one prompt (or conversation): its errors need no label
         where = "" if isinstance(body, ChatRequest) or isinstance(body.prompt, str) else None
-    prompts = [(p, where or f"prompt[{i}]: ") for i, p in enumerate(given) for _ in range(body.n)]
+    prompts = [(p, f"prompt[{i}]: " if where is None else where) for i, p in enumerate(given) for _ in range(body.n)]
     seeds = _seeds(body.seed, len(prompts))
     return [PromptItem(p, line=line or k + 1, custom_id=custom_id, extra={**sampling, "seed": seeds[k]},
                        where=None if line is not None else w)

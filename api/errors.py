@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from gencli.model.errors import ContextOverflowError, GencliError
+from gencli.model.errors import ContextOverflowError, GencliError, InvalidParameterError
 from gencli.worker.client import JobNotFound, JobStateError, ModelNotServed, QueueFull, RedisUnavailable
 from gencli.worker.unicode import InvalidText
 
@@ -40,6 +40,8 @@ def from_domain(e: GencliError) -> APIError:
         return APIError(409, msg, code="conflict")
     if isinstance(e, InvalidText):
         return APIError(422, msg, param=e.param, code="invalid_text")
+    if isinstance(e, InvalidParameterError):
+        return APIError(422, msg, param=e.param)
     if isinstance(e, ContextOverflowError):
         return APIError(422, msg, param="max_tokens", code="context_length_exceeded")
     return APIError(422, msg)

@@ -15,6 +15,7 @@ from gencli.cli.display import OrderedPrinter
 from gencli.cli.main import EXIT_INTERRUPTED
 from gencli.cli.options import SINCE, extra_sampling, sampling_options, shaping_options
 from gencli.model.errors import GencliError
+from gencli.model.params import EXTRA_KEYS
 from gencli.storage.status import JobStatus, iso
 from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
 from gencli.worker.fold import StreamDelta
@@ -400,6 +401,9 @@ def _show_line_provenance(p: dict) -> None:
         top_k = sampling["top_k"] if sampling["top_k"] is not None else "none"
         click.echo(f"sampling: temperature {sampling['temperature']:g}  top_k {top_k}  top_p {sampling['top_p']:g}  "
                    f"max_tokens {sampling['max_tokens']}  stop {json.dumps(sampling['stop'])}  seed {seed}")
+        for key in EXTRA_KEYS:  # recorded only where the line set them (SamplingParams.as_json)
+            if key in sampling:
+                click.echo(f"  {key} {json.dumps(sampling[key], ensure_ascii=False)}")
     else:
         click.echo("sampling: not recorded (the line has not started, or ran before gencli recorded it)")
     if "attempt" in p:

@@ -22,4 +22,8 @@ class DeviceError(GencliError):
 
 
 class InvalidParameterError(GencliError):
-    """A sampling parameter is out of range."""
+    """A sampling parameter is out of range; param: the one named (the HTTP error's "param")."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

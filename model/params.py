@@ -38,7 +38,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # what --dtype take
 def _bad(where: str, name: str, value, rule: str, use: str) -> InvalidParameterError:
     shown = repr(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return InvalidParameterError(f"{where}{name} must be {rule}, got {shown}: use {use}")
+    return InvalidParameterError(f"{where}{name} must be {rule}, got {shown}: use {use}", param=name)
 
 
 def _whole(value, name: str, use: str, where: str = "", *, none: bool = False) -> int | None:
@@ -182,11 +182,11 @@ def _combination(p: dict, where: str = "") -> None:
     """What the keys cannot do together, refused by name."""
     if p["max_tokens"] is not None and p["min_tokens"] > p["max_tokens"]:
         raise InvalidParameterError(f"{where}min_tokens {p['min_tokens']} exceeds max_tokens {p['max_tokens']}: "
-                                    "lower min_tokens")
+                                    "lower min_tokens", param="min_tokens")
     if p["structured"] is not None and (p["min_tokens"] or p["ignore_eos"]):
         which = "min_tokens" if p["min_tokens"] else "ignore_eos"
         raise InvalidParameterError(f"{where}{which} cannot be combined with structured output (the grammar decides "
-                                    f"where the reply ends): leave {which} out")
+                                    f"where the reply ends): leave {which} out", param=which)
 
 
 DEFAULT_MAX_TOKENS = 256  # new tokens when none are asked for, within half the model's context
@@ -344,7 +344,7 @@ def resolve_sampling(params: dict, override: dict | None, block_size: int, *, wh
         for key, ids in (("logit_bias", [int(k) for k in p["logit_bias"]]), ("stop_token_ids", p["stop_token_ids"])):
             if ids and max(ids) >= vocab_size:
                 raise InvalidParameterError(f"{where}{key}: token id {max(ids)} is not in the model's vocabulary of "
-                                            f"{vocab_size} ids: use ids below {vocab_size}")
+                                            f"{vocab_size} ids: use ids below {vocab_size}", param=key)
     return SamplingParams(**{**p, "max_tokens": max_tokens})
 
 

@@ -38,9 +38,11 @@ USE = 'e.g. {"json": SCHEMA}, {"regex": "[0-9]+"}, {"choice": ["a", "b"]} or {"g
 
 
 def canonical(spec: dict) -> tuple[str, str]:
-    """(kind, spec as canonical JSON): the hashable form SamplingParams holds."""
+    """(kind, spec as compact JSON): the hashable form SamplingParams holds. A schema's keys keep
+    their order: its properties are generated in the order it declares them (as OpenAI and vLLM
+    do: "reasoning" before "answer" is a schema's way of asking for it)."""
     (kind, value), = spec.items()
-    return kind, json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return kind, json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def as_spec(key: tuple[str, str]) -> dict:
@@ -48,30 +50,33 @@ def as_spec(key: tuple[str, str]) -> dict:
     return {kind: json.loads(text)}
 
 
-def check_structured(value, where: str = "") -> dict:
+def check_structured(value, where: str = "", *, field: str = "structured", name: str | None = None) -> dict:
     """A line's `structured` value checked: one kind, a spec of its type that llguidance can enforce
-    whole. Raises InvalidParameterError naming what to fix."""
+    whole. Raises InvalidParameterError naming what to fix: `field` as the request calls the value
+    (the API's structured_outputs), `name` as it calls the spec (response_format.json_schema.schema;
+    default: field.kind)."""
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in KINDS:
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise InvalidParameterError(f"{where}structured must be an object with one of {', '.join(KINDS)}, got "
-                                    f"{shown}: use {USE}")
+        raise InvalidParameterError(f"{where}{field} must be an object with one of {', '.join(KINDS)}, got "
+                                    f"{shown}: use {USE}", param=field)
     (kind, spec), = value.items()
+    name = name or f"{field}.{kind}"
     ok = {"json": isinstance(spec, dict) or spec is True, "regex": isinstance(spec, str) and spec != "",
           "choice": isinstance(spec, list) and bool(spec) and all(isinstance(c, str) and c for c in spec),
           "grammar": isinstance(spec, str) and spec.strip() != ""}[kind]
     if not ok:
         want = {"json": "a JSON schema object", "regex": "a non-empty regular expression",
                 "choice": "a list of non-empty strings", "grammar": "a Lark grammar's text"}[kind]
-        raise InvalidParameterError(f"{where}structured.{kind} must be {want}: use {USE}")
+        raise InvalidParameterError(f"{where}{name} must be {want}: use {USE}", param=field)
     key = canonical({kind: {} if spec is True else spec})
     if len(key[1].encode()) > MAX_SPEC_BYTES:
-        raise InvalidParameterError(f"{where}structured.{kind} is over {MAX_SPEC_BYTES // 1024} KiB: use a smaller "
-                                    "spec")
+        raise InvalidParameterError(f"{where}{name} is over {MAX_SPEC_BYTES // 1024} KiB: use a smaller spec",
+                                    param=field)
     error = _problem(key)
     if error:
-        raise InvalidParameterError(f"{where}structured.{kind} cannot be enforced: {error}: use a spec without "
-                                    "that part")
+        raise InvalidParameterError(f"{where}{name} cannot be enforced: {error} (fix it, or leave out what "
+                                    "llguidance does not support)", param=field)
     return as_spec(key)
 
 
@@ -102,7 +107,7 @@ def _problem(key: tuple[str, str]) -> str:
     except ValueError as e:
         error = str(e)
     error = " ".join(error.split())
-    return error if len(error) <= 100 else error[:97] + "..."
+    return error if len(error) <= 400 else error[:397] + "..."
 
 
 class Grammars:

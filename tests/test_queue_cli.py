@@ -319,3 +319,33 @@ def test_list_shows_a_running_jobs_tokens_so_far(client, worker):
         assert status == "running" or job.status.done  # (it may have ended just then)
     finally:
         job.cancel()
+
+
+def test_a_structured_job_from_the_command_line_validates_shows_its_schema_and_replays(client, worker, tmp_path):
+    """`gencli submit --json-schema` through the queue: every line that ends with stop validates (a
+    random model: the constraint alone), `show --provenance` prints the schema each line ran with,
+    its keys in the order given, and `gencli replay` makes every line again, equal."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 6},
+                                               "ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["word", "ok", "n"], "additionalProperties": False}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a record:\nanother record:\na third:\n")
+    r = cli("submit", "--model", "tiny", "--json-schema", str(f), "--prompt_file", str(prompts), "--each-line",
+            "--max_tokens", "60", "--temperature", "1", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    job = client.job(r.stdout.strip().splitlines()[-1])
+    assert job.wait(120) is JobStatus.SUCCEEDED
+    rows = job.result()
+    assert any(row["finish_reason"] == "stop" for row in rows), rows
+    for row in rows:
+        if row["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(row["output"]), schema)
+            assert list(json.loads(row["output"])) == ["word", "ok", "n"]
+    shown = cli("show", job.id, "--provenance").output
+    assert shown.count(f"  structured {json.dumps({'json': schema})}") == 3, shown
+    replayed = cli("replay", job.id)
+    assert replayed.exit_code == 0 and "3 equal, 0 differ" in replayed.stderr, replayed.output

@@ -13,6 +13,7 @@ enqueued (Redis down) is removed from the store again, so nothing is half-record
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -365,7 +366,9 @@ class Client:
                 fit_prompt(ids, sampling.max_tokens, info["block_size"], truncate=truncate)
             except GencliError as e:
                 where = it["where"] if it.get("where") is not None else f"line {it['line']}: "
-                raise type(e)(f"{where}{e}") from None
+                named = copy.copy(e)  # (its other fields kept: the API's "param")
+                named.args = (f"{where}{e}",)
+                raise named from None
 
     def _enqueue(self, job_id: str, model: str, priority: int, kind: str = "generate") -> None:
         send_job(self.app, self.redis, self.keys, job_id, kind=kind, model=model, priority=priority)
