@@ -186,8 +186,12 @@ class Sampler:
                 row = rows[j]
                 row.constraint.catch_up(row.prior + row.out)
                 row.constraint.fill(bitmask[k])
-            allowed = allowed_of(bitmask, V).to(x.device)
-            x[cons] = x[cons].masked_fill(~allowed, float("-inf"))
+            barred = allowed_of(~bitmask, V).to(x.device)  # (the complement's bits: the ids not allowed)
+            if len(cons) == x.size(0):
+                x.masked_fill_(barred, float("-inf"))
+            else:  # in place, row by row: no gather and scatter of the constrained rows
+                for k, j in enumerate(cons):
+                    x[j].masked_fill_(barred[k], float("-inf"))
         cells: dict[str, list] = {"row": [], "id": [], "count": [], "prompt": []}
         for j, row in enumerate(rows):
             p = row.params

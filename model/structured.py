@@ -75,8 +75,8 @@ def check_structured(value, where: str = "", *, field: str = "structured", name:
                                     param=field)
     error = _problem(key)
     if error:
-        raise InvalidParameterError(f"{where}{name} cannot be enforced: {error} (fix it, or leave out what "
-                                    "llguidance does not support)", param=field)
+        raise InvalidParameterError(f"{where}{name} cannot be enforced: {error}: fix it, or use a spec without "
+                                    "that part", param=field)
     return as_spec(key)
 
 
@@ -107,7 +107,7 @@ def _problem(key: tuple[str, str]) -> str:
     except ValueError as e:
         error = str(e)
     error = " ".join(error.split())
-    return error if len(error) <= 400 else error[:397] + "..."
+    return error if len(error) <= 110 else error[:110].rsplit(" ", 1)[0] + " ..."  # (cut between words)
 
 
 class Grammars:
