@@ -593,6 +593,21 @@ def message_args(raw: bytes) -> str:
     return base64.b64decode(message["body"]).decode(errors="replace")
 
 
+def keep_stream_logs(r: redis.Redis, keys, lines: list[str]) -> str:
+    """Every event of the jobs these report lines name (their stream logs, while Redis still has
+    them), one JSON object a line, in a file that outlives the run: its path."""
+    import tempfile
+
+    from gencli.worker.stream import read_log
+
+    fd, path = tempfile.mkstemp(prefix="gencli-exact-streams-", suffix=".jsonl")
+    with open(fd, "w") as f:
+        for job_id in sorted(set(re.findall(r"job ([0-9a-f]{32})", " ".join(lines)))):
+            for e in read_log(r, keys, job_id):
+                f.write(json.dumps({"job": job_id, **e}) + "\n")
+    return path
+
+
 def keep_worker_logs(text: str) -> str:
     """The workers' logs, copied into a file that outlives the run's directory: its path."""
     import tempfile
@@ -730,6 +745,8 @@ def run(cfg: Config, result: dict) -> None:
         t1 = time.monotonic()
         alone = oracle(client, model_dir, tasks)
         views = client_views(client, tasks, alone["texts"])
+        if alone["first"] or views["first"]:  # what the streams held, for whoever looks into it
+            result["stream_logs_kept"] = keep_stream_logs(r, client.keys, alone["first"] + views["first"])
         log(f"  {alone['lines']} lines in {time.monotonic() - t1:.1f} s; gencli replay of {cfg.replays} jobs ...")
         replayed = replays(env, tasks, cfg.replays, cfg.seed)
         result.update({
@@ -781,6 +798,8 @@ def report(res: dict) -> None:
             for line in res.get(key, []):
                 print(f"    {line}", file=out)
         wl = res["worker_logs"]
+        if res.get("stream_logs_kept"):
+            print(f"  the stream logs of the jobs named above are kept in {res['stream_logs_kept']}", file=out)
         if res.get("worker_logs_kept"):
             print(f"  the workers' logs are kept in {res['worker_logs_kept']}", file=out)
         print(f"  worker logs: {wl['requeued']} requeued, {wl['sent_again']} sent again, {wl['lease_lost']} lease lost,"
