@@ -584,52 +584,39 @@ def client_views(client, tasks: list[Task], texts: dict[tuple[str, int], str]) -
     return {"mismatched": mismatched, "first": first}
 
 
-def message_args(raw: bytes) -> str:
-    """The arguments of a message kombu holds in its unacked hash ([message, exchange, routing key];
-    the body base64), as text."""
-    import base64
-
-    message = json.loads(raw)[0]
-    return base64.b64decode(message["body"]).decode(errors="replace")
-
-
-def keep_stream_logs(r: redis.Redis, keys, lines: list[str]) -> str:
-    """Every event of the jobs these report lines name (their stream logs, while Redis still has
-    them), one JSON object a line, in a file that outlives the run: its path."""
+def keep(text: str, prefix: str, suffix: str) -> str:
+    """text in a new file that outlives the run's directory: its path."""
     import tempfile
 
-    from gencli.worker.stream import read_log
-
-    fd, path = tempfile.mkstemp(prefix="gencli-exact-streams-", suffix=".jsonl")
-    with open(fd, "w") as f:
-        for job_id in sorted(set(re.findall(r"job ([0-9a-f]{32})", " ".join(lines)))):
-            for e in read_log(r, keys, job_id):
-                f.write(json.dumps({"job": job_id, **e}) + "\n")
-    return path
-
-
-def keep_worker_logs(text: str) -> str:
-    """The workers' logs, copied into a file that outlives the run's directory: its path."""
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix="gencli-exact-worker-logs-", suffix=".txt")
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
     with open(fd, "w") as f:
         f.write(text)
     return path
 
 
+def keep_stream_logs(r: redis.Redis, keys, lines: list[str]) -> str:
+    """Every event of the jobs these report lines name (their stream logs, while Redis still has
+    them), one JSON object a line, kept in a file: its path."""
+    from gencli.worker.stream import read_log
+
+    ids = sorted(set(re.findall(r"job ([0-9a-f]{32})", " ".join(lines))))
+    return keep("".join(json.dumps({"job": job_id, **e}) + "\n" for job_id in ids for e in read_log(r, keys, job_id)),
+                "gencli-exact-streams-", ".jsonl")
+
+
 def hung_details(client, r: redis.Redis, hung: list[str], worker_logs: str) -> list[str]:
     """What the store, Redis and the workers' logs say of each hung job (at most 5): enough to tell
     a message lost from one held somewhere, or a job stuck running."""
-    from gencli.worker.app import queue_for
+    from gencli.worker.app import queue_of
+    from gencli.worker.broker import held_messages
 
     out = []
     for job_id in hung[:5]:
         rec = client.store.get_job(job_id)
         try:
             sent = r.ttl(client.keys.sent(job_id))
-            queued = sum(r.llen(k) for k in client.keys.queue_lists(queue_for(rec.model)))
-            unacked = sum(job_id in message_args(v) for v in r.hvals(client.keys.prefix + "unacked"))
+            queued = sum(r.llen(k) for k in client.keys.queue_lists(queue_of(rec.kind, rec.model)))
+            unacked = int(job_id in held_messages(r, client.keys))
         except redis.RedisError as e:
             sent = queued = unacked = f"Redis: {e}"
         said = [ln.strip()[-160:] for ln in worker_logs.splitlines() if job_id in ln][-4:]
@@ -771,7 +758,7 @@ def run(cfg: Config, result: dict) -> None:
         if problems:
             result["error"] = "; ".join(problems)
         if problems or any(result[k] for k in COUNTS):
-            result["worker_logs_kept"] = keep_worker_logs(worker_logs)
+            result["worker_logs_kept"] = keep(worker_logs, "gencli-exact-worker-logs-", ".txt")
 
 
 COUNTS = ("differing", "stream_mismatches", "lost", "duplicated", "hung", "replay_differ")

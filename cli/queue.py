@@ -17,7 +17,7 @@ from gencli.cli.options import SINCE, extra_sampling, sampling_options, shaping_
 from gencli.model.errors import GencliError
 from gencli.model.params import EXTRA_KEYS
 from gencli.storage.status import JobStatus, iso
-from gencli.worker.app import PREP_QUEUE, model_name_for, queue_for
+from gencli.worker.app import model_name_for, queue_for, queue_of
 from gencli.worker.fold import StreamDelta
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _tail(client: Client, job_id: str, *, line: int | None, after: int, cancel_o
             raise GencliError(f"job {job.id} has no prompt at line {line}")
     pos = {it.idx: n for n, it in enumerate(items)}
     samples = job.samples
-    if job.status is JobStatus.QUEUED and not client.live_workers(job_queue(record)):
+    if job.status is JobStatus.QUEUED and not client.live_workers(queue_of(record.kind, record.model)):
         what = "dataset prep" if record.kind == "prep" else f"model {record.model}"
         click.echo(f"[job {job.id} is queued for {what}; no live worker serves it yet]", err=True)
     labels = [label(it.custom_id, it.line, it.idx % samples + 1 if samples > 1 else None) for it in items]
@@ -244,10 +244,6 @@ def _served_note(client: Client) -> str:
     return f"; models served now: {', '.join(served)}" if served else "; no model is served now"
 
 
-def job_queue(job) -> str:
-    return PREP_QUEUE if job.kind == "prep" else queue_for(job.model)
-
-
 @click.command()
 def status():
     """Live workers (device, model, running jobs), queue depths, and queues nobody serves."""
@@ -262,7 +258,7 @@ def status():
         click.echo(f"  {w['name']:<24} {where:<16} model {w['model'] or '-':<20} {job}")
     waiting: dict[str, int] = {}
     for (kind, model), n in client.store.queued_counts().items():
-        q = PREP_QUEUE if kind == "prep" else queue_for(model)
+        q = queue_of(kind, model)
         waiting[q] = waiting.get(q, 0) + n
     click.echo("queues:")
     for q in sorted(served | set(waiting)):

@@ -76,18 +76,21 @@ def _top_k(value, where: str = "") -> int | None:
     return _whole(value, "top_k", "e.g. 200, or 0 or null for no top-k cut", where, none=True)
 
 
+def _number(value, where: str, name: str, within, rule: str, use: str) -> float:
+    """A real number for which within(number) holds, as a float; else the one-line error naming
+    `name` with its rule and an example."""
+    v = _real(value)
+    if v is None or not within(v):
+        raise _bad(where, name, value, rule, use)
+    return v
+
+
 def _temperature(value, where: str = "") -> float:
-    t = _real(value)
-    if t is None or t < 0:
-        raise _bad(where, "temperature", value, "a finite number >= 0", "e.g. 0.8 (0 is greedy)")
-    return t
+    return _number(value, where, "temperature", lambda t: t >= 0, "a finite number >= 0", "e.g. 0.8 (0 is greedy)")
 
 
 def _top_p(value, where: str = "") -> float:
-    p = _real(value)
-    if p is None or not 0 < p <= 1:
-        raise _bad(where, "top_p", value, "in (0, 1]", "e.g. 0.9 (1 keeps every token)")
-    return p
+    return _number(value, where, "top_p", lambda p: 0 < p <= 1, "in (0, 1]", "e.g. 0.9 (1 keeps every token)")
 
 
 def _seed(value, where: str = "") -> int | None:
@@ -107,17 +110,13 @@ def _stop(value, where: str = "") -> list[str]:
 
 
 def _penalty(value, name: str, where: str = "") -> float:
-    v = _real(value)
-    if v is None or not -2 <= v <= 2:
-        raise _bad(where, name, value, "a number from -2 to 2", "e.g. 0.5 (0: none; as OpenAI's)")
-    return v
+    return _number(value, where, name, lambda v: -2 <= v <= 2, "a number from -2 to 2",
+                   "e.g. 0.5 (0: none; as OpenAI's)")
 
 
 def _repetition_penalty(value, where: str = "") -> float:
-    v = _real(value)
-    if v is None or not 0 < v <= 10:
-        raise _bad(where, "repetition_penalty", value, "a number in (0, 10]", "e.g. 1.1 (1: none; as vLLM's)")
-    return v
+    return _number(value, where, "repetition_penalty", lambda v: 0 < v <= 10, "a number in (0, 10]",
+                   "e.g. 1.1 (1: none; as vLLM's)")
 
 
 def _token_id(value) -> int | None:
@@ -152,10 +151,7 @@ def _min_tokens(value, where: str = "") -> int:
 
 
 def _min_p(value, where: str = "") -> float:
-    v = _real(value)
-    if v is None or not 0 <= v <= 1:
-        raise _bad(where, "min_p", value, "a number from 0 to 1", "e.g. 0.05 (0: none)")
-    return v
+    return _number(value, where, "min_p", lambda v: 0 <= v <= 1, "a number from 0 to 1", "e.g. 0.05 (0: none)")
 
 
 def _stop_token_ids(value, where: str = "") -> list[int]:

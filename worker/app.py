@@ -48,6 +48,11 @@ def queue_for(model: str) -> str:
     return f"gen.{check_model_name(model)}"
 
 
+def queue_of(kind: str, model: str) -> str:
+    """A job's queue: dataset prep on `prep`, generation (and scoring) on its model's."""
+    return PREP_QUEUE if kind == "prep" else queue_for(model)
+
+
 def broker_priority(priority: int) -> int:
     """gencli's --priority (0..9, higher first) as kombu's Redis priority (0 first)."""
     return 9 - max(0, min(9, priority))
@@ -107,9 +112,9 @@ def send_job(app: Celery, r: redis.Redis, keys: Keys, job_id: str, *, kind: str,
     from kombu.exceptions import OperationalError  # kombu's type for the connection errors it meets
 
     r.set(keys.sent(job_id), 1, ex=SENT_TTL)
-    task, queue = (PREP_TASK, PREP_QUEUE) if kind == "prep" else (GENERATE_TASK, queue_for(model))
+    task = PREP_TASK if kind == "prep" else GENERATE_TASK
     try:
-        app.send_task(task, args=[job_id], queue=queue, priority=broker_priority(priority))
+        app.send_task(task, args=[job_id], queue=queue_of(kind, model), priority=broker_priority(priority))
     except (OperationalError, redis.RedisError, OSError) as e:
         try:  # not sent: no mark either, so a resend is not held off
             r.delete(keys.sent(job_id))

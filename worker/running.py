@@ -146,14 +146,11 @@ class RunningJob:
                     self._apply(self.inbox.get_nowait())
                 except queue.Empty:
                     break
+            self.look_for_cancel(every)
         if self.lease_lost:
             raise LeaseLost(f"job {self.job_id}: lease lost")
         if self.hard_limited:
             raise HardTimeLimitExceeded()
-        if self.cancel_seen:
-            raise JobCancelled()
-        if polling:
-            self.look_for_cancel(every)
         if self.cancel_seen:
             raise JobCancelled()
 
@@ -163,7 +160,7 @@ class RunningJob:
         a stalled device): the outbox reads the flags only when a step publishes, the lease thread
         the store's only once per lease/3."""
         now = time.monotonic()
-        if now - self._last_check < every:
+        if self.cancel_seen or now - self._last_check < every:
             return
         self._last_check = now
         try:

@@ -42,6 +42,7 @@ from gencli.worker.app import (
     make_app,
     model_name_for,
     queue_for,
+    queue_of,
     send_job,
 )
 from gencli.worker.client import keys_for
@@ -286,29 +287,27 @@ def _resend_lost(ctx: WorkerContext, r: redis.Redis, app) -> None:
         jobs = ctx.store.queued_for(grace)
         if not jobs:
             return
-        queues = {job.id: PREP_QUEUE if job.kind == "prep" else queue_for(job.model) for job in jobs}
-        names = sorted(set(queues.values()))
+        # each queue's Redis lists, one per priority
+        lists = {name: ctx.keys.queue_lists(name) for name in {queue_of(job.kind, job.model) for job in jobs}}
         pipe = r.pipeline(transaction=False)
         for job in jobs:
             pipe.exists(ctx.keys.sent(job.id))
-        for name in names:
-            for key in ctx.keys.queue_lists(name):
-                pipe.llen(key)
+        for key in (key for keys in lists.values() for key in keys):
+            pipe.llen(key)
         answers = pipe.execute()
-        marked, lengths = answers[: len(jobs)], answers[len(jobs):]
-        per = len(ctx.keys.queue_lists(names[0]))
-        waiting = {name: sum(lengths[i * per:(i + 1) * per]) for i, name in enumerate(names)}
+        marked, lengths = answers[: len(jobs)], iter(answers[len(jobs):])
+        waiting = {name: sum(next(lengths) for _ in keys) for name, keys in lists.items()}
         held = broker.held_messages(r, ctx.keys)
-        stale = time.time() - grace
+        now = time.time()
         lost = []
         for job, sent in zip(jobs, marked, strict=True):
             h = held.get(job.id)
             if not sent:
                 lost.append((job, None, "its message is gone (Redis restarted?)"))
-            elif h is not None and h.since < stale:
-                lost.append((job, h, f"a consumer took its message {time.time() - h.since:.0f} s ago and never "
+            elif h is not None and h.since < now - grace:
+                lost.append((job, h, f"a consumer took its message {now - h.since:.0f} s ago and never "
                                      "claimed it (was its worker killed?)"))
-            elif h is None and not waiting[queues[job.id]]:
+            elif h is None and not waiting[queue_of(job.kind, job.model)]:
                 lost.append((job, None, "its queue is empty and no consumer holds its message"))
         still = {job.id for job in ctx.store.queued_for(grace)} if lost else set()
         for job, h, why in lost:
